@@ -1,0 +1,209 @@
+"""Chatwoot: which webhook payloads the bot answers, and the REST client that posts replies.
+
+Payload shapes follow Chatwoot's own code (`Message#webhook_data`, see
+shared/reference/chatwoot.md §3): `message_type` is a string in webhooks, `conversation.id` is
+the display id that the REST paths take, and the bot's own replies come back as `outgoing`
+message_created events, which must never be answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import Settings
+
+MESSAGE_CREATED = "message_created"
+# A reply longer than this is not something Chatwoot's error bodies ever need; keep logs small.
+_ERROR_BODY_CHARS = 300
+
+
+class PayloadError(ValueError):
+    """The body is JSON but not a usable Chatwoot payload; str() says which field is wrong."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One Chatwoot message, reduced to what the buffer and the prompt need."""
+
+    account_id: int
+    conversation_id: int
+    message_id: int
+    text: str
+    attachments: tuple[str, ...] = ()
+    role: str = "user"
+    inbox_id: int | None = None
+    sender_name: str = ""
+
+    @property
+    def conv(self) -> str:
+        """The conversation's identity in Redis: display ids are unique per account only."""
+        return f"{self.account_id}:{self.conversation_id}"
+
+    def to_json(self) -> bytes:
+        entry: dict[str, Any] = {"id": self.message_id, "text": self.text}
+        if self.attachments:
+            entry["att"] = list(self.attachments)
+        if self.role != "user":
+            entry["role"] = self.role
+        return orjson.dumps(entry)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one webhook: buffer it, note it in history, or ignore it (with why)."""
+
+    action: str  # "buffer" | "note" | "ignore"
+    reason: str = ""
+    message: ChatMessage | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    # bool is an int subclass in Python; `true` is not an id.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PayloadError(f"{name} must be a positive integer")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else type(value).__name__
+    return "".join(ch for ch in text[:64] if ch.isprintable())
+
+
+def message_text(content: Any, attachments: tuple[str, ...]) -> str:
+    """The text the LLM sees: the caption or body, with attachments named, e.g. "[image]"."""
+    parts = [f"[{kind}]" for kind in attachments]
+    if content:
+        parts.append(content)
+    return " ".join(parts)
+
+
+def classify(payload: dict[str, Any], settings: Settings, default_event: str | None = None) -> Decision:
+    """Decide what a webhook payload means for the bot.
+
+    Raises PayloadError only for a message_created payload whose fields we rely on have the
+    wrong type; every other event is acknowledged and ignored, because Chatwoot sends many
+    kinds (status changes, typing, contacts) to the same URL.
+    """
+    event = payload.get("event", default_event)
+    if event is None:
+        return Decision("ignore", "no_event")
+    if event != MESSAGE_CREATED:
+        return Decision("ignore", f"event:{_short(event)}")
+
+    message_id = _positive_int(payload.get("id"), "id")
+    conversation = payload.get("conversation")
+    if not isinstance(conversation, dict):
+        raise PayloadError("conversation must be an object")
+    conversation_id = _positive_int(conversation.get("id"), "conversation.id")
+
+    account = payload.get("account")
+    if account is None:
+        if settings.chatwoot_account_id is None:
+            return Decision("ignore", "no_account")
+        account_id = settings.chatwoot_account_id
+    elif isinstance(account, dict):
+        account_id = _positive_int(account.get("id"), "account.id")
+    else:
+        raise PayloadError("account must be an object")
+
+    content = payload.get("content")
+    if content is not None and not isinstance(content, str):
+        raise PayloadError("content must be a string or null")
+    raw_attachments = payload.get("attachments", [])
+    if not isinstance(raw_attachments, list):
+        raise PayloadError("attachments must be an array")
+    attachments = tuple(
+        _short(a.get("file_type") or "file") if isinstance(a, dict) else "file" for a in raw_attachments
+    )
+    private = payload.get("private", False)
+    if not isinstance(private, bool):
+        raise PayloadError("private must be a boolean")
+    status = conversation.get("status")
+    inbox = payload.get("inbox")
+    inbox_id = conversation.get("inbox_id")
+    if isinstance(inbox, dict) and isinstance(inbox.get("id"), int):
+        inbox_id = inbox["id"]
+    sender = payload.get("sender")
+    sender_name = sender.get("name") if isinstance(sender, dict) else None
+    text = message_text(content, attachments)
+
+    message_type = payload.get("message_type")
+    if message_type == "outgoing" and not private and text:
+        # The bot's own replies and human agents' answers: context for later prompts.
+        note = ChatMessage(account_id, conversation_id, message_id, text, attachments,
+                           role="assistant", inbox_id=inbox_id if isinstance(inbox_id, int) else None)
+        return Decision("note", "outgoing", note)
+    if message_type != "incoming":
+        return Decision("ignore", f"message_type:{_short(message_type)}")
+    if private:
+        return Decision("ignore", "private_note")
+    if status not in settings.bot_conversation_statuses:
+        return Decision("ignore", f"conversation_status:{_short(status)}")
+    if not text:
+        return Decision("ignore", "empty_message")
+    return Decision(
+        "buffer",
+        message=ChatMessage(
+            account_id, conversation_id, message_id, text, attachments,
+            inbox_id=inbox_id if isinstance(inbox_id, int) else None,
+            sender_name=sender_name if isinstance(sender_name, str) else "",
+        ),
+    )
+
+
+class ChatwootError(Exception):
+    """A reply could not be posted. `retryable` says whether trying again can help."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = True,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class ChatwootClient:
+    """Posts replies through Chatwoot's REST API with the `api_access_token` header."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self._base = settings.chatwoot_base_url
+        self._headers = {"api_access_token": settings.chatwoot_api_token}
+        self._timeout = aiohttp.ClientTimeout(total=settings.chatwoot_timeout_s)
+        self._session = session
+
+    async def post_reply(self, account_id: int, conversation_id: int, content: str) -> int:
+        """Create an outgoing message; returns Chatwoot's id of the new message."""
+        url = f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}/messages"
+        body = {"content": content, "message_type": "outgoing", "private": False}
+        try:
+            async with self._session.post(url, json=body, headers=self._headers,
+                                          timeout=self._timeout) as resp:
+                raw = await resp.content.read(1_000_000)
+                if resp.status >= 300:
+                    detail = raw[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
+                    retryable = resp.status == 429 or resp.status >= 500
+                    raise ChatwootError(
+                        f"Chatwoot answered HTTP {resp.status} to the reply: {detail}",
+                        status=resp.status, retryable=retryable,
+                        retry_after_s=_retry_after(resp.headers.get("Retry-After")),
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ChatwootError(f"Chatwoot unreachable: {type(exc).__name__}: {exc}") from exc
+        try:
+            created = orjson.loads(raw)
+            return int(created["id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            # The message was created (2xx); only its id is unknown. Posting again would duplicate.
+            return 0

@@ -1,0 +1,230 @@
+"""Settings: one object, read once from the environment.
+
+The variable names are the operators' (several come from the Supabase design this service
+replaces), so they are kept exactly. Every problem is reported as one line naming the
+variable, because that line is often all an operator sees of a container that will not start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful customer-support assistant answering WhatsApp messages. "
+    "The customer may have written several short messages in a row: read them all and "
+    "answer them together in one short, friendly reply, in the customer's language. "
+    "If you cannot help, say that a human agent will follow up."
+)
+
+# Names whose values must never reach a log line or a config dump.
+SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; str() is the single line shown to the operator."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be greater than 0, got {raw}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ""
+    parsed = urlparse(raw)
+    if parsed.scheme not in schemes or not parsed.netloc:
+        raise ConfigError(f"{name}: expected a {'/'.join(schemes)} URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+    openai_api_key: str = field(default="", repr=False)
+    openai_base_url: str = ""
+    openai_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = 60.0
+    llm_max_retries: int = 2
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    chatwoot_base_url: str = ""
+    chatwoot_api_token: str = field(default="", repr=False)
+    chatwoot_account_id: int | None = None
+    chatwoot_timeout_s: float = 15.0
+
+    buffer_duration_ms: int = 30_000
+    processing_interval_ms: int = 10_000
+    max_buffer_size: int = 50
+    max_buffer_age_ms: int = 300_000
+    bot_conversation_statuses: frozenset[str] = frozenset({"pending", "open"})
+
+    # The shard count is part of the key layout: every process sharing one Redis must agree.
+    shards: int = 16
+    key_prefix: str = "bs"
+    processing_lease_ms: int = 60_000
+    max_attempts: int = 3
+    retry_base_ms: int = 2_000
+    worker_concurrency: int = 32
+    history_messages: int = 20
+    history_ttl_s: int = 7 * 86_400
+    dedup_ttl_s: int = 86_400
+    job_retention_days: int = 30
+    shutdown_grace_s: float = 25.0
+
+    log_format: str = "json"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        redis_url = env.get("REDIS_URL", "").strip() or cls.redis_url
+        if urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {redis_url!r}")
+
+        prompt = env.get("SYSTEM_PROMPT", "").strip()
+        prompt_file = env.get("SYSTEM_PROMPT_FILE", "").strip()
+        if prompt and prompt_file:
+            raise ConfigError("SYSTEM_PROMPT_FILE: set either SYSTEM_PROMPT or SYSTEM_PROMPT_FILE, not both")
+        if prompt_file:
+            try:
+                prompt = Path(prompt_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"SYSTEM_PROMPT_FILE: cannot read {prompt_file!r}: {exc.strerror}") from None
+            if not prompt:
+                raise ConfigError(f"SYSTEM_PROMPT_FILE: {prompt_file!r} is empty")
+
+        account_raw = env.get("CHATWOOT_ACCOUNT_ID", "").strip()
+        account_id = _int(env, "CHATWOOT_ACCOUNT_ID", 0) if account_raw else None
+
+        statuses = frozenset(
+            s.strip() for s in env.get("BOT_CONVERSATION_STATUSES", "pending,open").split(",") if s.strip()
+        )
+        unknown = statuses - {"open", "pending", "resolved", "snoozed"}
+        if not statuses or unknown:
+            raise ConfigError(
+                "BOT_CONVERSATION_STATUSES: expected a comma list of open, pending, resolved, snoozed; "
+                f"got {env.get('BOT_CONVERSATION_STATUSES')!r}"
+            )
+
+        log_format = env.get("LOG_FORMAT", "json").strip().lower() or "json"
+        if log_format not in ("json", "console"):
+            raise ConfigError(f"LOG_FORMAT: expected json or console, got {log_format!r}")
+        log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"LOG_LEVEL: expected debug, info, warning or error, got {log_level!r}")
+
+        prefix = env.get("REDIS_KEY_PREFIX", "bs").strip() or "bs"
+        if not prefix.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"REDIS_KEY_PREFIX: letters, digits, '-' and '_' only, got {prefix!r}")
+
+        settings = cls(
+            redis_url=redis_url,
+            host=env.get("HOST", "").strip() or cls.host,
+            port=_int(env, "PORT", cls.port, minimum=0),
+            openai_api_key=env.get("OPENAI_API_KEY", "").strip(),
+            openai_base_url=_url(env, "OPENAI_BASE_URL", ("http", "https")),
+            openai_model=env.get("OPENAI_MODEL", "").strip() or cls.openai_model,
+            llm_timeout_s=_float(env, "LLM_TIMEOUT_S", cls.llm_timeout_s),
+            llm_max_retries=_int(env, "LLM_MAX_RETRIES", cls.llm_max_retries, minimum=0),
+            system_prompt=prompt or DEFAULT_SYSTEM_PROMPT,
+            chatwoot_base_url=_url(env, "CHATWOOT_BASE_URL", ("http", "https")),
+            chatwoot_api_token=env.get("CHATWOOT_API_TOKEN", "").strip(),
+            chatwoot_account_id=account_id,
+            chatwoot_timeout_s=_float(env, "CHATWOOT_TIMEOUT_S", cls.chatwoot_timeout_s),
+            buffer_duration_ms=_int(env, "MESSAGE_BUFFER_DURATION_MS", cls.buffer_duration_ms),
+            processing_interval_ms=_int(env, "BUFFER_PROCESSING_INTERVAL_MS",
+                                        cls.processing_interval_ms),
+            max_buffer_size=_int(env, "MAX_BUFFER_SIZE", cls.max_buffer_size),
+            max_buffer_age_ms=_int(env, "MAX_BUFFER_AGE_MS", cls.max_buffer_age_ms),
+            bot_conversation_statuses=statuses,
+            shards=_int(env, "BUFFER_SHARDS", cls.shards),
+            key_prefix=prefix,
+            processing_lease_ms=_int(env, "PROCESSING_LEASE_MS", cls.processing_lease_ms),
+            max_attempts=_int(env, "MAX_ATTEMPTS", cls.max_attempts),
+            retry_base_ms=_int(env, "RETRY_BASE_MS", cls.retry_base_ms),
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", cls.worker_concurrency),
+            history_messages=_int(env, "HISTORY_MESSAGES", cls.history_messages, minimum=0),
+            history_ttl_s=_int(env, "HISTORY_TTL_S", cls.history_ttl_s),
+            dedup_ttl_s=_int(env, "DEDUP_TTL_S", cls.dedup_ttl_s),
+            job_retention_days=_int(env, "JOB_RETENTION_DAYS", cls.job_retention_days),
+            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
+            log_format=log_format,
+            log_level=log_level,
+        )
+        if settings.max_buffer_age_ms < settings.buffer_duration_ms:
+            raise ConfigError(
+                f"MAX_BUFFER_AGE_MS: must be at least MESSAGE_BUFFER_DURATION_MS "
+                f"({settings.buffer_duration_ms}), got {settings.max_buffer_age_ms}"
+            )
+        if settings.processing_lease_ms < 3_000:
+            raise ConfigError("PROCESSING_LEASE_MS: must be at least 3000 so a lease can be renewed")
+        return settings
+
+    def require_worker(self) -> None:
+        """A worker talks to the LLM and to Chatwoot; the HTTP side alone needs neither."""
+        if not self.openai_api_key and not self.openai_base_url:
+            raise ConfigError(
+                "OPENAI_API_KEY: required to run a worker (or set OPENAI_BASE_URL for a "
+                "local OpenAI-compatible server that needs no key)"
+            )
+        if not self.chatwoot_base_url:
+            raise ConfigError("CHATWOOT_BASE_URL: required to run a worker, e.g. https://chatwoot.example.com")
+        if not self.chatwoot_api_token:
+            raise ConfigError("CHATWOOT_API_TOKEN: required to run a worker (agent bot or user access token)")
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as a dict safe to log: secrets show only whether they are set."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                value = "<set>" if value else "<unset>"
+            elif f.name == "system_prompt":
+                value = f"<{len(value)} chars>"
+            elif isinstance(value, frozenset):
+                value = sorted(value)
+            out[f.name] = value
+        return out

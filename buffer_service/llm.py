@@ -1,0 +1,72 @@
+"""The LLM client: one chat completion per burst through the official `openai` package.
+
+`OPENAI_BASE_URL` points it at any OpenAI-compatible server. The client library already retries
+connection errors, 408/409/429 and 5xx with exponential backoff (`LLM_MAX_RETRIES`), so this
+module adds no retry loop of its own; it only sorts the final error into "try the batch again
+later" and "trying again cannot help" (a bad key, a model that does not exist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from .config import Settings
+
+
+class LLMError(Exception):
+    def __init__(self, message: str, *, retryable: bool = True,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class LLMReply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMClient:
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.openai_model
+        self._client = openai.AsyncOpenAI(
+            # Local OpenAI-compatible servers often need no key, but the client insists on one.
+            api_key=settings.openai_api_key or "unused",
+            base_url=settings.openai_base_url or None,
+            timeout=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+        )
+
+    async def reply(self, messages: list[dict[str, Any]]) -> LLMReply:
+        try:
+            completion = await self._client.chat.completions.create(
+                model=self.model, messages=messages)  # type: ignore[arg-type]
+        except openai.APIStatusError as exc:
+            retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code in (408, 409)
+            retry_after = exc.response.headers.get("retry-after")
+            raise LLMError(
+                f"LLM answered HTTP {exc.status_code}: {_brief(exc)}",
+                retryable=retryable,
+                retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
+            ) from exc
+        except openai.APIError as exc:  # connection errors, timeouts, undecodable answers
+            raise LLMError(f"LLM request failed: {type(exc).__name__}: {_brief(exc)}") from exc
+        choices = completion.choices or []
+        text = (choices[0].message.content or "").strip() if choices else ""
+        if not text:
+            raise LLMError("LLM returned an empty reply")
+        usage = completion.usage
+        return LLMReply(text, usage.prompt_tokens if usage else 0,
+                        usage.completion_tokens if usage else 0)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _brief(exc: Exception) -> str:
+    return str(exc)[:300]

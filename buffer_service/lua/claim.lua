@@ -1,0 +1,127 @@
+-- Claim work of one shard: batches whose lease lapsed or whose retry is due, then due
+-- conversations. Claiming moves a conversation's messages into a batch held under a lease
+-- with a fencing token, in one step, so a message appended a moment later starts the next
+-- burst instead of being lost between a read and a delete.
+-- KEYS: 1 due, 2 first, 3 inflight (zset batch id -> lease expiry or retry time),
+--       4 active (hash conv -> batch id: at most one batch per conversation), 5 seq, 6 failed
+-- ARGV: 1 key prefix of this shard ("bs:{s3}:"), 2 shard number, 3 limit, 4 lease ms,
+--       5 window ms, 6 max size, 7 max age ms, 8 max attempts
+-- Returns {now, next wake ms or -1, batch...}; a batch is
+--   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages}}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local P = ARGV[1]
+local limit = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
+local window = tonumber(ARGV[5])
+local max_size = tonumber(ARGV[6])
+local max_age = tonumber(ARGV[7])
+local max_attempts = tonumber(ARGV[8])
+local out = {now, -1}
+
+-- A conversation that became due while its previous batch was in flight was parked; it is due
+-- again the moment that batch ends.
+local function release(conv, id, bkey)
+  if redis.call('HGET', KEYS[4], conv) == id then
+    redis.call('HDEL', KEYS[4], conv)
+  end
+  if redis.call('HGET', bkey, 'blocked') == '1' then
+    redis.call('HDEL', bkey, 'blocked')
+    redis.call('ZADD', KEYS[1], 'NX', now, conv)
+  end
+end
+
+local taken = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)) do
+  local bkey = P .. 'batch:' .. id
+  local b = redis.call('HMGET', bkey, 'conv', 'attempts', 'first_ms', 'deadline_ms', 'trigger', 'reply', 'error')
+  local conv = b[1]
+  if not conv then
+    redis.call('ZREM', KEYS[3], id)
+  else
+    local holder = redis.call('HGET', KEYS[4], conv)
+    local attempts = tonumber(b[2]) or 0
+    if holder and holder ~= id then
+      -- An operator re-queued an old batch while a newer one runs: wait for it, in order.
+      redis.call('ZADD', KEYS[3], now + 1000, id)
+    elseif attempts >= max_attempts then
+      local err = b[7]
+      if not err or err == '' then err = 'lease expired: worker stopped during processing' end
+      redis.call('HSET', bkey, 'state', 'failed', 'token', '', 'error', err, 'finished_ms', now)
+      redis.call('ZREM', KEYS[3], id)
+      redis.call('ZADD', KEYS[6], now, id)
+      release(conv, id, bkey)
+    else
+      local token = redis.call('INCR', KEYS[5])
+      redis.call('HSET', bkey, 'state', 'processing', 'token', token, 'attempts', attempts + 1,
+        'claimed_ms', now)
+      redis.call('HSET', KEYS[4], conv, id)
+      redis.call('ZADD', KEYS[3], now + lease, id)
+      taken = taken + 1
+      out[#out + 1] = {id, token, attempts + 1, conv, b[3], b[4], b[5], now, b[6] or '',
+        redis.call('LRANGE', P .. 'msgs:' .. id, 0, -1)}
+    end
+  end
+end
+
+if taken < limit then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit - taken)
+  for i = 1, #due, 2 do
+    local conv = due[i]
+    local deadline = tonumber(due[i + 1])
+    local holder = redis.call('HGET', KEYS[4], conv)
+    local buf = P .. 'buf:' .. conv
+    local n = redis.call('LLEN', buf)
+    if holder then
+      redis.call('ZREM', KEYS[1], conv)
+      redis.call('HSET', P .. 'batch:' .. holder, 'blocked', '1')
+    elseif n == 0 then
+      redis.call('ZREM', KEYS[1], conv)
+      redis.call('HDEL', KEYS[2], conv)
+    else
+      local seq = redis.call('INCR', KEYS[5])
+      local id = ARGV[2] .. '-' .. seq
+      local token = redis.call('INCR', KEYS[5])
+      local first = tonumber(redis.call('HGET', KEYS[2], conv)) or now
+      local msgs = P .. 'msgs:' .. id
+      local trigger = 'deadline'
+      if n >= max_size then
+        trigger = 'size'
+      elseif deadline >= first + max_age then
+        trigger = 'age'
+      end
+      if n <= max_size then
+        redis.call('RENAME', buf, msgs)
+        redis.call('HDEL', KEYS[2], conv)
+        redis.call('ZREM', KEYS[1], conv)
+        redis.call('DEL', P .. 'ttl:' .. conv)
+      else
+        -- More than one burst's worth: the first max_size messages go now, the rest are the
+        -- next burst and get a window of their own.
+        redis.call('RPUSH', msgs, unpack(redis.call('LRANGE', buf, 0, max_size - 1)))
+        redis.call('LTRIM', buf, max_size, -1)
+        local rest_deadline = now + window
+        if n - max_size >= max_size then rest_deadline = now end
+        redis.call('HSET', KEYS[2], conv, now)
+        redis.call('ZADD', KEYS[1], rest_deadline, conv)
+        redis.call('SET', P .. 'ttl:' .. conv, '', 'PX', math.max(1, rest_deadline - now))
+        n = max_size
+      end
+      redis.call('HSET', P .. 'batch:' .. id, 'id', id, 'conv', conv, 'state', 'processing',
+        'token', token, 'attempts', 1, 'first_ms', first, 'deadline_ms', deadline,
+        'claimed_ms', now, 'trigger', trigger, 'count', n)
+      redis.call('HSET', KEYS[4], conv, id)
+      redis.call('ZADD', KEYS[3], now + lease, id)
+      out[#out + 1] = {id, token, 1, conv, first, deadline, trigger, now, '',
+        redis.call('LRANGE', msgs, 0, -1)}
+    end
+  end
+end
+
+local nd = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local ni = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+local nxt = -1
+if nd[2] then nxt = tonumber(nd[2]) end
+if ni[2] and (nxt < 0 or tonumber(ni[2]) < nxt) then nxt = tonumber(ni[2]) end
+out[2] = nxt
+return out

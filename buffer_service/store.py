@@ -1,0 +1,227 @@
+"""The buffer store: every Redis key of the service and the Lua scripts that change them.
+
+Key layout (prefix `bs`, shard `{sN}` as a hash tag so that every key one script touches lives
+in one Redis Cluster slot; a conversation always maps to the same shard):
+
+    bs:{sN}:due              zset  conv -> deadline ms          (the deadline index)
+    bs:{sN}:first            hash  conv -> first message ms of the pending burst
+    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order
+    bs:{sN}:ttl:<conv>       string with PX = time to deadline  (expiry event = wake-up hint)
+    bs:{sN}:seen:<acct>:<id> string with PX                     (webhook de-duplication)
+    bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context)
+    bs:{sN}:inflight         zset  batch id -> lease expiry or retry time
+    bs:{sN}:active           hash  conv -> batch id             (one batch per conversation)
+    bs:{sN}:batch:<id>       hash  job record of one flushed burst
+    bs:{sN}:msgs:<id>        list  the burst's messages while the batch is unfinished
+    bs:{sN}:failed           zset  batch id -> failure time
+    bs:{sN}:seq              counter for batch ids and fencing tokens
+    bs:wake                  pub/sub channel: "a deadline you do not know yet"
+
+`conv` is "<account id>:<conversation display id>".
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from .chatwoot import ChatMessage
+from .config import Settings
+
+
+def _load(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    buffered: bool  # False: this message was delivered before
+    count: int
+    deadline_ms: int
+    trigger: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A claimed burst: its messages, held under a lease that `token` fences."""
+
+    id: str
+    token: str
+    attempts: int
+    conv: str
+    first_ms: int
+    deadline_ms: int
+    trigger: str
+    claimed_ms: int
+    reply: str  # "" until the LLM has answered; a retry reuses a stored reply
+    messages: tuple[dict[str, Any], ...]
+
+    @property
+    def account_id(self) -> int:
+        return int(self.conv.split(":", 1)[0])
+
+    @property
+    def conversation_id(self) -> int:
+        return int(self.conv.split(":", 1)[1])
+
+    @property
+    def shard(self) -> int:
+        return int(self.id.split("-", 1)[0])
+
+
+class BufferStore:
+    """All reads and writes of buffer state; nothing else in the service builds a key."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.wake_channel = f"{settings.key_prefix}:wake"
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(_load(name))
+            for name in ("append", "claim", "renew", "record", "finish", "fail", "requeue", "note")
+        }
+
+    # -- keys -------------------------------------------------------------------------------
+    def shard_of(self, conv: str) -> int:
+        return zlib.crc32(conv.encode()) % self.settings.shards
+
+    def prefix(self, shard: int) -> str:
+        return f"{self.settings.key_prefix}:{{s{shard}}}:"
+
+    def key(self, shard: int, name: str) -> str:
+        return self.prefix(shard) + name
+
+    def shard_keys(self, shard: int) -> dict[str, str]:
+        p = self.prefix(shard)
+        return {n: p + n for n in ("due", "first", "inflight", "active", "seq", "failed")}
+
+    # -- webhook side -----------------------------------------------------------------------
+    async def append(self, msg: ChatMessage) -> AppendResult:
+        s = self.settings
+        shard = self.shard_of(msg.conv)
+        k = self.shard_keys(shard)
+        raw = await self._scripts["append"](
+            keys=[k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
+                  self.key(shard, f"ttl:{msg.conv}"),
+                  self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
+            args=[msg.conv, msg.to_json(), s.buffer_duration_ms, s.max_buffer_age_ms,
+                  s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel],
+        )
+        return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
+
+    async def note(self, msg: ChatMessage) -> bool:
+        """Keep a message the bot does not answer in history; False if it was seen before."""
+        s = self.settings
+        shard = self.shard_of(msg.conv)
+        return bool(await self._scripts["note"](
+            keys=[self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
+                  self.key(shard, f"hist:{msg.conv}")],
+            args=[msg.to_json(), self._history_cap(), s.history_ttl_s * 1000, s.dedup_ttl_s * 1000],
+        ))
+
+    # -- worker side ------------------------------------------------------------------------
+    async def claim(self, shard: int, limit: int) -> tuple[int, int, list[Batch]]:
+        """Claim up to `limit` batches of one shard; returns (redis now, next wake ms, batches)."""
+        s = self.settings
+        k = self.shard_keys(shard)
+        raw = await self._scripts["claim"](
+            keys=[k["due"], k["first"], k["inflight"], k["active"], k["seq"], k["failed"]],
+            args=[self.prefix(shard), shard, limit, s.processing_lease_ms, s.buffer_duration_ms,
+                  s.max_buffer_size, s.max_buffer_age_ms, s.max_attempts],
+        )
+        batches = [
+            Batch(id=_s(b[0]), token=_s(b[1]), attempts=int(b[2]), conv=_s(b[3]),
+                  first_ms=int(b[4] or 0), deadline_ms=int(b[5] or 0), trigger=_s(b[6] or ""),
+                  claimed_ms=int(b[7]), reply=_s(b[8] or ""),
+                  messages=tuple(orjson.loads(m) for m in b[9]))
+            for b in raw[2:]
+        ]
+        return int(raw[0]), int(raw[1]), batches
+
+    async def renew(self, batch: Batch) -> bool:
+        shard = batch.shard
+        return bool(await self._scripts["renew"](
+            keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, "inflight")],
+            args=[batch.id, batch.token, self.settings.processing_lease_ms],
+        ))
+
+    async def record(self, batch: Batch, **fields: str | int) -> bool:
+        """Store a finished step (e.g. reply=...) on the batch, only while we hold its lease."""
+        args: list[str | int] = [batch.token]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._scripts["record"](
+            keys=[self.key(batch.shard, f"batch:{batch.id}")], args=args))
+
+    async def finish(self, batch: Batch, state: str, *, reason: str = "", reply: str = "",
+                     reply_id: int = 0) -> bool:
+        s = self.settings
+        shard = batch.shard
+        k = self.shard_keys(shard)
+        entry = ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
+                            role="assistant").to_json() if reply and reply_id else b""
+        return bool(await self._scripts["finish"](
+            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
+                  self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"hist:{batch.conv}"),
+                  self.key(shard, f"seen:{batch.account_id}:{reply_id}")],
+            args=[batch.id, batch.token, state, reason, reply_id, entry, self._history_cap(),
+                  s.history_ttl_s * 1000, s.job_retention_days * 86_400_000, s.dedup_ttl_s * 1000,
+                  self.wake_channel],
+        ))
+
+    async def fail(self, batch: Batch, error: str, *, retry_in_ms: int, permanent: bool) -> str:
+        """Returns 'retrying', 'failed', or '' when the lease was lost meanwhile."""
+        s = self.settings
+        shard = batch.shard
+        k = self.shard_keys(shard)
+        return _s(await self._scripts["fail"](
+            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
+                  k["failed"]],
+            args=[batch.id, batch.token, error[:1000], retry_in_ms, s.max_attempts,
+                  int(permanent), self.wake_channel],
+        ))
+
+    async def requeue(self, batch_id: str) -> bool:
+        """Put a failed batch back in line (operator action)."""
+        shard = int(batch_id.split("-", 1)[0])
+        k = self.shard_keys(shard)
+        return bool(await self._scripts["requeue"](
+            keys=[self.key(shard, f"batch:{batch_id}"), k["inflight"], k["active"], k["failed"]],
+            args=[batch_id, self.wake_channel],
+        ))
+
+    async def history(self, conv: str) -> list[dict[str, Any]]:
+        shard = self.shard_of(conv)
+        raw = await self.redis.lrange(self.key(shard, f"hist:{conv}"), 0, -1)
+        return [orjson.loads(r) for r in raw]
+
+    async def job(self, batch_id: str) -> dict[str, str]:
+        shard = int(batch_id.split("-", 1)[0])
+        raw = await self.redis.hgetall(self.key(shard, f"batch:{batch_id}"))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def due_count(self) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                pipe.zcard(self.key(shard, "due"))
+            return sum(await pipe.execute())
+
+    async def wake_all(self) -> None:
+        await self.redis.publish(self.wake_channel, 0)
+
+    def _history_cap(self) -> int:
+        # Room for a whole burst on top of the history a prompt uses, so that one long burst
+        # does not push out every earlier turn.
+        s = self.settings
+        return s.history_messages + s.max_buffer_size if s.history_messages else 0
