@@ -1,0 +1,35 @@
+# The two commands at the top of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install redis demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# redis-server from Debian when the machine has none (the tests and the demo start their own).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+demo: install redis
+	$(BIN)/python -m buffer_service.demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install redis lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install redis
+	$(BIN)/python bench/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info

@@ -1,0 +1,185 @@
+"""`make demo`: the whole service end to end on this machine, with a printed timeline.
+
+Starts a real redis-server with the repo's redis.conf on a free port, local stand-ins for
+Chatwoot and an OpenAI-compatible LLM, and `buffer-service serve` as a real process configured
+by environment variables, exactly as an operator would. Then a customer writes a burst of
+WhatsApp messages, a second customer writes two, and the timeline shows what happened: messages
+in, buffers flushed, one LLM call per burst, one reply each, the bot's own reply echoed back by
+"Chatwoot" and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from .standins import ChatwootStandIn, LLMStandIn, message_payload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.events: list[tuple[float, str, str]] = []
+
+    def add(self, at: float, who: str, what: str) -> None:
+        self.events.append((at, who, what))
+
+    def print(self) -> None:
+        print("\nTimeline (seconds since the first message)")
+        print("-" * 78)
+        for at, who, what in sorted(self.events):
+            print(f"{at - self.t0:8.3f}s  {who:<10} {what}")
+        print("-" * 78)
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("buffer-service exited during start-up; see its log above")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"buffer-service did not become ready at {url}")
+
+
+def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    if not shutil.which("redis-server"):
+        raise SystemExit("redis-server is not installed: run `make redis` (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", str(ROOT / "redis.conf"), "--port", str(port), "--dir", str(workdir),
+         "--bind", "127.0.0.1", "--logfile", str(workdir / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, port
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+async def run_demo(window_ms: int) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="buffer-demo-"))
+    redis_proc, redis_port = _start_redis(workdir)
+    llm, chatwoot = LLMStandIn(api_key="demo-llm-key"), ChatwootStandIn(token="demo-chatwoot-token")
+    await llm.start()
+    await chatwoot.start()
+    port = _free_port()
+    service_url = f"http://127.0.0.1:{port}"
+    chatwoot.echo_webhook_url = f"{service_url}/webhooks/chatwoot"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATWOOT_"))},
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "OPENAI_API_KEY": "demo-llm-key",
+        "OPENAI_BASE_URL": f"{llm.base_url}/v1",
+        "CHATWOOT_BASE_URL": chatwoot.base_url,
+        "CHATWOOT_API_TOKEN": "demo-chatwoot-token",
+        "MESSAGE_BUFFER_DURATION_MS": str(window_ms),
+        "BUFFER_PROCESSING_INTERVAL_MS": "10000",
+        "LOG_FORMAT": "json",
+    }
+    log_path = workdir / "service.log"
+    print(f"redis-server on 127.0.0.1:{redis_port} (repo redis.conf, data in {workdir})")
+    print(f"LLM stand-in at {llm.base_url}/v1, Chatwoot stand-in at {chatwoot.base_url}")
+    print(f"buffer-service serve on {service_url}, MESSAGE_BUFFER_DURATION_MS={window_ms}")
+    with log_path.open("wb") as log_file:
+        service = subprocess.Popen([sys.executable, "-m", "buffer_service.cli", "serve"], env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    timeline = Timeline()
+    try:
+        await _wait_http(f"{service_url}/readyz", service)
+        timeline.t0 = time.time()
+        burst = [(245, "Oi! I ordered last week"), (245, "order #5521"),
+                 (245, "the box arrived broken"), (312, "hello, do you open on Sunday?"),
+                 (245, "what now?"), (312, "and until what time?")]
+        async with aiohttp.ClientSession() as session:
+            for i, (conv, text) in enumerate(burst):
+                payload = message_payload(message_id=90_000 + i, conversation_id=conv, content=text,
+                                          sender_name="Maria" if conv == 245 else "João")
+                sent = time.time()
+                async with session.post(f"{service_url}/webhooks/chatwoot", json=payload) as resp:
+                    body = await resp.json()
+                timeline.add(sent, "webhook", f"conv {conv} <- {text!r}: HTTP {resp.status} "
+                             f"{body['status']} ({body.get('buffered_messages')} in buffer, flush in "
+                             f"{body.get('flush_in_ms')} ms), answered in "
+                             f"{(time.time() - sent) * 1000:.1f} ms")
+                await asyncio.sleep(0.6)
+        deadline = time.monotonic() + window_ms / 1000 + 15
+        while len(chatwoot.posts) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # let the echoes of the replies arrive
+        await chatwoot.wait_echoes()
+    finally:
+        service.terminate()
+        try:
+            service.wait(15)
+        except subprocess.TimeoutExpired:
+            service.kill()
+        await llm.stop()
+        await chatwoot.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+    for call in llm.calls:
+        users = [m["content"] for m in call.messages if m["role"] == "user"]
+        timeline.add(call.at, "llm", f"1 call with {len(users)} user messages: {users}")
+    for post in chatwoot.posts:
+        timeline.add(post.at, "chatwoot", f"reply posted to conv {post.conversation_id}: "
+                     f"{post.body['content']!r} (message id {post.message_id})")
+    for line in log_path.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+            entry = orjson.loads(line)
+            at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+            event = entry.get("event")
+            if event == "reply_posted":
+                timeline.add(at, "worker", f"batch {entry['batch']} of conv {entry['conversation']} "
+                             f"flushed by {entry['trigger']} ({entry['messages']} messages, "
+                             f"{entry['lateness_ms']} ms after its deadline), reply posted")
+            elif event == "webhook" and entry.get("reason") == "outgoing":
+                timeline.add(at, "webhook", f"conv {entry['conversation']} <- the bot's own reply "
+                             "echoed by Chatwoot: ignored (kept as history)")
+    timeline.print()
+    ok = len(llm.calls) == 2 and len(chatwoot.posts) == 2
+    print(f"\n{len(burst)} messages in 2 conversations -> {len(llm.calls)} LLM calls, "
+          f"{len(chatwoot.posts)} replies. Service log: {log_path}")
+    if not ok:
+        print("UNEXPECTED: expected exactly 2 LLM calls and 2 replies", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window-ms", type=int, default=2000,
+                        help="MESSAGE_BUFFER_DURATION_MS for the demo (production default 30000)")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(run_demo(args.window_ms)))
+
+
+if __name__ == "__main__":
+    main()
