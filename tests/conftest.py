@@ -44,6 +44,7 @@ class RedisServer:
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -52,7 +53,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", str(REDIS_CONF), "--port", str(self.port), "--dir", str(self.dir),
-             "--bind", "127.0.0.1", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")],
+             "--bind", "127.0.0.1", "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -80,10 +82,12 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """Extra redis-server arguments come from `@pytest.mark.redis_args(...)`."""
     if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed; run `make install` (or .ci/run) first")
-    server = RedisServer(free_port(), tmp_path / "redis")
+        pytest.fail("redis-server is not installed; run `make redis` (or .ci/run) first")
+    marker = request.node.get_closest_marker("redis_args")
+    server = RedisServer(free_port(), tmp_path / "redis", extra_args=marker.args if marker else ())
     server.dir.mkdir()
     server.start()
     yield server

@@ -11,6 +11,9 @@ import asyncio
 import time
 from dataclasses import replace
 
+import pytest
+import structlog.testing
+
 from buffer_service.standins import attachment, message_payload
 
 
@@ -215,3 +218,15 @@ async def test_health_checks(settings, make_service, redis_server):
         assert resp.status == 200
     status, body = await svc.post("/webhooks/chatwoot", message_payload(message_id=1, conversation_id=1))
     assert status == 503 and body["status"] == "unavailable"
+
+
+@pytest.mark.redis_args("--rename-command", "CONFIG", "", "--notify-keyspace-events", "")
+async def test_managed_redis_without_config_still_flushes_on_time(settings, make_service, llm, chatwoot):
+    # Managed Redis services refuse CONFIG SET: no expiry events at all, the index suffices.
+    with structlog.testing.capture_logs() as logged:
+        svc = await make_service(replace(settings, processing_interval_ms=60_000))
+        sent = time.time()
+        await svc.webhook(message_payload(message_id=1, conversation_id=15, content="hello"))
+        await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
+    assert 0.95 <= llm.calls[0].at - sent < 2.5
+    assert [e["event"] for e in logged].count("expiry_events_unavailable") == 1
