@@ -1,0 +1,183 @@
+"""Benchmark 1: webhooks per second acknowledged *and stored* by one `serve --no-worker` process.
+
+Three targets, each a real process loaded by wrk (another process) in the same run:
+  bare    bench/bare_server.py: aiohttp reading the body and answering 200 (the baseline)
+  service `buffer-service serve --no-worker` as checked out (appends batched per loop turn)
+  before  the same command from git ref --before-ref (one awaited EVALSHA per webhook)
+Each run gets a fresh redis-server (repo redis.conf, AOF on). Per run: a warm-up, then wrk at
+full speed (64 connections) for the maximum rate, then wrk paced to half of that target's own
+maximum for the acknowledgement latency. "Stored" is checked by counting the de-duplication
+markers the append script writes, one per stored message. CPU seconds per message come from
+/proc/<pid>/stat of the service and of redis-server.
+
+    python bench/ingest.py [--quick] [--repeat N] [--before-ref REF]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from common import (
+    BENCH,
+    ROOT,
+    checkout,
+    cpu_seconds,
+    free_port,
+    median,
+    parser,
+    redis_server,
+    repeats,
+    save,
+    service_env,
+    spawn_service,
+    stop,
+    table,
+    wait_port,
+    workdir,
+    wrk,
+)
+from redis.asyncio import Redis
+
+from buffer_service.standins import message_payload
+
+# Realistic Brazilian WhatsApp text (the product's users), about 100 characters.
+TEXT = "Oi, boa tarde! Fiz o pedido 48213 na semana passada e ainda não chegou. Vocês conseguem ver o status?"
+_MID, _CID = 987654321, 123454321
+
+
+def write_template(path: Path) -> int:
+    payload = message_payload(message_id=_MID, conversation_id=_CID, content=TEXT,
+                              created_at=datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
+    body = orjson.dumps(payload).decode()
+    assert body.count(str(_MID)) >= 2 and body.count(str(_CID)) >= 2
+    path.write_text(body.replace(str(_MID), "@MID@").replace(str(_CID), "@CID@"))
+    return len(body.encode())
+
+
+async def _count_stored(url: str) -> int:
+    redis = Redis.from_url(url)
+    try:
+        n = 0
+        async for _ in redis.scan_iter(match="bs:*:seen:*", count=10_000):
+            n += 1
+        return n
+    finally:
+        await redis.aclose()
+
+
+def stored(url: str) -> int:
+    return asyncio.run(_count_stored(url))
+
+
+def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> dict[str, Any]:
+    warm, seconds = (1, 4) if args.quick else (2, 10)
+    port = free_port()
+    env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": str(args.conversations)}
+    url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
+    with redis_server(tmp) as redis:
+        log = tmp / f"{kind}-{run_no}.log"
+        if kind == "bare":
+            proc = subprocess.Popen([sys.executable, str(BENCH / "bare_server.py"), str(port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            proc = spawn_service(["serve", "--no-worker"], service_env(redis.url, port), log, code_dir)
+        try:
+            wait_port(port, proc)
+            id_base = 1_000_000_000 * (run_no + 1)
+
+            def load(base: int, seconds: float, connections: int, delay_ms: int = 0) -> Any:
+                return wrk(url, seconds=seconds, connections=connections,
+                           env=dict(env, WRK_ID_BASE=str(base), WRK_DELAY_MS=str(delay_ms)))
+
+            load(id_base, warm, 64)
+            before = stored(redis.url) if kind != "bare" else 0
+            cpu0 = cpu_seconds(proc.pid)
+            rcpu0 = cpu_seconds(redis.proc.pid) if redis.proc else 0.0
+            full = load(id_base + 200_000_000, seconds, 64)
+            cpu = cpu_seconds(proc.pid) - cpu0
+            rcpu = (cpu_seconds(redis.proc.pid) if redis.proc else 0.0) - rcpu0
+            kept = stored(redis.url) - before if kind != "bare" else full.requests
+            # Paced: each connection waits `delay` ms before each request, so the rate is about
+            # connections * 1000 / (delay + latency); aim at half of this target's maximum.
+            delay = 10
+            target = full.rps / 2
+            paced = load(id_base + 400_000_000, seconds, max(1, round(target * (delay + 1) / 1000)), delay)
+        finally:
+            stop(proc)
+    acked = full.requests - full.errors
+    return {"kind": kind, "rps": full.rps, "errors": full.errors, "acked": acked, "stored": kept,
+            "cpu_us_per_msg": cpu / max(1, full.requests) * 1e6,
+            "redis_cpu_us_per_msg": rcpu / max(1, full.requests) * 1e6 if kind != "bare" else 0.0,
+            "full_p50_ms": full.p50_ms, "full_p99_ms": full.p99_ms,
+            "paced_rps": paced.rps, "paced_p50_ms": paced.p50_ms, "paced_p99_ms": paced.p99_ms,
+            "paced_max_ms": paced.max_ms, "paced_errors": paced.errors}
+
+
+def main() -> dict[str, Any]:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--conversations", type=int, default=0, help="default 5000 (quick 2000)")
+    p.add_argument("--before-ref", default="9cf19f8",
+                   help="git ref of the one-call-per-request version ('' to skip)")
+    args = p.parse_args()
+    args.conversations = args.conversations or (2000 if args.quick else 5000)
+    runs: list[dict[str, Any]] = []
+    with workdir("ingest") as tmp:
+        size = write_template(tmp / "template.json")
+        print(f"payload {size} bytes, {args.conversations} conversations")
+        kinds = {"bare": ROOT, "service": ROOT}
+        if args.before_ref:
+            before = checkout(args.before_ref, tmp / "before")
+            if before is None:
+                print(f"git ref {args.before_ref!r} not available; skipping the before run")
+            else:
+                kinds["before"] = before
+        for i in range(repeats(args)):
+            for kind, code_dir in kinds.items():
+                r = run_once(kind, code_dir, tmp, args, i * len(kinds) + len(runs))
+                runs.append(r)
+                print(f"run {i + 1} {kind:8s} {r['rps']:8.0f} req/s  p99 {r['full_p99_ms']:.1f} ms"
+                      f" | paced {r['paced_rps']:6.0f} req/s p50 {r['paced_p50_ms']:.2f} ms"
+                      f" p99 {r['paced_p99_ms']:.2f} ms | stored {r['stored']} of {r['acked']} acked"
+                      f" | {r['cpu_us_per_msg']:.0f} us CPU/msg", flush=True)
+                time.sleep(0.5)
+    summary: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        mine = [r for r in runs if r["kind"] == kind]
+        summary[kind] = {k: median([r[k] for r in mine]) for k in mine[0] if k != "kind"}
+        # Every acknowledged webhook must have been stored (runs that overlap the end of wrk's
+        # window may store a few more than wrk counted).
+        summary[kind]["all_stored"] = float(all(r["stored"] >= r["acked"] for r in mine))
+    # Ratios per run pair, then the median: both sides of a ratio saw the same machine state.
+    for kind in kinds:
+        if kind != "bare":
+            ratios = [s["rps"] / b["rps"] for s, b in zip(
+                [r for r in runs if r["kind"] == kind], [r for r in runs if r["kind"] == "bare"],
+                strict=True)]
+            summary[kind]["ratio_to_bare"] = median(ratios)
+    rows = []
+    for kind, s in summary.items():
+        rows.append([kind, round(s["rps"]), f"{s.get('ratio_to_bare', 1.0):.2f}",
+                     round(s["paced_rps"]), f"{s['paced_p50_ms']:.2f}", f"{s['paced_p99_ms']:.2f}",
+                     f"{s['cpu_us_per_msg']:.0f}", f"{s['redis_cpu_us_per_msg']:.0f}",
+                     "yes" if s["all_stored"] else "NO"])
+    print()
+    print(table(["target", "max req/s", "x bare", "half-rate req/s", "p50 ms", "p99 ms",
+                 "service CPU us/msg", "redis CPU us/msg", "all acked stored"], rows))
+    ok = summary["service"]["ratio_to_bare"] >= 0.5 and summary["service"]["paced_p99_ms"] <= 10
+    print(f"\ntarget >= 0.5 x bare and p99 <= 10 ms at half rate: {'met' if ok else 'NOT met'}")
+    if not math.isfinite(summary["service"]["rps"]):
+        raise SystemExit(1)
+    return save("ingest", args, {"payload_bytes": size, "conversations": args.conversations,
+                                 "runs": runs, "summary": summary, "target_met": ok})
+
+
+if __name__ == "__main__":
+    main()
