@@ -4,28 +4,49 @@ A webhook is acknowledged as soon as its message is stored in Redis, never after
 Chatwoot waits at most 5 s and, for agent bots, hands the conversation to humans when a
 delivery fails (shared/reference/chatwoot.md §4). If Redis cannot store the message the answer
 is 503, so nothing is acknowledged that was not stored.
+
+A webhook passes, in order: the size cap (413, decided from Content-Length before reading, and
+the read itself capped), authentication on the raw bytes (401, auth.py), JSON and field checks
+(400), the rate limits (ignored: rate_limited, limits.py), the buffer's byte cap (ignored:
+buffer_full). Every rejection happens before anything is stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 
 import orjson
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .chatwoot import PayloadError, classify
+from .auth import (
+    NO_WEBHOOK_AUTH_WARNING,
+    SETTINGS,
+    admin_middleware,
+    require_admin,
+    webhook_auth_error,
+    webhook_auth_mode,
+)
+from .chatwoot import ChatMessage, PayloadError, classify
 from .config import Settings
+from .limits import Limits
 from .store import BufferStore
 
 log = structlog.get_logger("buffer_service.app")
 
 STORE = web.AppKey("store", BufferStore)
-SETTINGS = web.AppKey("settings", Settings)
+LIMITS = web.AppKey("limits", Limits)
 
-MAX_WEBHOOK_BYTES = 1024 * 1024
+# Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
+# than refusing connections) would otherwise hold a webhook for the client's retries of 5 s
+# socket timeouts. Past this budget the answer is 503, well before Chatwoot's 5 s.
+_REDIS_BUDGET_S = 3.0
+# Chatwoot sends its body at once; a client that trickles one must not hold a handler forever.
+_BODY_TIMEOUT_S = 10.0
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -34,9 +55,28 @@ def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 def _unavailable(exc: Exception) -> web.Response:
-    log.error("redis_unavailable", error=str(exc))
+    log.error("redis_unavailable", error=str(exc) or type(exc).__name__)
     return _json({"status": "unavailable", "error": "storage unavailable, retry later"},
                  status=503, headers={"Retry-After": "1"})
+
+
+def _rejected(status: int, error: str) -> web.Response:
+    log.info("webhook_rejected", status=status, error=error)
+    return _json({"status": "rejected", "error": error}, status=status)
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to be larger than `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
 
 
 def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -44,42 +84,63 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         started = time.perf_counter()
         store, settings = request.app[STORE], request.app[SETTINGS]
         try:
-            payload = orjson.loads(await request.read())
+            async with asyncio.timeout(_BODY_TIMEOUT_S):
+                raw = await _read_capped(request, settings.max_webhook_bytes)
+        except TimeoutError:
+            return _rejected(408, "the body did not arrive in time")
+        if raw is None:
+            return _rejected(413, f"body larger than {settings.max_webhook_bytes} bytes")
+        if auth_error := webhook_auth_error(request, raw, settings):
+            return _rejected(401, auth_error)
+        try:
+            payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _json({"status": "rejected", "error": "body is not valid JSON"}, status=400)
+            return _rejected(400, "body is not valid JSON")
         if not isinstance(payload, dict):
-            return _json({"status": "rejected", "error": "body must be a JSON object"}, status=400)
+            return _rejected(400, "body must be a JSON object")
         try:
             decision = classify(payload, settings, default_event)
         except PayloadError as exc:
-            log.info("webhook_rejected", error=str(exc))
-            return _json({"status": "rejected", "error": str(exc)}, status=400)
+            return _rejected(400, str(exc))
 
         msg = decision.message
+        body: dict[str, object]
         try:
-            if decision.action == "buffer" and msg is not None:
-                result = await store.append(msg)
-                body: dict[str, object] = {
-                    "status": "buffered" if result.buffered else "duplicate",
-                    "conversation_id": msg.conversation_id,
-                    "message_id": msg.message_id,
-                    "buffered_messages": result.count,
-                }
-                if result.buffered:
-                    body["flush_in_ms"] = result.deadline_ms - result.now_ms
-            elif decision.action == "note" and msg is not None:
-                await store.note(msg)
-                body = {"status": "ignored", "reason": decision.reason}
-            else:
-                body = {"status": "ignored", "reason": decision.reason}
-        except RedisError as exc:
+            async with asyncio.timeout(_REDIS_BUDGET_S):
+                if decision.action == "buffer" and msg is not None:
+                    body = await _buffer(request.app[LIMITS], store, msg)
+                elif decision.action == "note" and msg is not None:
+                    await store.note(msg)
+                    body = {"status": "ignored", "reason": decision.reason}
+                else:
+                    body = {"status": "ignored", "reason": decision.reason}
+        except (RedisError, TimeoutError) as exc:
             return _unavailable(exc)
+        body.update(decision.extra)
         log.info("webhook", outcome=body["status"], reason=body.get("reason"),
                  conversation=msg.conv if msg else None, message_id=msg.message_id if msg else None,
                  ms=round((time.perf_counter() - started) * 1000, 2))
         return _json(body)
 
     return handle
+
+
+async def _buffer(limits: Limits, store: BufferStore, msg: ChatMessage) -> dict[str, object]:
+    refused_by = await limits.admit(msg)
+    if refused_by:
+        return {"status": "ignored", "reason": "rate_limited", "limit": refused_by}
+    result = await store.append(msg)
+    if result.trigger == "full":
+        return {"status": "ignored", "reason": "buffer_full"}
+    body: dict[str, object] = {
+        "status": "buffered" if result.buffered else "duplicate",
+        "conversation_id": msg.conversation_id,
+        "message_id": msg.message_id,
+        "buffered_messages": result.count,
+    }
+    if result.buffered:
+        body["flush_in_ms"] = result.deadline_ms - result.now_ms
+    return body
 
 
 async def _legacy_buffer_manager(request: web.Request) -> web.Response:
@@ -94,6 +155,7 @@ async def _legacy_buffer_manager(request: web.Request) -> web.Response:
 _bare_message = _webhook("message_created")
 
 
+@require_admin
 async def _process_now(request: web.Request) -> web.Response:
     """The old buffer-processor function: make every worker sweep due buffers now."""
     store = request.app[STORE]
@@ -110,17 +172,47 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    mode = webhook_auth_mode(settings)
+    body: dict[str, object] = {"status": "ready", "redis": "ok", "webhook_auth": mode,
+                               "admin_api": "on" if settings.admin_token else "off (ADMIN_TOKEN unset)"}
+    if mode == "none":
+        body["warnings"] = [NO_WEBHOOK_AUTH_WARNING]
     try:
-        await request.app[STORE].redis.ping()
-    except (RedisError, OSError) as exc:
-        return _json({"status": "unavailable", "redis": str(exc)}, status=503)
-    return _json({"status": "ready", "redis": "ok"})
+        async with asyncio.timeout(_REDIS_BUDGET_S):
+            await request.app[STORE].redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        body.update(status="unavailable", redis=str(exc) or type(exc).__name__)
+        return _json(body, status=503)
+    return _json(body)
+
+
+def _openapi() -> Callable[[web.Request], Awaitable[web.Response]]:
+    document = resources.files(__package__).joinpath("openapi_public.json").read_bytes()
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    return serve
+
+
+async def _announce_auth(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    mode = webhook_auth_mode(settings)
+    if mode == "none":
+        log.warning("WEBHOOK_AUTHENTICATION_OFF", warning=NO_WEBHOOK_AUTH_WARNING)
+    else:
+        log.info("webhook_auth", mode=mode)
+    if not settings.admin_token:
+        log.info("admin_api_disabled", note="set ADMIN_TOKEN to enable /admin and buffer-processor")
 
 
 def create_app(settings: Settings, store: BufferStore) -> web.Application:
-    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+    app = web.Application(client_max_size=settings.max_webhook_bytes, middlewares=[admin_middleware])
     app[STORE] = store
     app[SETTINGS] = settings
+    app[LIMITS] = Limits(store)
+    app.on_startup.append(_announce_auth)
     webhook = _webhook(None)
     app.router.add_post("/webhooks/chatwoot", webhook)
     app.router.add_post("/functions/v1/chatwoot-webhook-v2", webhook)
@@ -128,4 +220,5 @@ def create_app(settings: Settings, store: BufferStore) -> web.Application:
     app.router.add_post("/functions/v1/buffer-processor", _process_now)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/openapi.json", _openapi())
     return app

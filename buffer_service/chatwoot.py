@@ -62,11 +62,36 @@ class Decision:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _positive_int(value: Any, name: str) -> int:
+# Chatwoot's ids are Postgres bigints; anything larger is not an id, only a bigger Redis key.
+MAX_ID = 2**63 - 1
+TRUNCATION_MARK = " [...message truncated]"
+# A WhatsApp message carries one attachment (an album is one message per photo); the cap keeps a
+# hostile list of thousands from being stored as thousands of names.
+MAX_ATTACHMENTS = 10
+
+
+def _is_id(value: Any) -> bool:
     # bool is an int subclass in Python; `true` is not an id.
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not _is_id(value):
         raise PayloadError(f"{name} must be a positive integer")
     return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise PayloadError(f"{name} must be a string")
+    return value
+
+
+def truncate(text: str, max_chars: int) -> tuple[str, bool]:
+    """Cap a message at max_chars, marked so that the LLM (and a reader) knows text is missing."""
+    if len(text) <= max_chars:
+        return text, False
+    return text[: max_chars - len(TRUNCATION_MARK)] + TRUNCATION_MARK, True
 
 
 def _short(value: Any) -> str:
@@ -118,26 +143,29 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     if not isinstance(raw_attachments, list):
         raise PayloadError("attachments must be an array")
     attachments = tuple(
-        _short(a.get("file_type") or "file") if isinstance(a, dict) else "file" for a in raw_attachments
+        _short(a.get("file_type") or "file") if isinstance(a, dict) else "file"
+        for a in raw_attachments[:MAX_ATTACHMENTS]
     )
     private = payload.get("private", False)
     if not isinstance(private, bool):
         raise PayloadError("private must be a boolean")
-    status = conversation.get("status")
+    status = _optional_str(conversation.get("status"), "conversation.status")
     inbox = payload.get("inbox")
     inbox_id = conversation.get("inbox_id")
-    if isinstance(inbox, dict) and isinstance(inbox.get("id"), int):
+    if isinstance(inbox, dict) and _is_id(inbox.get("id")):
         inbox_id = inbox["id"]
+    inbox_id = inbox_id if _is_id(inbox_id) else None
     sender = payload.get("sender")
     sender_name = sender.get("name") if isinstance(sender, dict) else None
-    text = message_text(content, attachments)
+    text, truncated = truncate(message_text(content, attachments), settings.max_message_chars)
+    extra = {"truncated": True} if truncated else {}
 
-    message_type = payload.get("message_type")
+    message_type = _optional_str(payload.get("message_type"), "message_type")
     if message_type == "outgoing" and not private and text:
         # The bot's own replies and human agents' answers: context for later prompts.
         note = ChatMessage(account_id, conversation_id, message_id, text, attachments,
-                           role="assistant", inbox_id=inbox_id if isinstance(inbox_id, int) else None)
-        return Decision("note", "outgoing", note)
+                           role="assistant", inbox_id=inbox_id)
+        return Decision("note", "outgoing", note, extra)
     if message_type != "incoming":
         return Decision("ignore", f"message_type:{_short(message_type)}")
     if private:
@@ -150,9 +178,10 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
         "buffer",
         message=ChatMessage(
             account_id, conversation_id, message_id, text, attachments,
-            inbox_id=inbox_id if isinstance(inbox_id, int) else None,
+            inbox_id=inbox_id,
             sender_name=sender_name if isinstance(sender_name, str) else "",
         ),
+        extra=extra,
     )
 
 

@@ -22,7 +22,10 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 # Names whose values must never reach a log line or a config dump.
-SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token"})
+SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token", "chatwoot_webhook_secret",
+                           "webhook_token", "admin_token"})
+# A shared token is only as strong as its length; `openssl rand -hex 32` gives 64 characters.
+_MIN_TOKEN_CHARS = 16
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,15 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str:
     if parsed.scheme not in schemes or not parsed.netloc:
         raise ConfigError(f"{name}: expected a {'/'.join(schemes)} URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _token(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if raw and (len(raw) < _MIN_TOKEN_CHARS or not all("!" <= ch <= "~" for ch in raw)):
+        # Printable ASCII without spaces: it travels in a header or a URL query and must survive both.
+        raise ConfigError(f"{name}: use at least {_MIN_TOKEN_CHARS} printable ASCII characters without "
+                          "spaces, e.g. the output of `openssl rand -hex 32`")
+    return raw
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -115,6 +127,22 @@ class Settings:
 
     log_format: str = "json"
     log_level: str = "info"
+
+    # Who may call us (docs/security.md). Neither webhook secret nor token: webhooks are open.
+    chatwoot_webhook_secret: str = field(default="", repr=False)
+    webhook_token: str = field(default="", repr=False)
+    webhook_max_skew_s: int = 300
+    admin_token: str = field(default="", repr=False)
+    # Hostile input and abuse; 0 turns a limit off where noted.
+    max_webhook_bytes: int = 1024 * 1024
+    max_message_chars: int = 4000
+    max_buffer_bytes: int = 1024 * 1024  # 0 = off
+    # A burst of up to N accepted messages, refilled at N per window: a WhatsApp album of 30
+    # photos arrives as 30 webhooks at once and must pass.
+    rate_limit_per_conversation: int = 120  # 0 = off
+    rate_limit_global: int = 0  # 0 = off
+    rate_limit_window_s: int = 60
+    max_llm_calls_per_conversation_per_hour: int = 0  # 0 = off
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -193,6 +221,20 @@ class Settings:
             shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
             log_format=log_format,
             log_level=log_level,
+            chatwoot_webhook_secret=env.get("CHATWOOT_WEBHOOK_SECRET", "").strip(),
+            webhook_token=_token(env, "WEBHOOK_TOKEN"),
+            webhook_max_skew_s=_int(env, "WEBHOOK_MAX_SKEW_S", cls.webhook_max_skew_s),
+            admin_token=_token(env, "ADMIN_TOKEN"),
+            max_webhook_bytes=_int(env, "MAX_WEBHOOK_BYTES", cls.max_webhook_bytes, minimum=1024),
+            max_message_chars=_int(env, "MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=100),
+            max_buffer_bytes=_int(env, "MAX_BUFFER_BYTES", cls.max_buffer_bytes, minimum=0),
+            rate_limit_per_conversation=_int(env, "RATE_LIMIT_PER_CONVERSATION",
+                                             cls.rate_limit_per_conversation, minimum=0),
+            rate_limit_global=_int(env, "RATE_LIMIT_GLOBAL", cls.rate_limit_global, minimum=0),
+            rate_limit_window_s=_int(env, "RATE_LIMIT_WINDOW_S", cls.rate_limit_window_s),
+            max_llm_calls_per_conversation_per_hour=_int(
+                env, "MAX_LLM_CALLS_PER_CONVERSATION_PER_HOUR",
+                cls.max_llm_calls_per_conversation_per_hour, minimum=0),
         )
         if settings.max_buffer_age_ms < settings.buffer_duration_ms:
             raise ConfigError(

@@ -14,6 +14,7 @@ from typing import Any
 import openai
 
 from .config import Settings
+from .outbound import llm_http_client
 
 
 class LLMError(Exception):
@@ -40,6 +41,7 @@ class LLMClient:
             base_url=settings.openai_base_url or None,
             timeout=settings.llm_timeout_s,
             max_retries=settings.llm_max_retries,
+            http_client=llm_http_client(settings.llm_timeout_s, settings.worker_concurrency),
         )
 
     async def reply(self, messages: list[dict[str, Any]]) -> LLMReply:
@@ -54,15 +56,23 @@ class LLMClient:
                 retryable=retryable,
                 retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
             ) from exc
-        except openai.APIError as exc:  # connection errors, timeouts, undecodable answers
-            raise LLMError(f"LLM request failed: {type(exc).__name__}: {_brief(exc)}") from exc
-        choices = completion.choices or []
-        text = (choices[0].message.content or "").strip() if choices else ""
+        except openai.APIError as exc:  # connection errors, timeouts, oversized answers
+            # "Connection error." alone does not tell an operator that the answer was too large.
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise LLMError(f"LLM request failed: {type(exc).__name__}: {_brief(exc)}{cause}") from exc
+        except ValueError as exc:  # a 2xx body that is not JSON (a proxy's error page)
+            raise LLMError(f"LLM answered with something that is not JSON: {_brief(exc)}") from exc
+        # The client does not validate the answer's shape; any other shape is the server's fault.
+        try:
+            choices = completion.choices or []
+            text = (choices[0].message.content or "").strip() if choices else ""
+            usage = completion.usage
+            tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        except (AttributeError, TypeError, IndexError, KeyError) as exc:
+            raise LLMError(f"LLM answer is not a chat completion: {_brief(exc)}") from exc
         if not text:
             raise LLMError("LLM returned an empty reply")
-        usage = completion.usage
-        return LLMReply(text, usage.prompt_tokens if usage else 0,
-                        usage.completion_tokens if usage else 0)
+        return LLMReply(text, *tokens)
 
     async def close(self) -> None:
         await self._client.close()

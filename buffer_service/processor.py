@@ -17,6 +17,7 @@ import structlog
 
 from .chatwoot import ChatwootClient, ChatwootError
 from .config import Settings
+from .limits import Limits
 from .llm import LLMClient, LLMError
 from .store import Batch, BufferStore
 
@@ -56,9 +57,10 @@ class Processor:
         self.store = store
         self.llm = llm
         self.chatwoot = chatwoot
+        self.limits = Limits(store)
 
     async def process(self, batch: Batch) -> str:
-        """Answer one batch; returns its outcome (completed, retrying, failed, lost)."""
+        """Answer one batch; returns its outcome (completed, skipped, retrying, failed, lost)."""
         structlog.contextvars.bind_contextvars(
             batch=batch.id, conversation=batch.conv, attempt=batch.attempts)
         keeper = asyncio.create_task(self._keep_lease(batch))
@@ -80,6 +82,13 @@ class Processor:
         if reply:
             log.info("reply_reused")
         else:
+            if not await self.limits.allow_llm_call(batch.conv, f"{batch.id}:{batch.attempts}"):
+                # Spend guard: the conversation used up its LLM calls of the hour. Skipped for
+                # good (its messages still reach the history), never retried into the same wall.
+                if not await self.store.finish(batch, "skipped", reason="llm_quota_exceeded"):
+                    raise LeaseLost
+                log.warning("llm_quota_exceeded")
+                return "skipped"
             history = await self.store.history(batch.conv)
             limit = self.settings.history_messages
             prompt = build_prompt(self.settings.system_prompt, history[-limit:] if limit else [],

@@ -116,7 +116,8 @@ class BufferStore:
                   self.key(shard, f"ttl:{msg.conv}"),
                   self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
             args=[msg.conv, msg.to_json(), s.buffer_duration_ms, s.max_buffer_age_ms,
-                  s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel],
+                  s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel,
+                  s.max_buffer_bytes],
         )
         return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
 

@@ -197,10 +197,13 @@ async def test_legacy_supabase_paths(settings, make_service, llm, chatwoot):
 
 async def test_buffer_processor_path_flushes_due_buffers_now(settings, make_service, llm, chatwoot, store):
     # A long safety sweep and no wake-ups from appends: only the trigger can make it prompt.
-    svc = await make_service(replace(settings, processing_interval_ms=60_000, buffer_duration_ms=300))
+    token = "admin-token-for-tests-0123456789"
+    svc = await make_service(replace(settings, processing_interval_ms=60_000, buffer_duration_ms=300,
+                                     admin_token=token))
     await store.redis.config_set("notify-keyspace-events", "")
-    status, body = await svc.post("/functions/v1/buffer-processor", {})
-    assert status == 200 and body == {"status": "triggered", "due_buffers": 0}
+    async with svc.session.post(svc.url + "/functions/v1/buffer-processor", json={},
+                                headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200 and await resp.json() == {"status": "triggered", "due_buffers": 0}
     await svc.webhook(message_payload(message_id=1, conversation_id=14, content="x"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
 

@@ -6,10 +6,23 @@
 --       3 buf:<conv> (list), 4 ttl:<conv> (sliding TTL key, the expiry wake-up),
 --       5 seen:<account>:<message id> (de-duplication marker)
 -- ARGV: 1 conv, 2 message json, 3 window ms, 4 max age ms, 5 max size, 6 dedup ttl ms,
---       7 wake channel
--- Returns {1 buffered | 0 duplicate, count, deadline ms, trigger, now ms}
+--       7 wake channel, 8 max buffer bytes (0: no cap)
+-- Returns {1 buffered | 0 duplicate, count, deadline ms, trigger, now ms};
+--   trigger 'full' with 0: refused, the buffer holds max buffer bytes already
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- A buffer that nobody flushes (workers down, processing off) must not grow without bound.
+-- Checked before the de-duplication marker so a refused message is not remembered as seen.
+-- MEMORY USAGE with SAMPLES 0 walks the list's nodes (8 KB each): exact and cheap at this size.
+-- pcall: a Redis that forbids MEMORY loses the cap, not its webhooks.
+local cap = tonumber(ARGV[8]) or 0
+if cap > 0 then
+  local used = redis.pcall('MEMORY', 'USAGE', KEYS[3], 'SAMPLES', 0)
+  if type(used) == 'number' and used + #ARGV[2] > cap then
+    return {0, redis.call('LLEN', KEYS[3]), 0, 'full', now}
+  end
+end
 
 if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[6]) then
   return {0, redis.call('LLEN', KEYS[3]), 0, '', now}

@@ -1,0 +1,64 @@
+"""Abuse limits kept in Redis, so every replica enforces the same numbers.
+
+Keys (besides the buffer store's, same prefix and shard hash tag, so a conversation's limits
+live in its shard's Redis Cluster slot):
+
+    bs:{sN}:rl:<conv>    string  GCRA arrival time of the conversation's message limit
+    bs:rl:global         string  the same for all conversations together (one key, one slot)
+    bs:{sN}:llm:<conv>   zset    the conversation's LLM calls of the last hour (spend guard)
+
+Message limits (lua/ratelimit.lua) admit a burst of up to N accepted messages and then N per
+window; they are checked only for messages that would be buffered, so Chatwoot's other events
+never use them up. The spend guard (lua/llmquota.lua) is an exact count per hour-long window.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+from .chatwoot import ChatMessage
+from .store import BufferStore, _load
+
+RATE_LIMITED = Counter("buffer_service_rate_limited",
+                       "Webhook messages refused by a rate limit, by the limit that refused them",
+                       ["scope"])
+LLM_QUOTA_EXCEEDED = Counter("buffer_service_llm_quota_exceeded",
+                             "Batches skipped because their conversation used up its LLM calls per hour")
+
+_HOUR_MS = 3_600_000
+
+
+class Limits:
+    def __init__(self, store: BufferStore) -> None:
+        self.store = store
+        self.settings = store.settings
+        self._ratelimit = store.redis.register_script(_load("ratelimit"))
+        self._llmquota = store.redis.register_script(_load("llmquota"))
+
+    def _conv_key(self, kind: str, conv: str) -> str:
+        return self.store.key(self.store.shard_of(conv), f"{kind}:{conv}")
+
+    async def admit(self, msg: ChatMessage) -> str:
+        """'' when the message may be buffered, else the limit that refused it."""
+        s = self.settings
+        window_ms = s.rate_limit_window_s * 1000
+        # The conversation first: a refused flood of one conversation must not use up the
+        # global allowance of everyone else.
+        checks = [("conversation", self._conv_key("rl", msg.conv), s.rate_limit_per_conversation),
+                  ("global", f"{s.key_prefix}:rl:global", s.rate_limit_global)]
+        for scope, key, limit in checks:
+            if limit and not (await self._ratelimit(keys=[key], args=[limit, window_ms]))[0]:
+                RATE_LIMITED.labels(scope).inc()
+                return scope
+        return ""
+
+    async def allow_llm_call(self, conv: str, call_id: str) -> bool:
+        """Count one LLM call of `conv`; False once it made its allowance of the last hour."""
+        limit = self.settings.max_llm_calls_per_conversation_per_hour
+        if not limit:
+            return True
+        allowed = bool((await self._llmquota(keys=[self._conv_key("llm", conv)],
+                                             args=[limit, _HOUR_MS, call_id]))[0])
+        if not allowed:
+            LLM_QUOTA_EXCEEDED.inc()
+        return allowed
