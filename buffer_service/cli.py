@@ -1,8 +1,21 @@
-"""The `buffer-service` command: run the server and/or the worker.
+"""The `buffer-service` command: run the server and/or the worker, and operate the service.
 
     buffer-service serve              HTTP server and worker in one process
     buffer-service serve --no-worker  HTTP server only (scale webhooks apart from LLM work)
     buffer-service worker             worker only
+
+Operations, on Redis directly (REDIS_URL; no running server needed), a table on the terminal or
+JSON with --json (docs/operations.md):
+
+    buffer-service stats [--hours N]                monitoring figures
+    buffer-service buffers [CONVERSATION]           pending bursts, or one conversation's buffer
+    buffer-service jobs [JOB] [--status STATUS]     job records (one job with its messages)
+    buffer-service retry JOB | --all-failed         re-queue failed jobs
+    buffer-service flags [set NAME VALUE]           feature flags
+    buffer-service processing on|off                the processing switch
+    buffer-service flush [CONVERSATION]             flush one conversation now, or sweep all due
+    buffer-service cleanup [--purge-failed]         trim indexes and counters (run daily)
+    buffer-service log webhooks|sweeps [--count N]  the webhook log or the sweep log
 """
 
 from __future__ import annotations
@@ -10,9 +23,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import logs
 from .config import ConfigError, Settings
+from .flags import FlagError, Flags
+from .ops import NotFound, Operations, OpsError
+from .store import BufferStore
+
+_SERVICE_COMMANDS = ("serve", "worker")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true",
                        help="only take webhooks; run `buffer-service worker` elsewhere")
     sub.add_parser("worker", help="run a worker only: flush due buffers, ask the LLM, reply")
+
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, parents=[out])
+
+    add("stats", "monitoring figures: active buffers by status, per-hour activity and timing, "
+        "failed jobs").add_argument("--hours", type=int, default=24, help="hours to cover (24)")
+    buffers = add("buffers", "pending bursts with their deadlines, or one conversation's buffer")
+    buffers.add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION, e.g. 1:42")
+    buffers.add_argument("--limit", type=int, default=100)
+    jobs = add("jobs", "job records, newest first, or one job with its messages")
+    jobs.add_argument("job", nargs="?", help="a job id, e.g. 3-1234")
+    jobs.add_argument("--status", choices=("buffering", "processing", "completed", "failed", "skipped"))
+    jobs.add_argument("--limit", type=int, default=50)
+    retry = add("retry", "re-queue a failed job (or all of them); a worker answers it at once")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("job", nargs="?", help="the failed job's id")
+    which.add_argument("--all-failed", action="store_true", help="every failed job")
+    flags = add("flags", "list the feature flags, or `flags set NAME VALUE`")
+    flag_sub = flags.add_subparsers(dest="flags_action")
+    set_flag = flag_sub.add_parser("set", help="set a flag (every process sees it within a second)",
+                                   parents=[out])
+    set_flag.add_argument("name")
+    set_flag.add_argument("value", help="on|off, a percentage, or a comma list of inbox ids")
+    add("processing", "switch processing on or off (off: buffer, claim nothing)").add_argument(
+        "state", choices=("on", "off"))
+    add("flush", "flush one conversation's burst now, or (without one) sweep every due buffer now"
+        ).add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION")
+    add("cleanup", "trim job indexes and hourly counters to JOB_RETENTION_DAYS").add_argument(
+        "--purge-failed", action="store_true", help="also delete every failed job for good")
+    log = add("log", "recent webhook deliveries or worker sweeps, newest first")
+    log.add_argument("kind", choices=("webhooks", "sweeps"))
+    log.add_argument("--count", type=int, default=50)
     return parser
 
 
@@ -32,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        if args.command == "worker" or not args.no_worker:
+        if args.command == "worker" or (args.command == "serve" and not args.no_worker):
             settings.require_worker()
     except ConfigError as exc:
         print(f"buffer-service: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command not in _SERVICE_COMMANDS:
+        logs.configure("console", "warning")
+        return asyncio.run(_operate(settings, args))
     logs.configure(settings.log_format, settings.log_level)
 
     from . import service
@@ -49,6 +111,155 @@ def main(argv: list[str] | None = None) -> int:
         print(f"buffer-service: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# -- operations ------------------------------------------------------------------------------
+async def _operate(settings: Settings, args: argparse.Namespace) -> int:
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+    store = BufferStore(redis, settings)
+    ops = Operations(store, Flags(redis, settings))
+    try:
+        result = await _run(ops, args)
+    except (OpsError, FlagError) as exc:
+        print(f"buffer-service: {exc}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as exc:
+        print(f"buffer-service: Redis at REDIS_URL is unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(_render(args, result))
+    return 0
+
+
+async def _run(ops: Operations, args: argparse.Namespace) -> Any:
+    command = args.command
+    if command == "stats":
+        return await ops.stats(args.hours)
+    if command == "buffers":
+        return await (ops.buffer(args.conversation) if args.conversation else ops.buffers(args.limit))
+    if command == "jobs":
+        if args.job:
+            job = await ops.job(args.job)
+            if job is None:
+                raise NotFound(f"no job {args.job}")
+            return job
+        return await ops.jobs(args.status, args.limit)
+    if command == "retry":
+        return await (ops.retry_all_failed() if args.all_failed else ops.retry(args.job))
+    if command == "flags":
+        if args.flags_action == "set":
+            return {"name": args.name, "value": await ops.flags.set(args.name, args.value)}
+        return await ops.flags.table()
+    if command == "processing":
+        return await ops.set_processing(args.state == "on")
+    if command == "flush":
+        return await ops.flush(args.conversation)
+    if command == "cleanup":
+        return await ops.cleanup(purge_failed=args.purge_failed)
+    return await ops.log(args.kind, args.count)
+
+
+# -- tables ----------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, str) and len(value) == 24 and value[10] == "T" and value.endswith("Z"):
+        return value[:10] + " " + value[11:19]  # an ISO time: seconds are enough to read
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    if not rows:
+        return "(none)\n"
+    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title) in enumerate(columns)]
+    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _pairs(data: dict[str, Any], skip: Sequence[str] = ()) -> str:
+    keys = [k for k in data if k not in skip]
+    width = max((len(k) for k in keys), default=0)
+    return "".join(f"{k.ljust(width)}  {_cell(data[k])}\n" for k in keys)
+
+
+_JOB_COLUMNS = [("id", "JOB"), ("status", "STATUS"), ("conversation", "CONVERSATION"),
+                ("inbox_id", "INBOX"), ("messages", "MSGS"), ("trigger", "TRIGGER"),
+                ("attempts", "TRIES"), ("first_message_at", "FIRST MESSAGE"),
+                ("deadline_at", "DEADLINE"), ("claimed_at", "CLAIMED"),
+                ("processed_at", "PROCESSED"), ("reply_message_id", "REPLY"),
+                ("error", "ERROR / REASON")]
+_BUFFER_COLUMNS = [("conversation", "CONVERSATION"), ("status", "STATUS"), ("messages", "MSGS"),
+                   ("first_message_at", "FIRST MESSAGE"), ("deadline_at", "DEADLINE"),
+                   ("due_in_ms", "DUE IN MS"), ("batch_in_flight", "BATCH IN FLIGHT")]
+_HOUR_COLUMNS = [("hour", "HOUR (UTC)"), ("bursts", "BURSTS"), ("messages", "MSGS"),
+                 ("avg_messages_per_burst", "MSGS/BURST"), ("completed", "COMPLETED"),
+                 ("avg_first_message_to_reply_s", "FIRST MSG->REPLY S"),
+                 ("avg_deadline_to_claim_ms", "DEADLINE->CLAIM MS"), ("skipped", "SKIPPED"),
+                 ("failed", "FAILED"), ("superseded", "SUPERSEDED"), ("by_trigger", "TRIGGERS")]
+
+
+def _jobs(rows: list[dict[str, Any]]) -> str:
+    return table([{**r, "error": r.get("error") or r.get("reason")} for r in rows], _JOB_COLUMNS)
+
+
+def _messages(messages: list[dict[str, Any]]) -> str:
+    return table([{"n": i + 1, "id": m.get("id"), "text": m.get("text")}
+                  for i, m in enumerate(messages)], [("n", "#"), ("id", "MESSAGE"), ("text", "TEXT")])
+
+
+def _render(args: argparse.Namespace, result: Any) -> str:
+    command = args.command
+    if command == "stats":
+        active = "  ".join(f"{k}={v}" for k, v in result["active"].items())
+        flags = "  ".join(f"{k}={v}" for k, v in result["flags"].items())
+        totals = result["totals"]
+        return (f"Active:  {active}\nFlags:   {flags}\n\n"
+                f"Last {result['hours']} h, per hour:\n"
+                + table(result["hourly"], _HOUR_COLUMNS)
+                + f"\nTotal: {totals['bursts']} bursts, {totals['messages']} messages "
+                  f"({_cell(totals['avg_messages_per_burst'])} per burst), "
+                  f"{totals['completed']} completed (first message to reply "
+                  f"{_cell(totals['avg_first_message_to_reply_s'])} s on average), "
+                  f"deadline to claim {_cell(totals['avg_deadline_to_claim_ms'])} ms on average, "
+                  f"{totals['skipped']} skipped, {totals['failed']} failed, "
+                  f"{totals['superseded']} superseded\n"
+                + "\nRecent failed jobs:\n" + _jobs(result["recent_failed_jobs"]))
+    if command == "buffers" and args.conversation:
+        text = _pairs(result, skip=("messages", "batch_in_flight"))
+        batch = result["batch_in_flight"]
+        if batch:
+            text += f"batch_in_flight   {batch['id']} ({batch['status']}, {len(batch['burst'])} messages)\n"
+        return text + "\nBuffered messages:\n" + _messages(result["messages"])
+    if command == "buffers" or (command == "jobs" and args.status == "buffering"):
+        return table(result, _BUFFER_COLUMNS)
+    if command == "jobs" and args.job:
+        return _pairs(result, skip=("burst",)) + "\nMessages kept with the job:\n" + _messages(
+            result["burst"])
+    if command == "jobs":
+        return _jobs(result)
+    if command == "flags" and args.flags_action != "set":
+        return table(result, [("name", "FLAG"), ("value", "VALUE"), ("default", "DEFAULT"),
+                              ("description", "WHAT IT DOES")])
+    if command == "log":
+        keys = sorted({k for row in result for k in row} - {"id", "at"})
+        return table(result, [("at", "AT"), *((k, k.upper()) for k in keys)])
+    if command == "retry" and args.all_failed:
+        text = f"re-queued {result['count']} failed job(s): {' '.join(result['retried']) or '-'}\n"
+    else:
+        text = _pairs(result)
+    if result.get("processing") is False:
+        text += "note: processing is off; nothing is answered until `buffer-service processing on`\n"
+    return text
 
 
 if __name__ == "__main__":

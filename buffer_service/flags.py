@@ -1,0 +1,197 @@
+"""Feature flags kept in Redis, changed at run time, seen by every process within a second.
+
+One untagged hash (`bs:flags`) holds them all: a flag is global, never part of a shard's
+script, so it needs no hash tag and is read with its own command. Every process keeps a copy
+that it reloads when it is older than `MAX_AGE_S`, so a webhook pays for one HGETALL every half
+second at most, and a change made with `buffer-service flags set`, the admin API or
+`scripts/set-flag.sh` (a plain HSET) reaches every webhook server and worker in under a second.
+
+Gradual migration, as the Supabase guide had it: `buffering_inboxes` restricts buffering to
+some inboxes, `buffering_percent` to a stable share of conversations (a hash of the
+conversation picks its bucket, so a conversation never flips between paths); every other
+message takes the unbuffered path (answered on its own, at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .config import Settings
+
+log = structlog.get_logger("buffer_service.flags")
+
+MAX_AGE_S = 0.5
+
+
+class FlagError(ValueError):
+    """An unknown flag or a value it cannot take; str() says which."""
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    kind: str  # "bool" | "percent" | "ids"
+    default: str
+    description: str
+
+
+FLAGS: dict[str, FlagSpec] = {
+    "message_buffering": FlagSpec(
+        "bool", "on", "off: every accepted message is answered on its own at once (rollback)"),
+    "response_quality_enhancement": FlagSpec(
+        "bool", "on", "on: the prompt carries the conversation history and the contact's name"),
+    "processing": FlagSpec(
+        "bool", "on", "off: messages are still buffered but no worker claims anything"),
+    "buffering_inboxes": FlagSpec(
+        "ids", "", "comma list of inbox ids that are buffered; empty: every inbox"),
+    "buffering_percent": FlagSpec(
+        "percent", "100", "share of conversations (0-100, stable per conversation) that are buffered"),
+}
+
+_TRUE = ("on", "1", "true", "yes")
+_FALSE = ("off", "0", "false", "no")
+
+
+def normalize(name: str, value: str) -> str:
+    """The stored form of a flag value; raises FlagError for an unknown flag or a bad value."""
+    spec = FLAGS.get(name)
+    if spec is None:
+        raise FlagError(f"unknown flag {name!r}; flags: {', '.join(FLAGS)}")
+    raw = value.strip().lower()
+    if spec.kind == "bool":
+        if raw in _TRUE:
+            return "on"
+        if raw in _FALSE:
+            return "off"
+        raise FlagError(f"{name}: expected on or off, got {value!r}")
+    if spec.kind == "percent":
+        if raw.isdigit() and 0 <= int(raw) <= 100:
+            return str(int(raw))
+        raise FlagError(f"{name}: expected a whole number from 0 to 100, got {value!r}")
+    ids = [part.strip() for part in raw.replace(" ", ",").split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) > 0 for part in ids):
+        raise FlagError(f"{name}: expected a comma list of inbox ids, got {value!r}")
+    return ",".join(str(i) for i in sorted({int(part) for part in ids}))
+
+
+def _percent_bucket(conv: str) -> int:
+    # Salted so the bucket does not follow the shard number (crc32(conv) % shards).
+    return zlib.crc32(b"buffering:" + conv.encode()) % 100
+
+
+@dataclass(frozen=True)
+class FlagValues:
+    raw: dict[str, str] = field(default_factory=dict)
+
+    def value(self, name: str) -> str:
+        return self.raw.get(name) or FLAGS[name].default
+
+    def on(self, name: str) -> bool:
+        return self.value(name) == "on"
+
+    @property
+    def message_buffering(self) -> bool:
+        return self.on("message_buffering")
+
+    @property
+    def response_quality_enhancement(self) -> bool:
+        return self.on("response_quality_enhancement")
+
+    @property
+    def processing(self) -> bool:
+        return self.on("processing")
+
+    @property
+    def buffering_inboxes(self) -> frozenset[int]:
+        return frozenset(int(i) for i in self.value("buffering_inboxes").split(",") if i)
+
+    @property
+    def buffering_percent(self) -> int:
+        return int(self.value("buffering_percent"))
+
+    def buffers(self, conv: str, inbox_id: int | None) -> bool:
+        """Whether this conversation's messages wait for a burst (else: answered at once)."""
+        if not self.message_buffering:
+            return False
+        inboxes = self.buffering_inboxes
+        if inboxes and inbox_id not in inboxes:
+            return False
+        return _percent_bucket(conv) < self.buffering_percent
+
+
+def _parse(raw: dict[bytes | str, bytes | str]) -> FlagValues:
+    values: dict[str, str] = {}
+    for k, v in raw.items():
+        name = k.decode() if isinstance(k, bytes) else k
+        text = v.decode() if isinstance(v, bytes) else v
+        if name not in FLAGS:
+            continue
+        try:
+            values[name] = normalize(name, text)
+        except FlagError as exc:
+            # A hand-typed HSET with a typo must not stop the service: the default holds.
+            log.warning("flag_value_invalid", flag=name, error=str(exc))
+    return FlagValues(values)
+
+
+class Flags:
+    """This process's view of the flags: reloaded from Redis when older than MAX_AGE_S."""
+
+    def __init__(self, redis: Redis, settings: Settings, max_age_s: float = MAX_AGE_S) -> None:
+        self.redis = redis
+        self.key = f"{settings.key_prefix}:flags"
+        self.wake_channel = f"{settings.key_prefix}:wake"
+        self.max_age_s = max_age_s
+        self._values: FlagValues | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> FlagValues:
+        if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
+            return self._values
+        async with self._lock:  # one reload for all the requests that found the copy stale
+            if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
+                return self._values
+            started = time.monotonic()
+            try:
+                raw = await self.redis.hgetall(self.key)
+            except RedisError:
+                if self._values is None:
+                    raise
+                # Without Redis nothing is buffered or claimed anyway; the last view holds
+                # until a reload succeeds.
+                return self._values
+            self._values, self._loaded_at = _parse(raw), started
+            return self._values
+
+    async def processing(self) -> bool:
+        """The worker's switch. Unreadable counts as off: claiming would fail just the same."""
+        try:
+            return (await self.current()).processing
+        except RedisError as exc:
+            log.warning("flags_unavailable", error=str(exc))
+            return False
+
+    async def set(self, name: str, value: str) -> str:
+        stored = normalize(name, value)
+        await self.redis.hset(self.key, name, stored)
+        # Workers paused by `processing off` look again at once instead of at their next check.
+        await self.redis.publish(self.wake_channel, 0)
+        self._values = None
+        return stored
+
+    async def table(self) -> list[dict[str, str]]:
+        """Every flag with its value, its default and what it does (for `flags` listings)."""
+        self._values = None
+        values = await self.current()
+        return [
+            {"name": name, "value": values.value(name), "default": spec.default,
+             "set": "yes" if name in values.raw else "no", "description": spec.description}
+            for name, spec in FLAGS.items()
+        ]

@@ -1,0 +1,184 @@
+"""The webhook log and the sweep log: capped Redis streams an operator reads to see what happened.
+
+- `bs:log:webhooks`: one entry per delivery to a webhook path, with its outcome (buffered,
+  duplicate, ignored + reason, rejected + reason, unavailable). Written off the hot path: the
+  handler's answer does not wait for it; entries are gathered for a few ms and written in one
+  pipeline, so a burst of webhooks costs one round trip, not one each.
+- `bs:log:sweeps`: one entry per worker per `BUFFER_PROCESSING_INTERVAL_MS` (the safety-sweep
+  period, the old cron's cadence): how many sweeps ran, what they claimed, what the safety net
+  caught (bursts claimed late, batches taken again after a lapsed lease or a retry), and whether
+  processing was switched off.
+
+Both are global (untagged) keys, written by their own commands, never inside a shard script.
+Both are capped (`MAXLEN ~`), so they need no cleanup; losing the newest entries when a process
+dies is acceptable for a log, losing a message is not, so nothing here is on the message path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import orjson
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import metrics
+from .config import Settings
+from .store import Batch
+
+log = structlog.get_logger("buffer_service.journal")
+
+LOG_MAXLEN = 10_000
+_GATHER_S = 0.02
+_MAX_PENDING = 5_000
+# A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
+_LATE_MS = 1_000
+
+WEBHOOK_LOG = web.AppKey("webhook_log", "WebhookLog")
+
+
+def log_keys(settings: Settings) -> dict[str, str]:
+    return {"webhooks": f"{settings.key_prefix}:log:webhooks",
+            "sweeps": f"{settings.key_prefix}:log:sweeps"}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class WebhookLog:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.key = log_keys(settings)["webhooks"]
+        self.dropped = 0
+        self._pending: list[dict[str, str | int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, entry: dict[str, str | int]) -> None:
+        if len(self._pending) >= _MAX_PENDING:  # Redis is away; keep memory bounded
+            self.dropped += 1
+            return
+        self._pending.append(entry)
+        if self._task is None:
+            self._task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            await asyncio.sleep(_GATHER_S)
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for entry in batch:
+                            pipe.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+                        await pipe.execute()
+                except RedisError as exc:
+                    self.dropped += len(batch)
+                    log.warning("webhook_log_write_failed", error=str(exc), entries=len(batch))
+        finally:
+            self._task = None
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
+    body: dict[str, object] = {}
+    if isinstance(resp, web.Response) and isinstance(resp.body, bytes | bytearray):
+        try:
+            parsed = orjson.loads(resp.body)
+            if isinstance(parsed, dict):
+                body = parsed
+        except orjson.JSONDecodeError:
+            pass
+    status = body.get("status")
+    if status in ("buffered", "duplicate", "ignored", "rejected", "unavailable"):
+        return str(status), body
+    return ("unavailable" if resp.status >= 500 else
+            "rejected" if resp.status >= 400 else "ignored"), body
+
+
+def webhook_middleware(
+    paths: Iterable[str],
+) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
+              Awaitable[web.StreamResponse]]:
+    """Log and count every answer of the webhook paths, whichever check produced it."""
+    watched = frozenset(paths)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[
+            web.StreamResponse]]) -> web.StreamResponse:
+        if request.path not in watched:
+            return await handler(request)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:  # e.g. 413 from aiohttp's body size limit
+            _record(request, exc)
+            raise
+        _record(request, resp)
+        return resp
+
+    return middleware
+
+
+def _record(request: web.Request, resp: web.StreamResponse) -> None:
+    outcome, body = _outcome(resp)
+    reason = str(body.get("reason") or body.get("error") or "")[:200]
+    metrics.webhook(outcome, reason, resp.status)
+    entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": resp.status,
+                                   "path": request.path}
+    if reason:
+        entry["reason"] = reason
+    for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
+                     ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
+        value = body.get(src)
+        if isinstance(value, int):
+            entry[dst] = value
+    request.app[WEBHOOK_LOG].add(entry)
+
+
+class SweepLog:
+    """What one worker's sweeps found and did, one entry per safety-sweep period."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.key = log_keys(settings)["sweeps"]
+        self.period_s = settings.processing_interval_ms / 1000
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._reset()
+
+    def _reset(self) -> None:
+        self._started = time.monotonic()
+        self.sweeps = self.claimed_new = self.retaken = self.late = 0
+        self.paused = False
+
+    def claimed(self, batch: Batch) -> None:
+        if batch.attempts == 1:
+            self.claimed_new += 1
+            if batch.claimed_ms - batch.deadline_ms > _LATE_MS:
+                self.late += 1
+        else:
+            self.retaken += 1
+
+    async def swept(self, *, paused: bool) -> None:
+        self.sweeps += 1
+        self.paused = self.paused or paused
+        if time.monotonic() - self._started < self.period_s:
+            return
+        entry: dict[str, str | int] = {
+            "t": _now_ms(), "worker": self.worker, "sweeps": self.sweeps,
+            "claimed": self.claimed_new, "retaken": self.retaken, "late": self.late,
+            "paused": int(self.paused), "period_ms": round((time.monotonic() - self._started) * 1000),
+        }
+        self._reset()
+        try:
+            await self.redis.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+        except RedisError as exc:
+            log.warning("sweep_log_write_failed", error=str(exc))

@@ -1,0 +1,366 @@
+"""Operations: what an operator sees and does, shared by the CLI and the admin HTTP API.
+
+Everything is read from indexes and counters the Lua scripts keep as they change state, never
+from a scan of the keyspace:
+
+    bs:{sN}:due               pending bursts (buffering), scored by deadline
+    bs:{sN}:inflight          batches being processed or waiting for a retry
+    bs:{sN}:failed            failed jobs, scored by failure time
+    bs:{sN}:jobs:completed    finished jobs, scored by finish time (trimmed to JOB_RETENTION_DAYS)
+    bs:{sN}:jobs:skipped      likewise for skipped ones
+    bs:{sN}:stats:<hour>      hourly counters (hour = epoch ms // 3600000), kept 8 days
+    bs:{sN}:manual            conversations an operator flushed (the claim labels them "manual")
+    bs:flags                  feature flags (flags.py)
+    bs:log:webhooks, bs:log:sweeps   capped streams (journal.py)
+
+The hourly counters answer the Supabase guide's monitoring queries: bursts flushed and messages
+per hour (so messages per burst), and per hour of completion the time from a burst's first
+message to its posted reply; per hour of claim the time from deadline to claim.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.commands.core import AsyncScript
+
+from .flags import Flags
+from .journal import log_keys
+from .store import BufferStore, _load, _s
+
+HOUR_MS = 3_600_000
+JOB_STATUSES = ("buffering", "processing", "completed", "failed", "skipped")
+_TRIGGERS = ("deadline", "size", "age", "manual", "immediate")
+_STAT_FIELDS = ("flushed", "messages", "late_ms", "completed", "reply_ms", "skipped", "failed",
+                "superseded", *(f"t:{t}" for t in _TRIGGERS))
+STATS_HOURS = 8 * 24  # lua/lib.lua keeps each hour's counters this long
+
+
+class OpsError(ValueError):
+    """The operator asked for something that cannot be done; str() says why."""
+
+
+class NotFound(OpsError):
+    """The job or the pending burst asked for does not exist."""
+
+
+def iso(ms: int | str | None) -> str | None:
+    if ms in (None, "", "0", 0):
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+class Operations:
+    def __init__(self, store: BufferStore, flags: Flags) -> None:
+        self.store = store
+        self.flags = flags
+        self.redis = store.redis
+        self.settings = store.settings
+        self._flush: AsyncScript = self.redis.register_script(_load("flush"))
+        self._purge: AsyncScript = self.redis.register_script(_load("purge"))
+
+    # -- names --------------------------------------------------------------------------------
+    def conversation(self, text: str) -> str:
+        """"<account>:<conversation>" (or a bare conversation id when CHATWOOT_ACCOUNT_ID is set)."""
+        parts = text.strip().split(":")
+        if len(parts) == 1 and self.settings.chatwoot_account_id is not None:
+            parts = [str(self.settings.chatwoot_account_id), parts[0]]
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise OpsError(f"conversation must be ACCOUNT:CONVERSATION (e.g. 1:42), got {text!r}")
+        return f"{int(parts[0])}:{int(parts[1])}"
+
+    def job_id(self, text: str) -> tuple[int, str]:
+        shard, _, seq = text.strip().partition("-")
+        if not (shard.isdigit() and seq.isdigit() and int(shard) < self.settings.shards):
+            raise OpsError(f"job id must look like 3-1234 (shard-sequence), got {text!r}")
+        return int(shard), f"{int(shard)}-{int(seq)}"
+
+    def _key(self, shard: int, name: str) -> str:
+        return self.store.key(shard, name)
+
+    async def now_ms(self) -> int:
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    # -- figures ------------------------------------------------------------------------------
+    async def counts(self) -> dict[str, int]:
+        """Jobs and buffers by status, from the index sizes."""
+        names = {"buffering": "due", "processing": "inflight", "failed": "failed",
+                 "completed": "jobs:completed", "skipped": "jobs:skipped"}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                for key in names.values():
+                    pipe.zcard(self._key(shard, key))
+            sizes = await pipe.execute()
+        out = dict.fromkeys(names, 0)
+        for i, size in enumerate(sizes):
+            out[list(names)[i % len(names)]] += int(size)
+        return out
+
+    async def stats(self, hours: int = 24) -> dict[str, Any]:
+        if not 1 <= hours <= STATS_HOURS:
+            raise OpsError(f"hours must be from 1 to {STATS_HOURS}, got {hours}")
+        now = await self.now_ms()
+        current = now // HOUR_MS
+        wanted = [current - i for i in range(hours - 1, -1, -1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hour in wanted:
+                for shard in range(self.settings.shards):
+                    pipe.hmget(self._key(shard, f"stats:{hour}"), _STAT_FIELDS)
+            per_key = await pipe.execute()
+        rows = []
+        total = dict.fromkeys(_STAT_FIELDS, 0)
+        shards = self.settings.shards
+        for n, hour in enumerate(wanted):
+            got = dict.fromkeys(_STAT_FIELDS, 0)
+            for values in per_key[n * shards:(n + 1) * shards]:
+                for name, value in zip(_STAT_FIELDS, values, strict=True):
+                    got[name] += _int(value)
+            for name, value in got.items():
+                total[name] += value
+            if any(got.values()):
+                rows.append({"hour": iso(hour * HOUR_MS), **_figures(got)})
+        return {
+            "at": iso(now),
+            "hours": hours,
+            "active": await self.counts(),
+            "totals": _figures(total),
+            "hourly": rows,
+            "flags": {f["name"]: f["value"] for f in await self.flags.table()},
+            "recent_failed_jobs": await self.jobs("failed", limit=10),
+        }
+
+    # -- buffers ------------------------------------------------------------------------------
+    async def buffers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Pending bursts: every conversation in a deadline index, plus those waiting behind
+        a batch in flight (taken out of the index until that batch ends)."""
+        now = await self.now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                pipe.zrange(self._key(shard, "due"), 0, limit - 1, withscores=True)
+                pipe.hgetall(self._key(shard, "active"))
+            raw = await pipe.execute()
+        found: list[tuple[int, str, int | None, str]] = []
+        for shard in range(self.settings.shards):
+            due, active = raw[2 * shard], raw[2 * shard + 1]
+            deadlines = {_s(conv): int(score) for conv, score in due}
+            holders = {_s(c): _s(b) for c, b in active.items()}
+            for conv in sorted(set(deadlines) | set(holders)):
+                found.append((shard, conv, deadlines.get(conv), holders.get(conv, "")))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard, conv, _, _ in found:
+                pipe.llen(self._key(shard, f"buf:{conv}"))
+                pipe.hget(self._key(shard, "first"), conv)
+            sizes = await pipe.execute()
+        rows = []
+        for i, (_, conv, deadline, batch) in enumerate(found):
+            count, first = int(sizes[2 * i]), sizes[2 * i + 1]
+            if count == 0:
+                continue  # a conversation whose batch is in flight and nothing new came
+            rows.append({
+                "conversation": conv, "messages": count,
+                "status": "buffering" if deadline is not None else "waiting",
+                "first_message_at": iso(_s(first) if first else None),
+                "deadline_at": iso(deadline), "due_in_ms": deadline - now if deadline else None,
+                "batch_in_flight": batch or None,
+            })
+        rows.sort(key=lambda r: (r["deadline_at"] is None, r["deadline_at"] or ""))
+        return rows[:limit]
+
+    async def buffer(self, conversation: str) -> dict[str, Any]:
+        conv = self.conversation(conversation)
+        shard = self.store.shard_of(conv)
+        now = await self.now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self._key(shard, f"buf:{conv}"), 0, -1)
+            pipe.zscore(self._key(shard, "due"), conv)
+            pipe.hget(self._key(shard, "first"), conv)
+            pipe.hget(self._key(shard, "active"), conv)
+            pipe.llen(self._key(shard, f"hist:{conv}"))
+            msgs, deadline, first, batch, hist = await pipe.execute()
+        return {
+            "conversation": conv,
+            "shard": shard,
+            "status": "buffering" if deadline is not None else ("waiting" if msgs else "empty"),
+            "messages": [orjson.loads(m) for m in msgs],
+            "first_message_at": iso(_s(first) if first else None),
+            "deadline_at": iso(int(deadline) if deadline is not None else None),
+            "due_in_ms": int(deadline) - now if deadline is not None else None,
+            "batch_in_flight": await self.job(_s(batch)) if batch else None,
+            "history_messages": int(hist),
+        }
+
+    # -- jobs ---------------------------------------------------------------------------------
+    async def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if status == "buffering":
+            return await self.buffers(limit)
+        if status is not None and status not in JOB_STATUSES:
+            raise OpsError(f"status must be one of {', '.join(JOB_STATUSES)}, got {status!r}")
+        indexes = {"processing": "inflight", "failed": "failed", "completed": "jobs:completed",
+                   "skipped": "jobs:skipped"}
+        chosen = [indexes[status]] if status else list(indexes.values())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                for index in chosen:
+                    pipe.zrevrange(self._key(shard, index), 0, limit - 1)
+            raw = await pipe.execute()
+        ids = [_s(i) for ids in raw for i in ids]
+        jobs = await self._records(ids)
+        # Newest first by what last happened to the job.
+        jobs.sort(key=lambda j: j["_t"], reverse=True)
+        for j in jobs:
+            del j["_t"]
+        return jobs[:limit]
+
+    async def _records(self, ids: list[str]) -> list[dict[str, Any]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hgetall(self._key(int(batch_id.split("-")[0]), f"batch:{batch_id}"))
+            raw = await pipe.execute()
+        return [_job_view({_s(k): _s(v) for k, v in r.items()}) for r in raw if r]
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        shard, batch_id = self.job_id(job_id)
+        records = await self._records([batch_id])
+        if not records:
+            return None
+        job = records[0]
+        del job["_t"]
+        kept = await self.redis.lrange(self._key(shard, f"msgs:{batch_id}"), 0, -1)
+        job["burst"] = [orjson.loads(m) for m in kept]
+        return job
+
+    async def retry(self, job_id: str) -> dict[str, Any]:
+        _, batch_id = self.job_id(job_id)
+        job = await self.job(batch_id)
+        if job is None:
+            raise NotFound(f"no job {batch_id}")
+        if job["status"] != "failed":
+            raise OpsError(f"job {batch_id} is {job['status']}, only failed jobs can be retried")
+        if not await self.store.requeue(batch_id):
+            raise OpsError(f"job {batch_id} changed meanwhile; look at it again")
+        return {"id": batch_id, "status": "queued", "processing": await self.flags.processing()}
+
+    async def retry_all_failed(self) -> dict[str, Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                pipe.zrange(self._key(shard, "failed"), 0, -1)
+            raw = await pipe.execute()
+        retried = [_s(i) for ids in raw for i in ids]
+        done = [batch_id for batch_id in retried if await self.store.requeue(batch_id)]
+        return {"retried": done, "count": len(done), "processing": await self.flags.processing()}
+
+    # -- actions ------------------------------------------------------------------------------
+    async def set_processing(self, on: bool) -> dict[str, Any]:
+        return {"processing": await self.flags.set("processing", "on" if on else "off")}
+
+    async def flush(self, conversation: str | None = None) -> dict[str, Any]:
+        """One conversation's burst now, or (without one) make every worker sweep at once."""
+        processing = await self.flags.processing()
+        if conversation is None:
+            now = await self.now_ms()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in range(self.settings.shards):
+                    pipe.zcount(self._key(shard, "due"), "-inf", now)
+                due = sum(await pipe.execute())
+            await self.store.wake_all()
+            return {"due_buffers": due, "processing": processing}
+        conv = self.conversation(conversation)
+        shard = self.store.shard_of(conv)
+        n = await self._flush(
+            keys=[self._key(shard, "due"), self._key(shard, "manual"),
+                  self._key(shard, f"buf:{conv}")],
+            args=[conv, self.store.wake_channel])
+        if not n:
+            raise NotFound(f"conversation {conv} has no pending messages")
+        return {"conversation": conv, "messages": int(n), "processing": processing}
+
+    async def cleanup(self, *, purge_failed: bool = False) -> dict[str, int]:
+        """Trim the finished-job indexes to JOB_RETENTION_DAYS (finishing a job trims its index
+        too; this catches a shard where nothing finished lately). Records and hourly counters
+        expire by themselves. With purge_failed, delete every failed job for good."""
+        now = await self.now_ms()
+        keep_ms = self.settings.job_retention_days * 86_400_000
+        out = {"completed_index": 0, "skipped_index": 0, "failed_purged": 0}
+        for shard in range(self.settings.shards):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(self._key(shard, "jobs:completed"), "-inf", now - keep_ms)
+                pipe.zremrangebyscore(self._key(shard, "jobs:skipped"), "-inf", now - keep_ms)
+                pipe.zrange(self._key(shard, "failed"), 0, -1)
+                done, skipped, failed = await pipe.execute()
+            out["completed_index"] += done
+            out["skipped_index"] += skipped
+            if purge_failed:
+                for batch_id in map(_s, failed):
+                    out["failed_purged"] += await self._purge(
+                        keys=[self._key(shard, f"batch:{batch_id}"),
+                              self._key(shard, f"msgs:{batch_id}"), self._key(shard, "failed")],
+                        args=[batch_id])
+        return out
+
+    # -- logs ---------------------------------------------------------------------------------
+    async def log(self, kind: str, count: int = 50) -> list[dict[str, Any]]:
+        keys = log_keys(self.settings)
+        if kind not in keys:
+            raise OpsError(f"log must be one of {', '.join(keys)}, got {kind!r}")
+        entries = await self.redis.xrevrange(keys[kind], count=count)
+        out = []
+        for entry_id, fields in entries:
+            row: dict[str, Any] = {_s(k): _s(v) for k, v in fields.items()}
+            row = {k: int(v) if v.lstrip("-").isdigit() and k != "reason" else v
+                   for k, v in row.items()}
+            row["at"] = iso(row.pop("t", None)) or iso(_s(entry_id).split("-")[0])
+            out.append({"id": _s(entry_id), **row})
+        return out
+
+
+def _figures(c: dict[str, int]) -> dict[str, Any]:
+    return {
+        "bursts": c["flushed"],
+        "messages": c["messages"],
+        "avg_messages_per_burst": round(c["messages"] / c["flushed"], 2) if c["flushed"] else None,
+        "completed": c["completed"],
+        "avg_first_message_to_reply_s":
+            round(c["reply_ms"] / c["completed"] / 1000, 3) if c["completed"] else None,
+        "avg_deadline_to_claim_ms": round(c["late_ms"] / c["flushed"], 1) if c["flushed"] else None,
+        "skipped": c["skipped"],
+        "failed": c["failed"],
+        "superseded": c["superseded"],
+        "by_trigger": {t: c[f"t:{t}"] for t in _TRIGGERS if c[f"t:{t}"]},
+    }
+
+
+def _job_view(h: dict[str, str]) -> dict[str, Any]:
+    conv = h.get("conv", "")
+    account, _, conversation_id = conv.partition(":")
+    times = [_int(h.get(k)) for k in ("finished_ms", "error_ms", "requeued_ms", "claimed_ms")]
+    return {
+        "id": h.get("id", ""),
+        "status": h.get("state", ""),
+        "conversation": conv,
+        "account_id": _int(account),
+        "conversation_id": _int(conversation_id),
+        "inbox_id": _int(h.get("inbox")) or None,
+        "messages": _int(h.get("count")),
+        "trigger": h.get("trigger", ""),
+        "attempts": _int(h.get("attempts")),
+        "first_message_at": iso(h.get("first_ms")),
+        "deadline_at": iso(h.get("deadline_ms")),
+        "claimed_at": iso(h.get("claimed_ms")),
+        "processed_at": iso(h.get("finished_ms")),
+        "requeued_at": iso(h.get("requeued_ms")),
+        "error": h.get("error") or None,
+        "reason": h.get("reason") or None,
+        "reply_message_id": _int(h.get("reply_id")) or None,
+        "_t": max(times),
+    }

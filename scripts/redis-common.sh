@@ -1,0 +1,24 @@
+# Sourced by the other scripts: the redis-cli call and the key layout (buffer_service/store.py).
+# REDIS_URL, REDIS_KEY_PREFIX and BUFFER_SHARDS as the service reads them.
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+PREFIX="${REDIS_KEY_PREFIX:-bs}"
+SHARDS="${BUFFER_SHARDS:-16}"
+
+command -v redis-cli >/dev/null || { echo "redis-cli is not installed" >&2; exit 2; }
+
+# One command; stdin closed so that it never eats the input of a surrounding `while read`.
+rc() { redis-cli -u "$REDIS_URL" --no-auth-warning "$@" </dev/null; }
+
+shard_key() { printf '%s:{s%s}:%s' "$PREFIX" "$1" "$2"; }
+
+redis_now_ms() {
+  local t
+  t=($(rc TIME))
+  echo $(( t[0] * 1000 + t[1] / 1000 ))
+}
+
+# epoch ms -> "2026-11-25 10:00:00.123 UTC"
+utc() {
+  [[ -z "$1" ]] && { echo "-"; return; }
+  printf '%s.%03d UTC' "$(date -u -d "@$(( $1 / 1000 ))" '+%F %T')" $(( $1 % 1000 ))
+}
