@@ -164,7 +164,7 @@ async def _run(ops: Operations, args: argparse.Namespace) -> Any:
 
 
 # -- tables ----------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
+def _cell(value: Any, width: int = 60) -> str:
     if value is None or value == "":
         return "-"
     if isinstance(value, str) and len(value) == 24 and value[10] == "T" and value.endswith("Z"):
@@ -172,13 +172,13 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items()) or "-"
     text = str(value).replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], width: int = 60) -> str:
     if not rows:
         return "(none)\n"
-    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    cells = [[_cell(row.get(key), width) for key, _ in columns] for row in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title) in enumerate(columns)]
     lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -206,6 +206,10 @@ _HOUR_COLUMNS = [("hour", "HOUR (UTC)"), ("bursts", "BURSTS"), ("messages", "MSG
                  ("avg_first_message_to_reply_s", "FIRST MSG->REPLY S"),
                  ("avg_deadline_to_claim_ms", "DEADLINE->CLAIM MS"), ("skipped", "SKIPPED"),
                  ("failed", "FAILED"), ("superseded", "SUPERSEDED"), ("by_trigger", "TRIGGERS")]
+
+
+_LOG_ORDER = ("outcome", "reason", "status", "conversation", "message", "buffered", "flush_in_ms",
+              "worker", "sweeps", "claimed", "retaken", "late", "paused", "period_ms")
 
 
 def _jobs(rows: list[dict[str, Any]]) -> str:
@@ -248,10 +252,13 @@ def _render(args: argparse.Namespace, result: Any) -> str:
     if command == "jobs":
         return _jobs(result)
     if command == "flags" and args.flags_action != "set":
-        return table(result, [("name", "FLAG"), ("value", "VALUE"), ("default", "DEFAULT"),
-                              ("description", "WHAT IT DOES")])
+        rows = [{**f, "value": f["value"] or "(all)", "default": f["default"] or "(all)"}
+                for f in result]
+        return table(rows, [("name", "FLAG"), ("value", "VALUE"), ("default", "DEFAULT"),
+                            ("description", "WHAT IT DOES")], width=200)
     if command == "log":
-        keys = sorted({k for row in result for k in row} - {"id", "at"})
+        seen = {k for row in result for k in row} - {"id", "at"}
+        keys = [k for k in _LOG_ORDER if k in seen] + sorted(seen - set(_LOG_ORDER))
         return table(result, [("at", "AT"), *((k, k.upper()) for k in keys)])
     if command == "retry" and args.all_failed:
         text = f"re-queued {result['count']} failed job(s): {' '.join(result['retried']) or '-'}\n"

@@ -160,7 +160,7 @@ class SweepLog:
         self.paused = False
 
     def claimed(self, batch: Batch) -> None:
-        if batch.attempts == 1:
+        if metrics.fresh(batch):
             self.claimed_new += 1
             if batch.claimed_ms - batch.deadline_ms > _LATE_MS:
                 self.late += 1

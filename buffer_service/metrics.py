@@ -78,9 +78,17 @@ def webhook(outcome: str, reason: str = "", status: int = 200) -> None:
         MESSAGES_BUFFERED.inc()
 
 
+def fresh(batch: Batch) -> bool:
+    """Whether this claim created the batch (a flush), rather than took an existing one again
+    (a retry, a lapsed lease, a batch handed back at shutdown or re-queued by an operator, whose
+    attempt count may read 1 again). claim.lua draws a new batch's id and its first token from
+    the shard's counter one after the other; any later claim draws a later token."""
+    return int(batch.token) == int(batch.id.rsplit("-", 1)[1]) + 1
+
+
 def claimed(batch: Batch) -> None:
-    if batch.attempts != 1:
-        return  # a retry or a lease taken over: the burst was counted when first flushed
+    if not fresh(batch):
+        return  # counted when the burst was first flushed
     FLUSHES.labels(batch.trigger or "deadline").inc()
     BURST_MESSAGES.observe(len(batch.messages))
     FLUSH_LATENESS.observe(max(0, batch.claimed_ms - batch.deadline_ms) / 1000)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import aiohttp
 from conftest import free_port, service_env, spawn, with_port
 from prometheus_client.parser import text_string_to_metric_families
+from test_cli import eventually
 from test_pipeline import wait_for
 
 from buffer_service.flags import MAX_AGE_S, Flags
@@ -56,7 +57,10 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
     await asyncio.sleep(0.1)  # the last batch's outcome is counted when its task ends
 
     after = await scrape(svc.session, svc.url)
-    d = lambda name, **labels: delta(before, after, name, **labels)  # noqa: E731
+
+    def d(name: str, **labels: str) -> float:
+        return delta(before, after, name, **labels)
+
     assert d("buffer_service_webhooks_total", outcome="buffered", reason="") == 7
     assert d("buffer_service_webhooks_total", outcome="duplicate", reason="") == 1
     assert d("buffer_service_webhooks_total", outcome="ignored", reason="event") == 1
@@ -82,6 +86,19 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
     assert after[("buffer_service_inflight_batches", ())] == 0
     assert after[("buffer_service_failed_jobs", ())] == 0
     assert after[("buffer_service_flag_on", (("flag", "processing"),))] == 1
+
+    # An operator's retry of a failed job answers it, but flushes nothing new.
+    llm.fail_next(1, status=400)
+    await svc.webhook(message_payload(message_id=940, conversation_id=94))
+    [failed] = await eventually(lambda: operator.jobs("failed"))
+    before = await scrape(svc.session, svc.url)
+    await operator.retry(failed["id"])
+    await wait_for(lambda: len(chatwoot.posts) == 5, timeout=5)
+    await asyncio.sleep(0.1)
+    after = await scrape(svc.session, svc.url)
+    assert d("buffer_service_batches_total", outcome="completed") == 1
+    assert d("buffer_service_bursts_flushed_total", trigger="deadline") == 0
+    assert d("buffer_service_flush_lateness_seconds_count") == 0
 
     await svc.webhook(message_payload(message_id=990, conversation_id=99))
     await operator.set_processing(False)
