@@ -14,6 +14,7 @@ buffer_full). Every rejection happens before anything is stored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -21,6 +22,7 @@ from importlib import resources
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
 from .auth import (
@@ -47,6 +49,24 @@ LIMITS = web.AppKey("limits", Limits)
 _REDIS_BUDGET_S = 3.0
 # Chatwoot sends its body at once; a client that trickles one must not hold a handler forever.
 _BODY_TIMEOUT_S = 10.0
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs each malformed HTTP request (a NUL in a header, a broken request line) as an
+    error with a traceback: from the internet, that is any scanner filling the logs. The client
+    got its 400; like aiohttp does for unknown methods, say it once at debug level, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or exc.code >= 500:
+            return True
+        record.msg, record.args = f"bad HTTP request: {exc.message}", ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_BAD_REQUESTS = _QuietBadRequests()
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -213,6 +233,7 @@ def create_app(settings: Settings, store: BufferStore) -> web.Application:
     app[SETTINGS] = settings
     app[LIMITS] = Limits(store)
     app.on_startup.append(_announce_auth)
+    logging.getLogger("aiohttp.server").addFilter(_BAD_REQUESTS)
     webhook = _webhook(None)
     app.router.add_post("/webhooks/chatwoot", webhook)
     app.router.add_post("/functions/v1/chatwoot-webhook-v2", webhook)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
+from .batcher import ScriptBatcher
 from .chatwoot import ChatMessage
 from .store import BufferStore, _load
 
@@ -32,7 +33,8 @@ class Limits:
     def __init__(self, store: BufferStore) -> None:
         self.store = store
         self.settings = store.settings
-        self._ratelimit = store.redis.register_script(_load("ratelimit"))
+        # Checked on every webhook: concurrent checks share a round trip (batcher.py).
+        self._ratelimit = ScriptBatcher(store.redis, store.redis.register_script(_load("ratelimit")))
         self._llmquota = store.redis.register_script(_load("llmquota"))
 
     def _conv_key(self, kind: str, conv: str) -> str:
@@ -47,7 +49,7 @@ class Limits:
         checks = [("conversation", self._conv_key("rl", msg.conv), s.rate_limit_per_conversation),
                   ("global", f"{s.key_prefix}:rl:global", s.rate_limit_global)]
         for scope, key, limit in checks:
-            if limit and not (await self._ratelimit(keys=[key], args=[limit, window_ms]))[0]:
+            if limit and not (await self._ratelimit([key], [limit, window_ms]))[0]:
                 RATE_LIMITED.labels(scope).inc()
                 return scope
         return ""
