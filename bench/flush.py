@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
+from buffer_service.flags import Flags
 from buffer_service.scheduler import Worker
 from buffer_service.service import make_redis
 from buffer_service.store import Batch, BufferStore
@@ -58,7 +59,8 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 class Recorder:
     """The Worker's processor: note how late each claim was, nothing else."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.flags = Flags(redis, settings)  # the worker asks them whether processing is on
         self.lateness: list[int] = []
         self.messages = 0
 
@@ -149,7 +151,7 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         ready.wait(30)
         deadlines, load_s = await open_conversations(settings, redis, n, lead_ms, spread_ms, messages)
         store = BufferStore(redis, settings)
-        recorder = Recorder()
+        recorder = Recorder(redis, settings)
         pubsub_redis = make_redis(settings, blocking=True)
         worker = Worker(store, recorder, pubsub_redis)  # type: ignore[arg-type]
         stop = asyncio.Event()

@@ -1,0 +1,90 @@
+"""Regression checks behind the benchmarks (bench/, BENCHMARKS.md) that do not depend on speed:
+how many Redis commands and round trips a webhook costs, and how many LLM calls a fixed,
+seeded trace makes. A change that adds a round trip per webhook, or that splits or merges
+bursts, fails here long before anyone runs a benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from buffer_service.standins import message_payload
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import chat_trace  # bench/ is not a package
+
+
+async def _stats(redis) -> tuple[int, dict[str, int]]:
+    info = await redis.info("stats")
+    commands = await redis.info("commandstats")
+    return info["total_reads_processed"], {k: v["calls"] for k, v in commands.items()}
+
+
+async def test_a_webhook_costs_two_script_calls_and_concurrent_ones_share_round_trips(
+        settings, make_service, redis):
+    svc = await make_service(settings, worker=False)
+    await svc.webhook(message_payload(message_id=1, conversation_id=1, content="warm up"))
+    await asyncio.sleep(0.1)  # the webhook log is written a moment after the answer
+
+    await redis.config_resetstat()
+    for i in range(20):
+        body = await svc.webhook(message_payload(message_id=100 + i, conversation_id=2 + i % 5,
+                                                 content=f"one at a time {i}"))
+        assert body["status"] == "buffered"
+    await asyncio.sleep(0.1)
+    _, calls = await _stats(redis)
+    # Per buffered webhook: the rate-limit check and the append, each one EVALSHA; the script
+    # cache holds both, so no SCRIPT LOAD/EXISTS on the way.
+    assert calls.get("cmdstat_evalsha") == 2 * 20, calls
+    assert "cmdstat_script|exists" not in calls and "cmdstat_script|load" not in calls, calls
+
+    await redis.config_resetstat()
+    reads0, _ = await _stats(redis)
+    bodies = await asyncio.gather(*(svc.webhook(message_payload(
+        message_id=1000 + i, conversation_id=100 + i, content=f"all at once {i}")) for i in range(200)))
+    assert all(b["status"] == "buffered" for b in bodies)
+    await asyncio.sleep(0.1)
+    reads1, calls = await _stats(redis)
+    assert calls.get("cmdstat_evalsha") == 2 * 200, calls
+    # Unbatched, every script call would be a request of its own: 400 reads and more. Batched,
+    # concurrent calls arrive together (the INFO calls above and the webhook log add a few).
+    assert reads1 - reads0 < 200, reads1 - reads0
+
+
+async def test_a_seeded_trace_gets_one_llm_call_per_burst(settings, make_service, llm, chatwoot):
+    # 30 s window and 1-20 s gaps inside a burst, 2.5-4 minutes between bursts, 100 x faster.
+    scale = 100
+    window_s = 0.6
+    trace = chat_trace.generate(12, seed=7, span_s=60, bursts_per_conversation=((1, 1), (2, 1)),
+                                between_gap_s=(150, 240))
+    bursts = chat_trace.bursts(trace)
+    svc = await make_service(replace(settings, buffer_duration_ms=int(window_s * 1000),
+                                     max_buffer_age_ms=10_000))
+    sent_at: dict[int, float] = {}
+    t0 = time.monotonic()
+
+    async def conversation(conv: int) -> None:
+        for m in (m for m in trace if m.conversation_id == conv):
+            await asyncio.sleep(max(0.0, t0 + m.at_s / scale - time.monotonic()))
+            sent_at[m.message_id] = time.monotonic() - t0
+            body = await svc.webhook(message_payload(message_id=m.message_id,
+                                                     conversation_id=m.conversation_id, content=m.text))
+            assert body["status"] == "buffered"
+
+    await asyncio.gather(*(conversation(c) for c in {m.conversation_id for m in trace}))
+    deadline = time.monotonic() + 15
+    while len(chatwoot.posts) < len(bursts) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2 * window_s)  # nothing more may come
+
+    verdict = chat_trace.check(trace, [p.body["content"] for p in chatwoot.posts], len(llm.calls),
+                               sent_at, window_s)
+    # The seeded trace is fixed: these numbers change only if the generator or the seed does.
+    assert (verdict.messages, verdict.bursts) == (len(trace), len(bursts))
+    assert verdict.answered_once == verdict.messages, verdict
+    assert verdict.split_bursts == verdict.merged == 0, verdict
+    assert verdict.llm_calls == verdict.bursts == verdict.whole_bursts, verdict
+    assert verdict.calls_per_message < 0.5, verdict
