@@ -31,6 +31,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from .batcher import ScriptBatcher
 from .chatwoot import ChatMessage
 from .config import Settings
 
@@ -91,6 +92,8 @@ class BufferStore:
             name: redis.register_script(_load(name))
             for name in ("append", "claim", "renew", "record", "finish", "fail", "requeue", "note")
         }
+        # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
+        self._append = ScriptBatcher(redis, self._scripts["append"])
 
     # -- keys -------------------------------------------------------------------------------
     def shard_of(self, conv: str) -> int:
@@ -111,13 +114,12 @@ class BufferStore:
         s = self.settings
         shard = self.shard_of(msg.conv)
         k = self.shard_keys(shard)
-        raw = await self._scripts["append"](
-            keys=[k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
-                  self.key(shard, f"ttl:{msg.conv}"),
-                  self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
-            args=[msg.conv, msg.to_json(), s.buffer_duration_ms, s.max_buffer_age_ms,
-                  s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel,
-                  s.max_buffer_bytes],
+        raw = await self._append(
+            [k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
+             self.key(shard, f"ttl:{msg.conv}"),
+             self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
+            [msg.conv, msg.to_json(), s.buffer_duration_ms, s.max_buffer_age_ms,
+             s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes],
         )
         return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
 
