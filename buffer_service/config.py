@@ -77,6 +77,13 @@ def _token(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
+def _hide_password(url: str) -> str:
+    # Managed Redis puts its password in REDIS_URL (redis://:password@host): the start-up line
+    # that dumps the settings must not carry it.
+    password = urlparse(url).password
+    return url.replace(f":{password}@", ":<set>@", 1) if password else url
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
@@ -266,6 +273,8 @@ class Settings:
                 value = "<set>" if value else "<unset>"
             elif f.name == "system_prompt":
                 value = f"<{len(value)} chars>"
+            elif f.name.endswith("_url"):
+                value = _hide_password(value)
             elif isinstance(value, frozenset):
                 value = sorted(value)
             out[f.name] = value

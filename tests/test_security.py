@@ -28,7 +28,7 @@ from buffer_service.app import create_app
 from buffer_service.auth import signature_error
 from buffer_service.chatwoot import TRUNCATION_MARK
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import LLMStandIn, message_payload, webhook_headers
+from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
 from buffer_service.store import BufferStore
 
 SECRET = "chatwoot-webhook-secret-from-the-ui"
@@ -516,14 +516,71 @@ async def test_misbehaving_llm_fails_its_batch_cleanly_and_others_are_answered(s
         await bad_llm.stop()
 
 
+class MisbehavingChatwoot(ChatwootStandIn):
+    """The Chatwoot stand-in, except for a few conversations whose replies meet a broken server."""
+
+    release = asyncio.Event()
+
+    async def _create_message(self, request: web.Request) -> web.StreamResponse:
+        conv = int(request.match_info["conversation_id"])
+        if conv == 90:
+            await self.release.wait()  # slower than CHATWOOT_TIMEOUT_S
+        if conv == 91:
+            return web.json_response({"id": 1, "content": "z" * (10 * 1024 * 1024)})
+        if conv == 92:
+            return web.Response(body=b"<html>ok</html>", content_type="text/html")
+        if conv == 93:
+            return web.json_response([1, 2, 3])
+        if conv == 94:
+            return web.Response(status=500, body=b"<html>" + b"e" * 100_000 + b"</html>")
+        return await super()._create_message(request)
+
+
+async def test_misbehaving_chatwoot_never_blocks_other_conversations(settings, make_service, llm, store):
+    bad_cw = MisbehavingChatwoot(token=settings.chatwoot_api_token)
+    await bad_cw.start()
+    try:
+        s = replace(settings, chatwoot_base_url=bad_cw.base_url, chatwoot_timeout_s=1.0, max_attempts=2,
+                    retry_base_ms=100, buffer_duration_ms=300)
+        svc = await make_service(s)
+        for conv in range(90, 95):
+            await svc.webhook(message_payload(message_id=conv, conversation_id=conv, content=f"to {conv}"))
+        sent = time.monotonic()
+        for conv in range(100, 110):
+            await svc.webhook(message_payload(message_id=conv, conversation_id=conv, content="fine"))
+        await wait_for(lambda: {p.conversation_id for p in bad_cw.posts} == set(range(100, 110)), timeout=10)
+        assert time.monotonic() - sent < 3
+
+        async def states() -> dict[int, str]:
+            return {int(j["conv"].split(":")[1]): j["state"] for j in await jobs(store.redis)
+                    if int(j["conv"].split(":")[1]) < 100}
+
+        expected = {90: "failed", 91: "completed", 92: "completed", 93: "completed", 94: "failed"}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and await states() != expected:
+            await asyncio.sleep(0.1)
+        # A 2xx means Chatwoot created the message, whatever its body says: posting again would
+        # duplicate it. A timeout or a 5xx is retried, then kept as a failed job.
+        assert await states() == expected
+        failed = {int(j["conv"].split(":")[1]): j["error"] for j in await jobs(store.redis)
+                  if j["state"] == "failed"}
+        assert "TimeoutError" in failed[90] and "HTTP 500" in failed[94]
+        assert all(len(e) <= 1000 for e in failed.values())
+    finally:
+        bad_cw.release.set()
+        await bad_cw.stop()
+
+
 # -- secrets -------------------------------------------------------------------------------------
 def test_secrets_are_redacted_and_weak_tokens_refused():
     env = {"OPENAI_API_KEY": "sk-abcdef", "CHATWOOT_API_TOKEN": "cw-api-token",
            "CHATWOOT_WEBHOOK_SECRET": SECRET, "WEBHOOK_TOKEN": TOKEN, "ADMIN_TOKEN": ADMIN}
-    s = Settings.from_env(env)
-    dump = orjson.dumps(s.redacted()).decode() + repr(s)
+    s = Settings.from_env({**env, "REDIS_URL": "rediss://default:redis-pass-123@cache.example:6380/0"})
+    dump = orjson.dumps(s.redacted()).decode()
     for value in env.values():
-        assert value not in dump
+        assert value not in dump and value not in repr(s)
+    assert "redis-pass-123" not in dump
+    assert s.redacted()["redis_url"] == "rediss://default:<set>@cache.example:6380/0"
     for name in ("openai_api_key", "chatwoot_api_token", "chatwoot_webhook_secret", "webhook_token",
                  "admin_token"):
         assert s.redacted()[name] == "<set>"
