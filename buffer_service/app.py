@@ -129,8 +129,8 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
                     body = await _buffer(request.app[LIMITS], store, msg)
-                elif decision.action == "note" and msg is not None:
-                    await store.note(msg)
+                elif decision.action == "note":
+                    await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
                 else:
                     body = {"status": "ignored", "reason": decision.reason}

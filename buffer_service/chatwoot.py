@@ -53,13 +53,32 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """Who handles a conversation, as one webhook shows it (see takeover_reason)."""
+
+    account_id: int
+    conversation_id: int
+    reason: str  # why the bot must stay out; "" when the bot may answer
+    version: float | None  # the conversation's `updated_at`: orders webhooks that overtake
+
+    @property
+    def conv(self) -> str:
+        return f"{self.account_id}:{self.conversation_id}"
+
+
+@dataclass(frozen=True)
 class Decision:
-    """What to do with one webhook: buffer it, note it in history, or ignore it (with why)."""
+    """What to do with one webhook: buffer it, note it (history, who handles the conversation),
+    or ignore it (with why)."""
 
     action: str  # "buffer" | "note" | "ignore"
     reason: str = ""
     message: ChatMessage | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    handoff: Handoff | None = None
+    # Written by a person at Chatwoot (or the WhatsApp app), unless it is the echo of our own
+    # reply: the store tells them apart, because a user access token makes ours look the same.
+    from_agent: bool = False
 
 
 # Chatwoot's ids are Postgres bigints; anything larger is not an id, only a bigger Redis key.
@@ -107,16 +126,70 @@ def message_text(content: Any, attachments: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
+# Events whose payload is the conversation (plus `changed_attributes`): who handles it.
+CONVERSATION_EVENTS = frozenset({
+    "conversation_created", "conversation_updated", "conversation_status_changed",
+    "conversation_opened", "conversation_resolved",
+})
+
+
+def takeover_reason(conversation: dict[str, Any], settings: Settings) -> str:
+    """Why the bot must not answer this conversation now ("" when it may): a human agent is
+    assigned, a human moved it out of the bot's statuses, or WhatsApp's 24-hour window closed."""
+    meta = conversation.get("meta")
+    assignee = meta.get("assignee") if isinstance(meta, dict) else None
+    if isinstance(assignee, dict) and assignee.get("type") == "user":
+        return "human_assignee"
+    status = conversation.get("status")
+    if status not in settings.bot_conversation_statuses:
+        return f"conversation_status:{_short(status)}"
+    if conversation.get("can_reply") is False:
+        return "reply_window_closed"
+    return ""
+
+
+def _version(conversation: dict[str, Any]) -> float | None:
+    value = conversation.get("updated_at")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _conversation_event(payload: dict[str, Any], event: str, settings: Settings) -> Decision:
+    """A conversation event is acknowledged whatever its shape; it only updates who handles
+    the conversation when it names one."""
+    ignored = Decision("ignore", f"event:{_short(event)}")
+    nested = payload.get("conversation")
+    conversation = nested if isinstance(nested, dict) else payload
+    account = payload.get("account", conversation.get("account"))
+    messages = conversation.get("messages")
+    if isinstance(account, dict) and _is_id(account.get("id")):
+        account_id = account["id"]
+    elif isinstance(messages, list) and messages and isinstance(messages[0], dict) \
+            and _is_id(messages[0].get("account_id")):
+        account_id = messages[0]["account_id"]  # before Chatwoot 4.14.2 the payload had no account
+    elif settings.chatwoot_account_id is not None:
+        account_id = settings.chatwoot_account_id
+    else:
+        return ignored
+    if not _is_id(conversation.get("id")) or not isinstance(conversation.get("status"), str):
+        return ignored
+    handoff = Handoff(account_id, conversation["id"], takeover_reason(conversation, settings),
+                      _version(conversation))
+    return Decision("note", ignored.reason, handoff=handoff)
+
+
 def classify(payload: dict[str, Any], settings: Settings, default_event: str | None = None) -> Decision:
     """Decide what a webhook payload means for the bot.
 
     Raises PayloadError only for a message_created payload whose fields we rely on have the
     wrong type; every other event is acknowledged and ignored, because Chatwoot sends many
-    kinds (status changes, typing, contacts) to the same URL.
+    kinds (status changes, typing, contacts) to the same URL. Conversation events and the
+    conversation inside every message still tell who handles the conversation (Handoff).
     """
     event = payload.get("event", default_event)
     if event is None:
         return Decision("ignore", "no_event")
+    if isinstance(event, str) and event in CONVERSATION_EVENTS:
+        return _conversation_event(payload, event, settings)
     if event != MESSAGE_CREATED:
         return Decision("ignore", f"event:{_short(event)}")
 
@@ -149,7 +222,7 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     private = payload.get("private", False)
     if not isinstance(private, bool):
         raise PayloadError("private must be a boolean")
-    status = _optional_str(conversation.get("status"), "conversation.status")
+    _optional_str(conversation.get("status"), "conversation.status")
     inbox = payload.get("inbox")
     inbox_id = conversation.get("inbox_id")
     if isinstance(inbox, dict) and _is_id(inbox.get("id")):
@@ -160,18 +233,29 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     text, truncated = truncate(message_text(content, attachments), settings.max_message_chars)
     extra = {"truncated": True} if truncated else {}
 
+    handoff = Handoff(account_id, conversation_id, takeover_reason(conversation, settings),
+                      _version(conversation))
+
     message_type = _optional_str(payload.get("message_type"), "message_type")
     if message_type == "outgoing" and not private and text:
         # The bot's own replies and human agents' answers: context for later prompts.
         note = ChatMessage(account_id, conversation_id, message_id, text, attachments,
                            role="assistant", inbox_id=inbox_id)
-        return Decision("note", "outgoing", note, extra)
+        attributes = payload.get("content_attributes")
+        # A null sender with `external_echo`: sent from the WhatsApp Business app, by a person.
+        from_agent = (sender.get("type") == "user" if isinstance(sender, dict)
+                      else isinstance(attributes, dict) and attributes.get("external_echo") is True)
+        return Decision("note", "outgoing", note, extra, handoff, from_agent)
     if message_type != "incoming":
         return Decision("ignore", f"message_type:{_short(message_type)}")
     if private:
         return Decision("ignore", "private_note")
-    if status not in settings.bot_conversation_statuses:
-        return Decision("ignore", f"conversation_status:{_short(status)}")
+    if handoff.reason:
+        # Acknowledged, never answered: kept as context, and the conversation is marked as not
+        # the bot's so that a burst already waiting is dropped too.
+        note = ChatMessage(account_id, conversation_id, message_id, text, attachments,
+                           inbox_id=inbox_id) if text else None
+        return Decision("note", handoff.reason, note, extra, handoff)
     if not text:
         return Decision("ignore", "empty_message")
     return Decision(

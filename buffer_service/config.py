@@ -124,6 +124,11 @@ class Settings:
     key_prefix: str = "bs"
     processing_lease_ms: int = 60_000
     max_attempts: int = 3
+    # A reply is dropped when newer messages arrived while it was written; old and new are then
+    # answered together (up to MAX_BUFFER_AGE_MS after the first message).
+    supersede_stale_replies: bool = True
+    # A human agent's message in a conversation keeps the bot quiet this long (0 = never).
+    human_pause_ms: int = 1_800_000
     retry_base_ms: int = 2_000
     worker_concurrency: int = 32
     history_messages: int = 20
@@ -219,6 +224,8 @@ class Settings:
             key_prefix=prefix,
             processing_lease_ms=_int(env, "PROCESSING_LEASE_MS", cls.processing_lease_ms),
             max_attempts=_int(env, "MAX_ATTEMPTS", cls.max_attempts),
+            supersede_stale_replies=_bool(env, "SUPERSEDE_STALE_REPLIES", cls.supersede_stale_replies),
+            human_pause_ms=_int(env, "HUMAN_PAUSE_MS", cls.human_pause_ms, minimum=0),
             retry_base_ms=_int(env, "RETRY_BASE_MS", cls.retry_base_ms),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", cls.worker_concurrency),
             history_messages=_int(env, "HISTORY_MESSAGES", cls.history_messages, minimum=0),

@@ -1,9 +1,16 @@
-"""The processor: one claimed burst in, one reply posted to Chatwoot.
+"""The processor: one claimed burst in, at most one reply posted to Chatwoot.
 
-Order of steps, each recorded before the next so a retry after a crash repeats nothing done:
-ask the LLM (only if no reply is stored yet) -> store the reply on the batch -> post it to
-Chatwoot -> finish the batch (which records the posted message id). The only window for a
-duplicate reply is a crash after Chatwoot accepted the post and before `finish` ran.
+Steps, each recorded before the next so that a retry after a crash repeats nothing done:
+1. skip the batch if a human handles the conversation (the claim looked);
+2. ask the LLM, unless an earlier attempt stored its reply;
+3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
+   customer wrote again (old and new are answered together), else store the reply with the
+   batch as "posting";
+4. post the reply to Chatwoot;
+5. finish the batch with Chatwoot's message id.
+A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. The one
+window left for a duplicate reply is a crash between 4 and 5 with no echo before the retry
+(docs/delivery-guarantees.md).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import time
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from .chatwoot import ChatwootClient, ChatwootError
 from .config import Settings
@@ -60,7 +68,8 @@ class Processor:
         self.limits = Limits(store)
 
     async def process(self, batch: Batch) -> str:
-        """Answer one batch; returns its outcome (completed, skipped, retrying, failed, lost)."""
+        """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
+        failed, lost, interrupted). Cancelled (shutdown), it hands the batch back first."""
         structlog.contextvars.bind_contextvars(
             batch=batch.id, conversation=batch.conv, attempt=batch.attempts)
         keeper = asyncio.create_task(self._keep_lease(batch))
@@ -71,6 +80,11 @@ class Processor:
             return "lost"
         except (LLMError, ChatwootError) as exc:
             return await self._failed(batch, str(exc), exc.retryable, exc.retry_after_s)
+        except RedisError as exc:
+            return _interrupted(exc)
+        except asyncio.CancelledError:
+            await self._release(batch)
+            raise
         except Exception as exc:  # a bug or an unexpected answer must not kill the worker
             log.exception("batch_error")
             return await self._failed(batch, f"{type(exc).__name__}: {exc}", True, None)
@@ -79,43 +93,87 @@ class Processor:
 
     async def _answer(self, batch: Batch) -> str:
         reply = batch.reply
+        # With a stored reply, before_post decides: an earlier attempt may have posted it.
+        if batch.takeover and not reply:
+            return await self._skip(batch, batch.takeover)
         if reply:
             log.info("reply_reused")
         else:
             if not await self.limits.allow_llm_call(batch.conv, f"{batch.id}:{batch.attempts}"):
                 # Spend guard: the conversation used up its LLM calls of the hour. Skipped for
                 # good (its messages still reach the history), never retried into the same wall.
-                if not await self.store.finish(batch, "skipped", reason="llm_quota_exceeded"):
-                    raise LeaseLost
                 log.warning("llm_quota_exceeded")
-                return "skipped"
-            history = await self.store.history(batch.conv)
-            limit = self.settings.history_messages
-            prompt = build_prompt(self.settings.system_prompt, history[-limit:] if limit else [],
-                                  batch.messages)
-            started = time.monotonic()
-            answer = await self.llm.reply(prompt)
-            reply = answer.text
-            log.info("llm_answered", messages=len(batch.messages),
-                     llm_ms=round((time.monotonic() - started) * 1000),
-                     prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+                return await self._skip(batch, "llm_quota_exceeded")
+            reply = await self._ask_llm(batch)
+
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
-        if not await self.store.record(batch, reply=reply, posting_ms=int(time.time() * 1000)):
+        verdict, detail = await self.store.before_post(batch, reply)
+        if verdict == "lost":
             raise LeaseLost
+        if verdict == "skip":
+            return await self._skip(batch, detail)
+        if verdict == "superseded":
+            log.info("reply_superseded", waiting_messages=int(detail))
+            return "superseded"
         started = time.monotonic()
-        reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
+        if verdict == "posted":
+            reply_id = int(detail)
+            log.warning("post_confirmed_by_echo", reply_id=reply_id)
+        else:
+            reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
         post_ms = round((time.monotonic() - started) * 1000)
-        if not await self.store.finish(batch, "completed", reply=reply, reply_id=reply_id):
-            raise LeaseLost
+        await self._finish_posted(batch, reply, reply_id)
         log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
         return "completed"
 
+    async def _ask_llm(self, batch: Batch) -> str:
+        history = await self.store.history(batch.conv)
+        limit = self.settings.history_messages
+        prompt = build_prompt(self.settings.system_prompt, history[-limit:] if limit else [],
+                              batch.messages)
+        started = time.monotonic()
+        answer = await self.llm.reply(prompt)
+        log.info("llm_answered", messages=len(batch.messages),
+                 llm_ms=round((time.monotonic() - started) * 1000),
+                 prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+        return answer.text
+
+    async def _skip(self, batch: Batch, reason: str) -> str:
+        if not await self.store.finish(batch, "skipped", reason=reason):
+            raise LeaseLost
+        log.info("batch_skipped", reason=reason)
+        return "skipped"
+
+    async def _finish_posted(self, batch: Batch, reply: str, reply_id: int) -> None:
+        """Record the post. Chatwoot has the reply now, and a retry by another worker would post
+        it again, so a Redis outage is waited out for as long as the lease would last."""
+        give_up = time.monotonic() + self.settings.processing_lease_ms / 1000
+        delay = 0.1
+        while True:
+            try:
+                finished = await self.store.finish(batch, "completed", reply=reply, reply_id=reply_id)
+                break
+            except RedisError as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("finish_retry", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if not finished:
+            # The lease lapsed during the post and another worker holds the batch: unless the
+            # webhook echo reaches the store first, that worker posts the reply again.
+            log.error("lease_lost_after_post", reply_id=reply_id)
+            raise LeaseLost
+
     async def _failed(self, batch: Batch, error: str, retryable: bool,
                       retry_after_s: float | None) -> str:
         delay = backoff_ms(batch.attempts, self.settings.retry_base_ms, retry_after_s)
-        outcome = await self.store.fail(batch, error, retry_in_ms=delay, permanent=not retryable)
+        try:
+            outcome = await self.store.fail(batch, error, retry_in_ms=delay, permanent=not retryable)
+        except RedisError as exc:
+            return _interrupted(exc)
         if outcome == "failed":
             log.error("batch_failed", error=error)
         elif outcome == "retrying":
@@ -123,6 +181,15 @@ class Processor:
         else:
             outcome = "lost"
         return outcome
+
+    async def _release(self, batch: Batch) -> None:
+        """Shutdown ran out of grace: hand the batch back so another worker takes it at once."""
+        try:
+            released = await self.store.release(batch)
+        except RedisError:
+            released = False
+        # Not released (posting, or Redis away): the lease lapses and a worker takes it then.
+        log.warning("batch_released" if released else "batch_left_to_lease_expiry")
 
     async def _keep_lease(self, batch: Batch) -> None:
         """Renew the lease at a third of its length, so one slow renewal does not lose it."""
@@ -135,3 +202,10 @@ class Processor:
                     return
             except Exception as exc:  # Redis briefly away: the next renewal may succeed
                 log.warning("lease_renew_error", error=str(exc))
+
+
+def _interrupted(exc: RedisError) -> str:
+    # Nothing can be recorded while Redis is away. The batch's lease lapses and a worker takes
+    # it again, as it would after a crash.
+    log.warning("batch_interrupted", error=str(exc))
+    return "interrupted"

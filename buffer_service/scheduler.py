@@ -17,7 +17,7 @@ import contextlib
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from .processor import Processor
 from .store import BufferStore
@@ -102,16 +102,17 @@ class Worker:
                 w.cancel()
 
     async def _drain(self) -> None:
-        """On shutdown, let in-flight batches finish within the grace period."""
+        """On shutdown, let in-flight batches finish within the grace period; the processor
+        hands back the rest (a cancelled batch is released for any worker to take at once)."""
         if not self._tasks:
             return
         log.info("worker_draining", in_flight=len(self._tasks))
         _, pending = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace_s)
-        for task in pending:
-            task.cancel()
         if pending:
-            # Their leases lapse and another worker takes them over; nothing is lost.
-            log.warning("worker_abandoned_batches", count=len(pending))
+            log.warning("worker_releasing_batches", count=len(pending))
+            for task in pending:
+                task.cancel()
+            # Releasing is one Redis call each; past this, their leases lapse and nothing is lost.
             await asyncio.wait(pending, timeout=2)
 
     async def _enable_expiry_events(self) -> None:
@@ -124,9 +125,12 @@ class Worker:
             has_expired = "x" in current or "A" in current
             if not (has_expired and "E" in current):
                 await redis.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
-        except ResponseError as exc:
+        except RedisError as exc:  # CONFIG refused (managed Redis), or Redis not up yet
             log.warning("expiry_events_unavailable", error=str(exc),
-                        note="CONFIG refused; deadlines still flush from the index")
+                        note="deadlines still flush from the index")
+
+    def _reconnected(self, connection: object) -> None:
+        self._wake.set()
 
     async def _listen(self) -> None:
         """Turn wake-up messages and TTL-key expiry events into an early sweep."""
@@ -138,8 +142,11 @@ class Worker:
             pubsub = self._pubsub_redis.pubsub()
             try:
                 await pubsub.subscribe(self.store.wake_channel, expired)
-                # Events published while we were not subscribed are gone: look now.
+                # Events published while we were not subscribed are gone: look now, and after
+                # every reconnect, including those the client makes on its own and re-subscribes.
                 self._wake.set()
+                if pubsub.connection is not None:
+                    pubsub.connection.register_connect_callback(self._reconnected)
                 backoff = 0.2
                 async for message in pubsub.listen():
                     if message["type"] != "message":

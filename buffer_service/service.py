@@ -1,7 +1,8 @@
 """Process wiring: Redis clients, the HTTP server and the worker, started and stopped in order.
 
 Shutdown order matters for "no lost message": stop accepting webhooks first, then let the
-worker finish (or hand back, via lease expiry) what it holds, then close the clients.
+worker finish what it holds within SHUTDOWN_GRACE_S and hand back the rest (released for any
+worker to take at once), then close the clients.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -656,9 +657,11 @@ class ChatwootStandIn(_StandInServer):
         if self.echo_webhook_url is None:
             return resp
         # Like Chatwoot, the message_created event is dispatched after the request that
-        # created the message completed: flush the response before starting the echo.
-        await resp.prepare(request)
-        await resp.write_eof()
+        # created the message completed: flush the response before starting the echo. The
+        # message exists even if the client went away meanwhile, and so does its event.
+        with contextlib.suppress(ConnectionError):
+            await resp.prepare(request)
+            await resp.write_eof()
         echo = message_payload(
             message_id=message_id,
             conversation_id=conversation_id,

@@ -15,6 +15,9 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
     bs:{sN}:msgs:<id>        list  the burst's messages while the batch is unfinished
     bs:{sN}:failed           zset  batch id -> failure time
     bs:{sN}:seq              counter for batch ids and fencing tokens
+    bs:{sN}:handoff:<conv>   hash  reason, v: a human handles it  (handoff.lua; '' = the bot)
+    bs:{sN}:pause:<conv>     string with PX = HUMAN_PAUSE_MS    (a human agent wrote)
+    bs:{sN}:own:<conv>       hash  fingerprint -> ms of replies we posted (their echoes are ours)
     bs:wake                  pub/sub channel: "a deadline you do not know yet"
 
 `conv` is "<account id>:<conversation display id>".
@@ -32,12 +35,19 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from .batcher import ScriptBatcher
-from .chatwoot import ChatMessage
+from .chatwoot import ChatMessage, Decision
 from .config import Settings
+
+# How long the fingerprints of posted replies are kept: the webhook echo of a reply arrives within
+# seconds, or after Chatwoot's retries of an agent-bot delivery (3 x 3 s) at worst.
+_OWN_REPLY_MEMORY_MS = 3_600_000
 
 
 def _load(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    lua = resources.files(__package__).joinpath("lua")
+    # lib.lua holds only local helpers; every script may use them.
+    return lua.joinpath("lib.lua").read_text(encoding="utf-8") + lua.joinpath(
+        f"{name}.lua").read_text(encoding="utf-8")
 
 
 def _s(value: Any) -> str:
@@ -67,6 +77,7 @@ class Batch:
     claimed_ms: int
     reply: str  # "" until the LLM has answered; a retry reuses a stored reply
     messages: tuple[dict[str, Any], ...]
+    takeover: str = ""  # why the bot must not answer (a human handles it), seen at claim time
 
     @property
     def account_id(self) -> int:
@@ -90,7 +101,8 @@ class BufferStore:
         self.wake_channel = f"{settings.key_prefix}:wake"
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load(name))
-            for name in ("append", "claim", "renew", "record", "finish", "fail", "requeue", "note")
+            for name in ("append", "claim", "renew", "before_post", "finish", "fail", "release",
+                         "requeue", "note", "handoff")
         }
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
@@ -123,15 +135,37 @@ class BufferStore:
         )
         return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
 
-    async def note(self, msg: ChatMessage) -> bool:
-        """Keep a message the bot does not answer in history; False if it was seen before."""
+    async def note(self, decision: Decision) -> str:
+        """Record what a webhook the bot does not answer tells, in one round trip: who handles
+        the conversation, and the message itself (history once; a human agent's pauses the bot;
+        the echo of our reply confirms its post). Returns what the message was ('recorded',
+        'duplicate', 'own', 'paused'), or '' when there was none."""
         s = self.settings
-        shard = self.shard_of(msg.conv)
-        return bool(await self._scripts["note"](
-            keys=[self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
-                  self.key(shard, f"hist:{msg.conv}")],
-            args=[msg.to_json(), self._history_cap(), s.history_ttl_s * 1000, s.dedup_ttl_s * 1000],
-        ))
+        msg, handoff = decision.message, decision.handoff
+        conv = msg.conv if msg is not None else handoff.conv if handoff is not None else None
+        if conv is None:
+            return ""
+        shard = self.shard_of(conv)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if handoff is not None:
+                await self._scripts["handoff"](
+                    keys=[self.key(shard, f"handoff:{conv}")],
+                    args=[handoff.reason, "" if handoff.version is None else repr(handoff.version),
+                          s.history_ttl_s * 1000],
+                    client=pipe)
+            if msg is not None:
+                outgoing = msg.role == "assistant"
+                await self._scripts["note"](
+                    keys=[self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
+                          self.key(shard, f"hist:{conv}"), self.key(shard, "active"),
+                          self.key(shard, f"pause:{conv}"), self.key(shard, f"own:{conv}")],
+                    args=[msg.to_json(), self._history_cap(), s.history_ttl_s * 1000,
+                          s.dedup_ttl_s * 1000, msg.message_id, msg.text if outgoing else "",
+                          self.prefix(shard), conv,
+                          s.human_pause_ms if decision.from_agent else 0],
+                    client=pipe)
+            results = await pipe.execute()
+        return _s(results[-1]) if msg is not None else ""
 
     # -- worker side ------------------------------------------------------------------------
     async def claim(self, shard: int, limit: int) -> tuple[int, int, list[Batch]]:
@@ -147,7 +181,7 @@ class BufferStore:
             Batch(id=_s(b[0]), token=_s(b[1]), attempts=int(b[2]), conv=_s(b[3]),
                   first_ms=int(b[4] or 0), deadline_ms=int(b[5] or 0), trigger=_s(b[6] or ""),
                   claimed_ms=int(b[7]), reply=_s(b[8] or ""),
-                  messages=tuple(orjson.loads(m) for m in b[9]))
+                  messages=tuple(orjson.loads(m) for m in b[9]), takeover=_s(b[10]))
             for b in raw[2:]
         ]
         return int(raw[0]), int(raw[1]), batches
@@ -159,13 +193,32 @@ class BufferStore:
             args=[batch.id, batch.token, self.settings.processing_lease_ms],
         ))
 
-    async def record(self, batch: Batch, **fields: str | int) -> bool:
-        """Store a finished step (e.g. reply=...) on the batch, only while we hold its lease."""
-        args: list[str | int] = [batch.token]
-        for name, value in fields.items():
-            args += [name, value]
-        return bool(await self._scripts["record"](
-            keys=[self.key(batch.shard, f"batch:{batch.id}")], args=args))
+    async def before_post(self, batch: Batch, reply: str) -> tuple[str, str]:
+        """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
+        verdict one of 'post', 'posted' (detail: the message id), 'skip' (detail: the reason),
+        'superseded' (detail: messages now waiting), 'lost'."""
+        s = self.settings
+        shard = batch.shard
+        k = self.shard_keys(shard)
+        verdict, detail = await self._scripts["before_post"](
+            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
+                  k["first"], self.key(shard, f"buf:{batch.conv}"),
+                  self.key(shard, f"ttl:{batch.conv}"), self.key(shard, f"msgs:{batch.id}"),
+                  self.key(shard, f"pause:{batch.conv}"), self.key(shard, f"handoff:{batch.conv}"),
+                  self.key(shard, f"own:{batch.conv}")],
+            args=[batch.id, batch.token, reply, int(s.supersede_stale_replies), s.max_buffer_age_ms,
+                  s.max_buffer_size, s.processing_lease_ms, _OWN_REPLY_MEMORY_MS,
+                  s.job_retention_days * 86_400_000, self.wake_channel],
+        )
+        return _s(verdict), _s(detail)
+
+    async def release(self, batch: Batch) -> bool:
+        """Hand a batch back for any worker to take at once, its attempt not counted (shutdown)."""
+        shard = batch.shard
+        return bool(await self._scripts["release"](
+            keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, "inflight")],
+            args=[batch.id, batch.token, self.wake_channel],
+        ))
 
     async def finish(self, batch: Batch, state: str, *, reason: str = "", reply: str = "",
                      reply_id: int = 0) -> bool:
@@ -173,7 +226,7 @@ class BufferStore:
         shard = batch.shard
         k = self.shard_keys(shard)
         entry = ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
-                            role="assistant").to_json() if reply and reply_id else b""
+                            role="assistant").to_json() if reply else b""
         return bool(await self._scripts["finish"](
             keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
                   self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"hist:{batch.conv}"),

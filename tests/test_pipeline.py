@@ -156,7 +156,8 @@ async def test_two_hundred_conversations_each_get_their_own_reply(settings, make
 
 
 async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot):
-    svc = await make_service(settings)
+    # A human agent's message pauses the bot (test_guarantees.py); here the pause is off.
+    svc = await make_service(replace(settings, human_pause_ms=0))
     await svc.webhook(message_payload(message_id=1, conversation_id=13, content="first question"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
     # A human agent answers in between; then the customer writes again.

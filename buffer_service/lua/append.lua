@@ -30,6 +30,9 @@ end
 
 local conv = ARGV[1]
 local n = redis.call('RPUSH', KEYS[3], ARGV[2])
+-- The webhook buffers a message only when its payload shows the bot in charge, which outdates
+-- a remembered human takeover (handoff.lua). The record lives beside the buffer: same prefix.
+redis.call('DEL', string.sub(KEYS[3], 1, -(#conv + 5)) .. 'handoff:' .. conv)
 local first
 if n == 1 then
   first = now

@@ -7,9 +7,11 @@
 -- ARGV: 1 key prefix of this shard ("bs:{s3}:"), 2 shard number, 3 limit, 4 lease ms,
 --       5 window ms, 6 max size, 7 max age ms, 8 max attempts
 -- Returns {now, next wake ms or -1, batch...}; a batch is
---   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages}}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages},
+--    takeover reason or ''}
+-- The takeover reason (a human handles the conversation) lets the worker drop the batch as
+-- skipped before it pays for an LLM call.
+local now = now_ms()
 local P = ARGV[1]
 local limit = tonumber(ARGV[3])
 local lease = tonumber(ARGV[4])
@@ -19,38 +21,35 @@ local max_age = tonumber(ARGV[7])
 local max_attempts = tonumber(ARGV[8])
 local out = {now, -1}
 
--- A conversation that became due while its previous batch was in flight was parked; it is due
--- again the moment that batch ends.
-local function release(conv, id, bkey)
-  if redis.call('HGET', KEYS[4], conv) == id then
-    redis.call('HDEL', KEYS[4], conv)
-  end
-  if redis.call('HGET', bkey, 'blocked') == '1' then
-    redis.call('HDEL', bkey, 'blocked')
-    redis.call('ZADD', KEYS[1], 'NX', now, conv)
-  end
+local function reason_for(conv)
+  return takeover_reason(P .. 'handoff:' .. conv, P .. 'pause:' .. conv) or ''
 end
 
 local taken = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)) do
   local bkey = P .. 'batch:' .. id
-  local b = redis.call('HMGET', bkey, 'conv', 'attempts', 'first_ms', 'deadline_ms', 'trigger', 'reply', 'error')
+  local b = redis.call('HMGET', bkey, 'conv', 'attempts', 'first_ms', 'deadline_ms', 'trigger', 'reply',
+    'state', 'posted_id')
   local conv = b[1]
   if not conv then
     redis.call('ZREM', KEYS[3], id)
   else
     local holder = redis.call('HGET', KEYS[4], conv)
     local attempts = tonumber(b[2]) or 0
+    -- Still 'processing' or 'posting' at its time: the worker stopped without a word (killed,
+    -- machine gone, Redis unreachable). 'retrying', 'released', 'queued' were handed back.
+    if b[7] == 'processing' or b[7] == 'posting' then
+      redis.call('HSET', bkey, 'error', 'lease expired while ' .. b[7] .. ' (attempt ' .. attempts .. ')')
+    end
+    -- A batch whose post Chatwoot already confirmed (posted_id, from the webhook echo) only
+    -- needs finishing, so it is taken whatever its attempt count.
     if holder and holder ~= id then
       -- An operator re-queued an old batch while a newer one runs: wait for it, in order.
       redis.call('ZADD', KEYS[3], now + 1000, id)
-    elseif attempts >= max_attempts then
-      local err = b[7]
-      if not err or err == '' then err = 'lease expired: worker stopped during processing' end
-      redis.call('HSET', bkey, 'state', 'failed', 'token', '', 'error', err, 'finished_ms', now)
-      redis.call('ZREM', KEYS[3], id)
+    elseif attempts >= max_attempts and not b[8] then
+      redis.call('HSET', bkey, 'state', 'failed')
       redis.call('ZADD', KEYS[6], now, id)
-      release(conv, id, bkey)
+      close_batch(bkey, KEYS[3], KEYS[4], KEYS[1], id, conv, now)
     else
       local token = redis.call('INCR', KEYS[5])
       redis.call('HSET', bkey, 'state', 'processing', 'token', token, 'attempts', attempts + 1,
@@ -59,7 +58,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       redis.call('ZADD', KEYS[3], now + lease, id)
       taken = taken + 1
       out[#out + 1] = {id, token, attempts + 1, conv, b[3], b[4], b[5], now, b[6] or '',
-        redis.call('LRANGE', P .. 'msgs:' .. id, 0, -1)}
+        redis.call('LRANGE', P .. 'msgs:' .. id, 0, -1), reason_for(conv)}
     end
   end
 end
@@ -113,7 +112,7 @@ if taken < limit then
       redis.call('HSET', KEYS[4], conv, id)
       redis.call('ZADD', KEYS[3], now + lease, id)
       out[#out + 1] = {id, token, 1, conv, first, deadline, trigger, now, '',
-        redis.call('LRANGE', msgs, 0, -1)}
+        redis.call('LRANGE', msgs, 0, -1), reason_for(conv)}
     end
   end
 end

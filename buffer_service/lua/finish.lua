@@ -7,32 +7,26 @@
 --       ('' for none), 7 history cap, 8 history ttl ms, 9 record retention ms, 10 dedup ttl ms,
 --       11 wake channel
 -- Returns 1 when finished, 0 when the token no longer matches.
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not holds(KEYS[1], ARGV[2]) then return 0 end
+local now = now_ms()
 local conv = redis.call('HGET', KEYS[1], 'conv')
 
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'reason', ARGV[4], 'reply_id', ARGV[5],
-  'token', '', 'finished_ms', now)
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'reason', ARGV[4], 'reply_id', ARGV[5])
 redis.call('HDEL', KEYS[1], 'reply')
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('HGET', KEYS[3], conv) == ARGV[1] then
-  redis.call('HDEL', KEYS[3], conv)
-end
-if redis.call('HGET', KEYS[1], 'blocked') == '1' then
-  redis.call('HDEL', KEYS[1], 'blocked')
-  if redis.call('ZADD', KEYS[4], 'NX', now, conv) == 1 then
-    redis.call('PUBLISH', ARGV[11], now)
-  end
+if close_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], conv, now) then
+  redis.call('PUBLISH', ARGV[11], now)
 end
 
+-- The seen marker keeps the reply's webhook echo out of the history (it is added here, after
+-- the burst it answers) and tells the webhook the message is the bot's own; it is set even
+-- when no history is kept. Chatwoot's message id may be unknown (0): then there is no marker.
+local add_reply = ARGV[6] ~= '' and
+  (ARGV[5] == '0' or redis.call('SET', KEYS[7], '1', 'NX', 'PX', ARGV[10]))
 local cap = tonumber(ARGV[7])
 if cap > 0 then
   local msgs = redis.call('LRANGE', KEYS[5], 0, -1)
   if #msgs > 0 then redis.call('RPUSH', KEYS[6], unpack(msgs)) end
-  if ARGV[6] ~= '' and redis.call('SET', KEYS[7], '1', 'NX', 'PX', ARGV[10]) then
-    redis.call('RPUSH', KEYS[6], ARGV[6])
-  end
+  if add_reply then redis.call('RPUSH', KEYS[6], ARGV[6]) end
   redis.call('LTRIM', KEYS[6], -cap, -1)
   redis.call('PEXPIRE', KEYS[6], ARGV[8])
 end

@@ -2,8 +2,6 @@
 -- whose lease already lapsed and was taken over must learn that it lost the batch.
 -- KEYS: 1 batch hash, 2 inflight   ARGV: 1 batch id, 2 token, 3 lease ms
 -- Returns 1 when renewed, 0 when the token no longer matches.
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[3]), ARGV[1])
+if not holds(KEYS[1], ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
 return 1

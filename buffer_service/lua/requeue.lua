@@ -3,8 +3,7 @@
 -- KEYS: 1 batch hash, 2 inflight, 3 active, 4 failed   ARGV: 1 batch id, 2 wake channel
 -- Returns 1 when re-queued, 0 when the batch is not a failed one.
 if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local conv = redis.call('HGET', KEYS[1], 'conv')
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'requeued_ms', now)
 redis.call('PERSIST', KEYS[1])

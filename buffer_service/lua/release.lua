@@ -1,0 +1,14 @@
+-- A worker that shuts down hands a batch back so that any worker takes it at once, instead of
+-- after its lease lapses; the attempt does not count. A batch already posting is not handed
+-- back: Chatwoot may have its reply, and the webhook echo that would say so needs the time
+-- until the lease lapses to arrive (note.lua).
+-- KEYS: 1 batch hash, 2 inflight   ARGV: 1 batch id, 2 token, 3 wake channel
+-- Returns 1 when released, 0 otherwise.
+if not holds(KEYS[1], ARGV[2]) then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'posting' then return 0 end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'state', 'released', 'token', '', 'released_ms', now)
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
+redis.call('PUBLISH', ARGV[3], now)
+return 1

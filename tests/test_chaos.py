@@ -1,0 +1,148 @@
+"""Chaos: three worker processes on one Redis answer 1,000 conversations while one of them is
+killed with SIGKILL at random moments (and replaced, as an orchestrator would).
+
+The verdict comes from an invariant checker over what the stand-ins recorded, not from the
+service's own account: every conversation answered exactly once, each reply covering every
+message of its conversation in order, every reply one the LLM wrote, nothing left in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+from conftest import service_env, spawn, with_port
+from redis.asyncio import Redis
+from test_pipeline import wait_for
+
+from buffer_service.standins import ChatwootStandIn, LLMCall, LLMStandIn, Post, message_payload
+
+CONVERSATIONS = 1000
+WORKERS = 3
+KILLS = 3
+
+
+def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[LLMCall]) -> list[str]:
+    """Every way the run can have gone wrong, as readable lines; empty when it did not."""
+    problems = []
+    by_conv: dict[int, list[Post]] = collections.defaultdict(list)
+    for post in posts:
+        by_conv[post.conversation_id].append(post)
+    llm_replies = {c.reply for c in calls if c.status == 200}
+    for conv, texts in sent.items():
+        got = by_conv.pop(conv, [])
+        if len(got) != 1:
+            problems.append(f"conversation {conv}: {len(got)} replies")
+            continue
+        content = got[0].body["content"]
+        expected = "Reply to: " + " | ".join(texts)
+        if content != expected:
+            problems.append(f"conversation {conv}: replied {content!r}, expected {expected!r}")
+        if content not in llm_replies:
+            problems.append(f"conversation {conv}: the reply is not one the LLM wrote")
+    problems += [f"conversation {conv}: replied but never wrote" for conv in by_conv]
+    return problems
+
+
+async def test_three_workers_one_killed_at_random_every_conversation_answered_once(
+        settings, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis, tmp_path: Path) -> None:
+    seed = int(os.environ.get("CHAOS_SEED", time.time()))
+    rng = random.Random(seed)
+    print(f"chaos seed {seed} (set CHAOS_SEED to replay the same schedule)")
+    settings = replace(settings, buffer_duration_ms=2000, processing_interval_ms=1000,
+                       processing_lease_ms=3000)
+    # Batches stay in flight long enough for a kill to catch some of them.
+    llm.delay = 0.2
+    # Chatwoot echoes every reply to the webhook, as it does in production.
+    chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+
+    server = spawn(["serve", "--no-worker"], service_env(settings), tmp_path / "server.log")
+    procs: list[subprocess.Popen[bytes]] = [server]
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        proc = spawn(["worker"], service_env(with_port(settings)), tmp_path / f"worker{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    live = [start_worker() for _ in range(WORKERS)]
+    # The whole schedule comes from the seed: what each customer writes, when and whom to kill.
+    sent = {c: [f"c{c} m{j}" for j in range(rng.randint(1, 3))] for c in range(1, CONVERSATIONS + 1)}
+    pauses = [rng.uniform(1.0, 2.5) for _ in range(KILLS)]
+    victims = [rng.randrange(WORKERS) for _ in range(KILLS)]
+    url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+    kills = 0
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            for _ in range(600):
+                try:
+                    async with session.get(f"http://127.0.0.1:{settings.port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+
+            async def converse(conv: int) -> None:
+                for j, text in enumerate(sent[conv]):
+                    payload = message_payload(message_id=conv * 10 + j, conversation_id=conv, content=text)
+                    async with session.post(url, json=payload) as resp:
+                        body = await resp.json()
+                        assert resp.status == 200 and body["status"] == "buffered", body
+
+            async def send_all() -> None:
+                # Ten waves: the run is a stream of bursts, not one flush.
+                for wave in range(10):
+                    first = wave * CONVERSATIONS // 10 + 1
+                    await asyncio.gather(*(converse(c) for c in range(first, first + CONVERSATIONS // 10)))
+                    await asyncio.sleep(0.4)
+
+            async def kill_at_random() -> None:
+                nonlocal kills
+                for pause, index in zip(pauses, victims, strict=True):
+                    await asyncio.sleep(pause)
+                    # Only while batches are in flight, so that a kill has something to lose.
+                    await wait_for(lambda: sum(c.status == 0 for c in llm.calls) >= 6, timeout=30)
+                    victim = live.pop(index)
+                    victim.send_signal(signal.SIGKILL)
+                    victim.wait()
+                    kills += 1
+                    live.append(start_worker())
+
+            await asyncio.gather(send_all(), kill_at_random())
+        await wait_for(lambda: len({p.conversation_id for p in chatwoot.posts}) >= CONVERSATIONS, timeout=45)
+
+        async def settled() -> bool:
+            keys = [k async for k in redis.scan_iter(match="bs:*:inflight")]
+            keys += [k async for k in redis.scan_iter(match="bs:*:due")]
+            return all([await redis.zcard(k) == 0 for k in keys])
+        for _ in range(200):
+            if await settled():
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # a late duplicate would show up now
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        exits = [proc.wait(20) for proc in procs]
+
+    assert kills == KILLS
+    assert exits.count(-signal.SIGKILL) == KILLS and exits.count(0) == len(procs) - KILLS, exits
+    problems = check_invariants(sent, chatwoot.posts, llm.calls)
+    assert not problems, f"seed {seed}: {len(problems)} violations, e.g. {problems[:5]}"
+    assert await settled()
+    failed = [k async for k in redis.scan_iter(match="bs:*:failed")]
+    assert all([await redis.zcard(k) == 0 for k in failed])
+    # The kills hit batches in flight, and those were taken over.
+    attempts = []
+    async for key in redis.scan_iter(match="bs:*:batch:*"):
+        attempts.append(int(await redis.hget(key, "attempts") or 0))
+    assert max(attempts) >= 2, f"seed {seed}: no kill caught a batch in flight"
