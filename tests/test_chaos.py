@@ -146,3 +146,6 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
     async for key in redis.scan_iter(match="bs:*:batch:*"):
         attempts.append(int(await redis.hget(key, "attempts") or 0))
     assert max(attempts) >= 2, f"seed {seed}: no kill caught a batch in flight"
+    print(f"{CONVERSATIONS} conversations, {sum(map(len, sent.values()))} messages, {kills} kills: "
+          f"{sum(a >= 2 for a in attempts)} batches taken over, {len(llm.calls)} LLM calls, "
+          f"{len(chatwoot.posts)} replies")
