@@ -318,10 +318,11 @@ async def test_chatwoot_429_waits_at_least_its_retry_after(settings, make_servic
 # -- superseded answers ----------------------------------------------------------------------
 async def test_a_message_during_a_slow_llm_call_supersedes_the_stale_reply(
         settings, make_service, llm, chatwoot, redis):
-    llm.delay = 1.0
+    llm.delay = 3.0  # read when a call starts: only the first call is slow
     svc = await make_service(replace(settings, buffer_duration_ms=300))
     await svc.webhook(message_payload(message_id=100, conversation_id=100, content="where is my order"))
     await wait_for(lambda: len(llm.calls) == 1, timeout=10)  # the LLM is writing
+    llm.delay = 0
     await svc.webhook(message_payload(message_id=101, conversation_id=100, content="it is #5521"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=15)
     await asyncio.sleep(1.5)
@@ -335,22 +336,25 @@ async def test_a_message_during_a_slow_llm_call_supersedes_the_stale_reply(
 
 
 async def test_superseding_can_be_turned_off(settings, make_service, llm, chatwoot):
-    llm.delay = 1.0
+    llm.delay = 3.0
     svc = await make_service(replace(settings, buffer_duration_ms=300, supersede_stale_replies=False))
     await svc.webhook(message_payload(message_id=110, conversation_id=110, content="a"))
     await wait_for(lambda: len(llm.calls) == 1, timeout=10)
+    llm.delay = 0
     await svc.webhook(message_payload(message_id=111, conversation_id=110, content="b"))
     await wait_for(lambda: len(chatwoot.posts) == 2, timeout=15)
     assert [p.body["content"] for p in chatwoot.posts] == ["Reply to: a", "Reply to: b"]
 
 
 async def test_a_burst_past_the_age_cap_is_answered_even_if_stale(settings, make_service, llm, chatwoot):
-    llm.delay = 1.5
+    llm.delay = 3.0
     svc = await make_service(replace(settings, buffer_duration_ms=300, max_buffer_age_ms=1000))
     await svc.webhook(message_payload(message_id=120, conversation_id=120, content="a"))
     await wait_for(lambda: len(llm.calls) == 1, timeout=10)
+    llm.delay = 0
     await svc.webhook(message_payload(message_id=121, conversation_id=120, content="b"))
-    # The reply to "a" is ready 1.8 s after "a": older than the 1 s cap, so it goes out.
+    # The reply to "a" is ready over 3 s after "a": older than the 1 s cap, so it goes out
+    # although "b" waits.
     await wait_for(lambda: len(chatwoot.posts) == 2, timeout=15)
     assert [p.body["content"] for p in chatwoot.posts] == ["Reply to: a", "Reply to: b"]
 
@@ -382,7 +386,7 @@ async def _missing(redis: Redis, key: str) -> bool:
 
 
 async def test_a_human_assignee_means_no_bot_reply(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=1500))
+    svc = await make_service(replace(settings, buffer_duration_ms=3000))
     body = await svc.webhook(message_payload(message_id=140, conversation_id=140, content="hi",
                                              assignee=HUMAN))
     assert body == {"status": "ignored", "reason": "human_assignee"}
@@ -410,20 +414,20 @@ async def test_a_human_assignee_means_no_bot_reply(settings, make_service, llm, 
 
 async def test_a_takeover_while_the_llm_writes_is_caught_right_before_posting(
         settings, make_service, llm, chatwoot, redis):
-    llm.delay = 1.0
+    llm.delay = 3.0
     svc = await make_service(replace(settings, buffer_duration_ms=300))
     await svc.webhook(message_payload(message_id=150, conversation_id=150, content="hi"))
     await wait_for(lambda: len(llm.calls) == 1, timeout=10)
     await svc.webhook(conversation_event("conversation_status_changed", 150, status="snoozed"))
     skipped = await eventually(job_in("skipped", redis, "1:150"), timeout=10)
     assert skipped["reason"] == "conversation_status:snoozed"
-    await wait_for(lambda: llm.calls[0].status == 200, timeout=5)
+    await wait_for(lambda: llm.calls[0].status == 200, timeout=10)
     await asyncio.sleep(0.5)
     assert chatwoot.posts == []
 
 
 async def test_a_closed_reply_window_skips_without_retrying(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=1500))
+    svc = await make_service(replace(settings, buffer_duration_ms=3000))
     await svc.webhook(message_payload(message_id=160, conversation_id=160, content="hi"))
     await svc.webhook(conversation_event("conversation_updated", 160, can_reply=False))
     skipped = await eventually(job_in("skipped", redis, "1:160"), timeout=10)
@@ -433,7 +437,7 @@ async def test_a_closed_reply_window_skips_without_retrying(settings, make_servi
 
 async def test_an_older_webhook_does_not_overrule_a_newer_one(settings, make_service, llm, chatwoot,
                                                               redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=1500))
+    svc = await make_service(replace(settings, buffer_duration_ms=3000))
     await svc.webhook(message_payload(message_id=171, conversation_id=170, content="hi"))
     earlier = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
     later = datetime(2026, 11, 25, 10, 5, tzinfo=UTC)
@@ -683,7 +687,11 @@ async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make
     """Wake-ups published while the worker's subscription is away are lost; it must look at the
     index as soon as it is back, also when the client reconnects on its own."""
     await make_service(replace(settings, processing_interval_ms=60_000), http=False)
-    await asyncio.sleep(0.5)  # the worker swept once, found nothing, sleeps for a minute
+
+    async def subscribed() -> bool:
+        return bool(await redis.client_list(_type="pubsub"))
+    await eventually(subscribed)
+    await asyncio.sleep(2.0)  # the worker swept once, found nothing, sleeps for a minute
     # A due burst whose wake-up the worker never heard (written without the append's PUBLISH).
     conv = "1:190"
     shard = store.shard_of(conv)
