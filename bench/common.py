@@ -41,6 +41,10 @@ from buffer_service import logs  # noqa: E402 - needs the path above
 # The service code that runs inside a benchmark process (worker, stores) logs only problems.
 logs.configure("console", "warning")
 
+# Stopped with SIGTERM (e.g. by run_all's caller): unwind, so that the redis-server and service
+# processes a benchmark started are stopped by its `finally` blocks rather than orphaned.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -88,6 +88,11 @@ def _listen_expired(url: str, out: str, until: float, ready: Any) -> None:
     Path(out).write_bytes(orjson.dumps(asyncio.run(run())))
 
 
+async def redis_now_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
 async def load_junk(redis: Redis, count: int) -> None:
     script = redis.register_script(_JUNK)
     for start in range(0, count, 50_000):
@@ -95,10 +100,12 @@ async def load_junk(redis: Redis, count: int) -> None:
 
 
 async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: int, spread_ms: int,
-                             messages: int = 1, seed: int = 7) -> tuple[dict[str, int], float]:
+                             messages: int = 1, seed: int = 7, timer_keys: bool = True,
+                             ) -> tuple[dict[str, int], dict[str, int], float]:
     """Append `messages` messages to each of n conversations through BufferStore.append, with
-    windows lead..lead+spread ms (one store per window: the window is a setting); also set the
-    comparison's timer keys. Returns ({conv: timer deadline ms}, seconds the load took)."""
+    windows lead..lead+spread ms (one store per window: the window is a setting); with
+    `timer_keys`, also set the comparison's timer keys. Returns ({conv: deadline ms},
+    {conv: timer deadline ms}, seconds the load took)."""
     rng = random.Random(seed)
     started = time.monotonic()
     # Sorted, so that appends sent together share a store (and so a pipeline).
@@ -106,6 +113,7 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
     stores: dict[int, BufferStore] = {}
     timers = redis.register_script(_TIMERS)
     deadlines: dict[str, int] = {}
+    timer_deadlines: dict[str, int] = {}
     step = 2000
     for start in range(0, n, step):
         chunk = range(start, min(n, start + step))
@@ -122,15 +130,18 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
         pairs: list[Any] = []
         last = results[messages - 1 :: messages]
         for i, r in zip(chunk, last, strict=True):
+            deadlines[f"1:{100_000 + i}"] = r.deadline_ms
             pairs += [f"1:{100_000 + i}", max(1, r.deadline_ms - r.now_ms)]
-        now = await timers(args=pairs)
-        for conv, ms in zip(pairs[::2], pairs[1::2], strict=True):
-            deadlines[conv] = now + ms
-    return deadlines, time.monotonic() - started
+        if timer_keys:
+            now = await timers(args=pairs)
+            for conv, ms in zip(pairs[::2], pairs[1::2], strict=True):
+                timer_deadlines[conv] = now + ms
+    return deadlines, timer_deadlines, time.monotonic() - started
 
 
 async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float,
-                   messages: int = 1) -> dict[str, Any]:
+                   messages: int = 1, expiry_events: bool = True) -> dict[str, Any]:
+    """One measurement; `expiry_events` False skips the timer keys and their listener."""
     settings = Settings(redis_url=redis_url, worker_concurrency=10_000,
                         processing_lease_ms=600_000, max_buffer_size=50)
     redis = make_redis(settings)
@@ -138,18 +149,23 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         t0 = time.monotonic()
         await load_junk(redis, junk)
         junk_s = time.monotonic() - t0
-        # The load itself takes a while (seconds per 100k conversations on 2 cores): the first
-        # deadline comes only after it, so no burst is due before the worker runs.
-        lead_ms = max(3000, n // 10)
+        # The load itself takes a while (10-25 s per 100k conversations on 2 busy cores): the
+        # first deadline comes only after it, so no burst is due before the worker runs. A
+        # burst due before the worker started is counted apart (due_before_start) and would
+        # mean the lead was too short, not that the claim was late.
+        lead_ms = max(5000, n // 3)
         spread_ms = int(spread_s * 1000)
         until = time.time() + (lead_ms + spread_ms) / 1000 + 40
-        ready = multiprocessing.get_context("spawn").Event()
         events_file = tmp / "expired.json"
-        listener = multiprocessing.get_context("spawn").Process(
-            target=_listen_expired, args=(redis_url, str(events_file), until, ready))
-        listener.start()
-        ready.wait(30)
-        deadlines, load_s = await open_conversations(settings, redis, n, lead_ms, spread_ms, messages)
+        listener = None
+        if expiry_events:
+            ready = multiprocessing.get_context("spawn").Event()
+            listener = multiprocessing.get_context("spawn").Process(
+                target=_listen_expired, args=(redis_url, str(events_file), until, ready))
+            listener.start()
+            ready.wait(30)
+        deadlines, timer_deadlines, load_s = await open_conversations(
+            settings, redis, n, lead_ms, spread_ms, messages, timer_keys=expiry_events)
         store = BufferStore(redis, settings)
         recorder = Recorder(redis, settings)
         pubsub_redis = make_redis(settings, blocking=True)
@@ -157,6 +173,8 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         stop = asyncio.Event()
         cpu0 = time.process_time()
         info0 = await redis.info("cpu")
+        started_ms = await redis_now_ms(redis)
+        due_before_start = sum(1 for d in deadlines.values() if d < started_ms)
         task = asyncio.create_task(worker.run(stop))
         end = time.monotonic() + (lead_ms + spread_ms) / 1000 + 5
         while len(recorder.lateness) < n and time.monotonic() < end:
@@ -168,15 +186,17 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         redis_cpu = (info1["used_cpu_user"] + info1["used_cpu_sys"]
                      - info0["used_cpu_user"] - info0["used_cpu_sys"])
         await pubsub_redis.aclose()
-        listener.join(max(1.0, until - time.time() + 10))
+        if listener is not None:
+            listener.join(max(1.0, until - time.time() + 10))
         events: dict[str, int] = orjson.loads(events_file.read_bytes()) if events_file.exists() else {}
-        late_events = [events[c] - d for c, d in deadlines.items() if c in events]
+        late_events = [events[c] - d for c, d in timer_deadlines.items() if c in events]
         used = (await redis.info("memory"))["used_memory"]
     finally:
         await redis.aclose()
     claim = recorder.lateness
     return {
         "conversations": n, "junk_keys": junk, "spread_s": spread_s, "load_s": round(load_s, 1),
+        "lead_s": lead_ms / 1000, "due_before_start": due_before_start,
         "junk_load_s": round(junk_s, 1), "used_memory_mb": round(used / 2**20),
         "claimed": len(claim), "messages_claimed": recorder.messages,
         "claim_p50_ms": percentile(claim, 50), "claim_p99_ms": percentile(claim, 99),
@@ -214,6 +234,9 @@ def main() -> dict[str, Any]:
         ["keyspace `expired` event alone", f"{s['events']:.0f} / {n}", s["event_p50_ms"],
          s["event_p99_ms"], s["event_max_ms"]],
     ]))
+    if any(r["due_before_start"] for r in runs):
+        print("WARNING: some bursts were due before the worker started (the load outlasted the"
+              " lead): their lateness measures the harness, not the service")
     ok = s["claimed"] == n and s["claim_p99_ms"] <= 50 and s["claim_max_ms"] <= 250
     print(f"\ntarget p99 <= 50 ms, max <= 250 ms, all flushed: {'met' if ok else 'NOT met'}")
     with contextlib.suppress(ZeroDivisionError):

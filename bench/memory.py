@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from common import (
     free_port,
     median,
@@ -120,6 +121,43 @@ async def part_conversations(url: str, n: int) -> dict[str, Any]:
         out["bytes_per_conv"] = (total - markers) / n
         out["part:the rest (index entry, first-message entry, wake-up key, table slots)"] = (
             out["bytes_per_conv"] - out["part:buffer list (MEMORY USAGE)"])
+    finally:
+        await redis.aclose()
+    return out
+
+
+async def part_layouts(url: str, n: int) -> dict[str, Any]:
+    """What-if: the same open conversations in other layouts, written with plain commands (not
+    the service's code), to show what the <= 700 B target takes. Same messages, same keys."""
+    settings = Settings(redis_url=url)
+    redis = Redis.from_url(url)
+    store = BufferStore(redis, settings)
+    first_ms = 1_764_000_000_000
+    variants = {
+        "as the service writes it (JSON object per message, first-message hash)": (False, False),
+        "messages as JSON arrays [id, text, inbox]": (True, False),
+        "JSON arrays + first-message time as the list's head (no hash entry)": (True, True),
+    }
+    out: dict[str, Any] = {}
+    try:
+        for name, (arrays, head) in variants.items():
+            await redis.flushall()
+            base = await used(redis)
+            for start in range(0, n, 5000):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(n, start + 5000)):
+                        msgs = [conv_msg(i, j, 3) for j in range(3)]
+                        conv, shard = msgs[0].conv, store.shard_of(msgs[0].conv)
+                        items: list[Any] = [
+                            orjson.dumps([m.message_id, m.text, m.inbox_id]) if arrays else m.to_json()
+                            for m in msgs]
+                        pipe.rpush(store.key(shard, f"buf:{conv}"), *([first_ms + i] if head else []),
+                                   *items)
+                        pipe.zadd(store.key(shard, "due"), {conv: first_ms + i})
+                        if not head:
+                            pipe.hset(store.key(shard, "first"), conv, first_ms + i)
+                    await pipe.execute()
+            out[f"layout:{name}"] = (await used(redis) - base) / n
     finally:
         await redis.aclose()
     return out
@@ -245,6 +283,8 @@ def main() -> dict[str, Any]:
                 jobs = asyncio.run(part_jobs_and_history(server.url, hist_n, 5))
                 r.update({k: v for k, v in jobs.items() if k != "marker_bytes"})
             with redis_server(tmp) as server:
+                r.update(asyncio.run(part_layouts(server.url, n)))
+            with redis_server(tmp) as server:
                 r.update(asyncio.run(part_webhooks(server.url, tmp, 300 if args.quick else 2000, 3)))
         runs.append(r)
         print(f"run {i + 1}: {r['bytes_per_conv']:.0f} B per open conversation, history "
@@ -267,6 +307,8 @@ def main() -> dict[str, Any]:
         ["webhook log entry (bs:log:webhooks stream)", round(s["log_bytes_per_entry"]), ""],
         ["rate-limit counter per conversation", round(s["ratelimit_bytes_per_conv"]), ""],
     ]))
+    print("\nlayout options for an open conversation (plain commands, same messages, no markers):")
+    print(table(["layout", "bytes"], [[k[7:], round(v)] for k, v in s.items() if k.startswith("layout:")]))
     settings = Settings()
     example = dict(messages_per_day=100_000, bursts_per_day=35_000, conversations_per_week=50_000)
     print(f"\nretention bounds (defaults), example load {example}:")

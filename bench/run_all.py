@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,20 @@ BENCH = Path(__file__).resolve().parent
 SCRIPTS = ("ingest", "flush", "memory", "llm_calls", "scaling")
 
 
+def run(cmd: list[str]) -> int:
+    """Run one benchmark; if we are stopped meanwhile, stop it with SIGTERM (not SIGKILL) so that
+    it stops the redis-server and service processes it started."""
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="", help=f"comma list out of {','.join(SCRIPTS)}")
@@ -37,7 +51,7 @@ def main() -> int:
             cmd.append("--quick")
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.monotonic()
-        if subprocess.run(cmd).returncode != 0:
+        if run(cmd) != 0:
             failed.append(name)
             summary.append((name, "FAILED", time.monotonic() - started))
             continue

@@ -103,7 +103,8 @@ def main() -> dict[str, Any]:
             with workdir("scaling") as tmp:
                 r: dict[str, Any] = {"conversations": n, **ingest_at(n, seconds, tmp)}
                 with redis_server(tmp) as server:
-                    f = asyncio.run(flush.run_once(server.url, tmp, n, 0, args.spread))
+                    f = asyncio.run(flush.run_once(server.url, tmp, n, 0, args.spread,
+                                                   expiry_events=False))
                 r.update({k: f[k] for k in ("claimed", "claim_p50_ms", "claim_p99_ms", "claim_max_ms",
                                             "worker_cpu_us_per_batch", "redis_cpu_us_per_batch")})
             runs.append(r)
