@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
+from . import admin
 from .auth import (
     NO_WEBHOOK_AUTH_WARNING,
     SETTINGS,
@@ -35,6 +36,7 @@ from .auth import (
 )
 from .chatwoot import ChatMessage, PayloadError, classify
 from .config import Settings
+from .flags import Flags
 from .limits import Limits
 from .store import BufferStore
 
@@ -128,7 +130,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         try:
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
-                    body = await _buffer(request.app[LIMITS], store, msg)
+                    body = await _buffer(request.app[LIMITS], store, msg, request.app[admin.FLAGS])
                 elif decision.action == "note":
                     await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
@@ -145,11 +147,12 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
     return handle
 
 
-async def _buffer(limits: Limits, store: BufferStore, msg: ChatMessage) -> dict[str, object]:
+async def _buffer(limits: Limits, store: BufferStore, msg: ChatMessage,
+                  flags: Flags) -> dict[str, object]:
     refused_by = await limits.admit(msg)
     if refused_by:
         return {"status": "ignored", "reason": "rate_limited", "limit": refused_by}
-    result = await store.append(msg)
+    result = await store.append(msg, buffered=(await flags.current()).buffers(msg.conv, msg.inbox_id))
     if result.trigger == "full":
         return {"status": "ignored", "reason": "buffer_full"}
     body: dict[str, object] = {
@@ -227,7 +230,7 @@ async def _announce_auth(app: web.Application) -> None:
         log.info("admin_api_disabled", note="set ADMIN_TOKEN to enable /admin and buffer-processor")
 
 
-def create_app(settings: Settings, store: BufferStore) -> web.Application:
+def create_app(settings: Settings, store: BufferStore, flags: Flags | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_webhook_bytes, middlewares=[admin_middleware])
     app[STORE] = store
     app[SETTINGS] = settings
@@ -242,4 +245,6 @@ def create_app(settings: Settings, store: BufferStore) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi())
+    admin.setup(app, store, flags or Flags(store.redis, settings),
+                webhook_handlers=(webhook, _legacy_buffer_manager))
     return app

@@ -19,6 +19,8 @@ from .config import Settings
 MESSAGE_CREATED = "message_created"
 # A reply longer than this is not something Chatwoot's error bodies ever need; keep logs small.
 _ERROR_BODY_CHARS = 300
+# A contact's name in the prompt; Chatwoot does not bound it, one buffered copy per message must be.
+_NAME_CHARS = 100
 
 
 class PayloadError(ValueError):
@@ -49,6 +51,12 @@ class ChatMessage:
             entry["att"] = list(self.attachments)
         if self.role != "user":
             entry["role"] = self.role
+        else:
+            # The job record's inbox and the prompt's contact name are read from the burst.
+            if self.inbox_id is not None:
+                entry["inbox"] = self.inbox_id
+            if self.sender_name:
+                entry["name"] = self.sender_name[:_NAME_CHARS]
         return orjson.dumps(entry)
 
 

@@ -139,6 +139,8 @@ class Settings:
 
     log_format: str = "json"
     log_level: str = "info"
+    # /metrics of a worker-only process, which has no HTTP server otherwise (0 = none).
+    metrics_port: int = 0
 
     # Who may call us (docs/security.md). Neither webhook secret nor token: webhooks are open.
     chatwoot_webhook_secret: str = field(default="", repr=False)
@@ -235,6 +237,7 @@ class Settings:
             shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
             log_format=log_format,
             log_level=log_level,
+            metrics_port=_int(env, "METRICS_PORT", cls.metrics_port, minimum=0),
             chatwoot_webhook_secret=env.get("CHATWOOT_WEBHOOK_SECRET", "").strip(),
             webhook_token=_token(env, "WEBHOOK_TOKEN"),
             webhook_max_skew_s=_int(env, "WEBHOOK_MAX_SKEW_S", cls.webhook_max_skew_s),

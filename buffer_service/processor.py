@@ -23,8 +23,10 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
+from . import metrics
 from .chatwoot import ChatwootClient, ChatwootError
 from .config import Settings
+from .flags import Flags
 from .limits import Limits
 from .llm import LLMClient, LLMError
 from .store import Batch, BufferStore
@@ -35,8 +37,10 @@ _MAX_BACKOFF_MS = 300_000
 
 
 def build_prompt(system_prompt: str, history: list[dict[str, Any]],
-                 burst: tuple[dict[str, Any], ...]) -> list[dict[str, str]]:
+                 burst: tuple[dict[str, Any], ...], contact_name: str = "") -> list[dict[str, str]]:
     """System prompt, then earlier turns of the conversation, then the burst in arrival order."""
+    if contact_name:
+        system_prompt += f"\n\nThe customer's name (from their WhatsApp profile): {contact_name}"
     messages = [{"role": "system", "content": system_prompt}]
     for entry in history:
         messages.append({"role": entry.get("role", "user"), "content": entry.get("text", "")})
@@ -60,12 +64,13 @@ class LeaseLost(Exception):
 
 class Processor:
     def __init__(self, settings: Settings, store: BufferStore, llm: LLMClient,
-                 chatwoot: ChatwootClient) -> None:
+                 chatwoot: ChatwootClient, flags: Flags | None = None) -> None:
         self.settings = settings
         self.store = store
         self.llm = llm
         self.chatwoot = chatwoot
         self.limits = Limits(store)
+        self.flags = flags or Flags(store.redis, settings)
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
@@ -121,6 +126,7 @@ class Processor:
             log.warning("post_confirmed_by_echo", reply_id=reply_id)
         else:
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
+            metrics.chatwoot_posted(time.monotonic() - started)
         post_ms = round((time.monotonic() - started) * 1000)
         await self._finish_posted(batch, reply, reply_id)
         log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
@@ -129,12 +135,16 @@ class Processor:
         return "completed"
 
     async def _ask_llm(self, batch: Batch) -> str:
-        history = await self.store.history(batch.conv)
+        # The response_quality_enhancement flag: history and the contact's name, or the burst only.
+        enhanced = (await self.flags.current()).response_quality_enhancement
+        history = await self.store.history(batch.conv) if enhanced else []
         limit = self.settings.history_messages
+        name = next((m["name"] for m in reversed(batch.messages) if m.get("name")), "")
         prompt = build_prompt(self.settings.system_prompt, history[-limit:] if limit else [],
-                              batch.messages)
+                              batch.messages, name if enhanced else "")
         started = time.monotonic()
         answer = await self.llm.reply(prompt)
+        metrics.llm_answered(time.monotonic() - started, answer.prompt_tokens, answer.completion_tokens)
         log.info("llm_answered", messages=len(batch.messages),
                  llm_ms=round((time.monotonic() - started) * 1000),
                  prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)

@@ -19,6 +19,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import flags, metrics
+from .journal import SweepLog
 from .processor import Processor
 from .store import BufferStore
 
@@ -35,6 +37,7 @@ class Worker:
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
         self.claimed = 0
+        self.sweep_log = SweepLog(store.redis, store.settings)
 
     def wake(self) -> None:
         self._wake.set()
@@ -46,7 +49,13 @@ class Worker:
                  concurrency=self.settings.worker_concurrency)
         try:
             while not stop.is_set():
-                delay = await self._sweep()
+                paused = not await self.processor.flags.processing()
+                if paused:  # the processing switch: claim nothing, look at it again soon
+                    self._wake.clear()
+                    delay = flags.MAX_AGE_S
+                else:
+                    delay = await self._sweep()
+                await self.sweep_log.swept(paused=paused)
                 await self._sleep(delay, stop)
         finally:
             listener.cancel()
@@ -83,12 +92,15 @@ class Worker:
 
     def _start(self, batch) -> None:  # type: ignore[no-untyped-def]
         self.claimed += 1
+        metrics.claimed(batch)
+        self.sweep_log.claimed(batch)
         task = asyncio.create_task(self.processor.process(batch), name=f"batch-{batch.id}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
+        metrics.batch_outcome(task)
         self._wake.set()  # a slot is free again
 
     async def _sleep(self, delay: float, stop: asyncio.Event) -> None:

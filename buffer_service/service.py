@@ -19,9 +19,11 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import admin
 from .app import create_app
 from .chatwoot import ChatwootClient
 from .config import Settings
+from .flags import Flags
 from .llm import LLMClient
 from .processor import Processor
 from .scheduler import Worker
@@ -64,14 +66,20 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
 
     redis = make_redis(settings)
     store = BufferStore(redis, settings)
+    flags = Flags(redis, settings)
     log.info("starting", http=http, worker=worker, settings=settings.redacted())
 
     runner: web.AppRunner | None = None
     if http:
-        runner = web.AppRunner(create_app(settings, store), access_log=None)
+        runner = web.AppRunner(create_app(settings, store, flags), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.port).start()
         log.info("listening", host=settings.host, port=settings.port)
+    elif worker and settings.metrics_port:
+        # A worker-only process has no HTTP server; it serves its own /metrics (metrics.py).
+        runner = web.AppRunner(admin.metrics_app(store, flags), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.metrics_port).start()
 
     worker_task: asyncio.Task[None] | None = None
     session: aiohttp.ClientSession | None = None
@@ -81,7 +89,7 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
         session = aiohttp.ClientSession()
         llm = LLMClient(settings)
         pubsub_redis = make_redis(settings, blocking=True)
-        processor = Processor(settings, store, llm, ChatwootClient(settings, session))
+        processor = Processor(settings, store, llm, ChatwootClient(settings, session), flags)
         worker_task = asyncio.create_task(Worker(store, processor, pubsub_redis).run(stop))
 
     try:

@@ -15,6 +15,9 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
     bs:{sN}:batch:<id>       hash  job record of one flushed burst
     bs:{sN}:msgs:<id>        list  the burst's messages while the batch is unfinished
     bs:{sN}:failed           zset  batch id -> failure time
+    bs:{sN}:jobs:<state>     zset  batch id -> finish time (completed, skipped; finish.lua)
+    bs:{sN}:stats:<hour>     hash  hourly counters of flushes and outcomes (claim.lua, lib.lua)
+    bs:{sN}:manual           hash  conv -> 1: an operator flushed it (flush.lua; see ops.py)
     bs:{sN}:seq              counter for batch ids and fencing tokens
     bs:{sN}:handoff:<conv>   hash  reason, v: a human handles it  (handoff.lua; '' = the bot)
     bs:{sN}:pause:<conv>     string with PX = HUMAN_PAUSE_MS    (a human agent wrote)
@@ -123,7 +126,8 @@ class BufferStore:
         return {n: p + n for n in ("due", "first", "inflight", "active", "seq", "failed")}
 
     # -- webhook side -----------------------------------------------------------------------
-    async def append(self, msg: ChatMessage) -> AppendResult:
+    async def append(self, msg: ChatMessage, *, buffered: bool = True) -> AppendResult:
+        """buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
         s = self.settings
         shard = self.shard_of(msg.conv)
         k = self.shard_keys(shard)
@@ -131,7 +135,7 @@ class BufferStore:
             [k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
              self.key(shard, "ttl:next"),
              self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
-            [msg.conv, msg.to_json(), s.buffer_duration_ms, s.max_buffer_age_ms,
+            [msg.conv, msg.to_json(), s.buffer_duration_ms if buffered else 0, s.max_buffer_age_ms,
              s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes],
         )
         return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
@@ -231,7 +235,8 @@ class BufferStore:
         return bool(await self._scripts["finish"](
             keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
                   self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"hist:{batch.conv}"),
-                  self.key(shard, f"seen:{batch.account_id}:{reply_id}")],
+                  self.key(shard, f"seen:{batch.account_id}:{reply_id}"),
+                  self.key(shard, f"jobs:{state}")],
             args=[batch.id, batch.token, state, reason, reply_id, entry, self._history_cap(),
                   s.history_ttl_s * 1000, s.job_retention_days * 86_400_000, s.dedup_ttl_s * 1000,
                   self.wake_channel],

@@ -89,6 +89,14 @@ if taken < limit then
       elseif deadline >= first + max_age then
         trigger = 'age'
       end
+      -- Made due by an operator (ops.py: flush.lua), or by the unbuffered path (flags.py: a
+      -- window of 0 puts the deadline on the first message).
+      local manual = redis.call('HDEL', P .. 'manual', conv) == 1
+      if trigger == 'deadline' and manual then
+        trigger = 'manual'
+      elseif trigger == 'deadline' and deadline <= first then
+        trigger = 'immediate'
+      end
       if n <= max_size then
         redis.call('RENAME', buf, msgs)
         redis.call('HDEL', KEYS[2], conv)
@@ -105,9 +113,14 @@ if taken < limit then
         wake_at(P .. 'ttl:next', rest_deadline - now)
         n = max_size
       end
+      -- The job record names its account and inbox for operators; the inbox rides on each message.
+      local ok, last = pcall(cjson.decode, redis.call('LINDEX', msgs, -1))
+      local inbox = ok and type(last) == 'table' and tonumber(last.inbox) or ''
       redis.call('HSET', P .. 'batch:' .. id, 'id', id, 'conv', conv, 'state', 'processing',
         'token', token, 'attempts', 1, 'first_ms', first, 'deadline_ms', deadline,
-        'claimed_ms', now, 'trigger', trigger, 'count', n)
+        'claimed_ms', now, 'trigger', trigger, 'count', n,
+        'account', string.match(conv, '^(%d+):') or '', 'inbox', inbox)
+      count(P, now, 'flushed', 1, 'messages', n, 'late_ms', now - deadline, 't:' .. trigger, 1)
       redis.call('HSET', KEYS[4], conv, id)
       redis.call('ZADD', KEYS[3], now + lease, id)
       out[#out + 1] = {id, token, 1, conv, first, deadline, trigger, now, '',

@@ -2,7 +2,8 @@
 -- the burst and the reply into the conversation's history for later prompts, and let the
 -- conversation's next burst go.
 -- KEYS: 1 batch hash, 2 inflight, 3 active, 4 due, 5 msgs list, 6 history list,
---       7 seen marker of the posted reply (so its webhook echo is not recorded twice)
+--       7 seen marker of the posted reply (so its webhook echo is not recorded twice),
+--       8 jobs:<state> (zset id -> finish time: the index operators list jobs by)
 -- ARGV: 1 batch id, 2 token, 3 state, 4 reason, 5 reply message id, 6 reply history entry
 --       ('' for none), 7 history cap, 8 history ttl ms, 9 record retention ms, 10 dedup ttl ms,
 --       11 wake channel
@@ -32,4 +33,7 @@ if cap > 0 then
 end
 redis.call('DEL', KEYS[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
+-- The index forgets what the records' own expiry forgets.
+redis.call('ZADD', KEYS[8], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - tonumber(ARGV[9]))
 return 1

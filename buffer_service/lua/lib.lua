@@ -42,11 +42,31 @@ local function fingerprint(text)
   return redis.sha1hex(string.sub(bare, 1, 64))
 end
 
+-- Hourly counters for the monitoring figures (ops.py): add field, amount pairs to the shard's
+-- hash of the current hour, kept a week beyond the 24 hours the figures cover.
+local function count(prefix, now, ...)
+  local key = prefix .. 'stats:' .. math.floor(now / 3600000)
+  local args = {...}
+  for i = 1, #args, 2 do
+    redis.call('HINCRBY', key, args[i], args[i + 1])
+  end
+  redis.call('PEXPIRE', key, 8 * 86400000)
+end
+
 -- A batch leaves the pipeline for good or for now (done, skipped, superseded, failed): nobody
 -- holds it, and the conversation's next burst, parked while this batch ran, is due at once.
 -- Returns true when that parked burst was made due.
 local function close_batch(bkey, inflight, active, due, id, conv, now)
   redis.call('HSET', bkey, 'token', '', 'finished_ms', now)
+  -- Every way out passes here, so the hourly count of outcomes is kept here (its state is set).
+  local prefix = string.sub(bkey, 1, #bkey - #id - 6)
+  local state = redis.call('HGET', bkey, 'state')
+  if state == 'completed' then
+    local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
+    count(prefix, now, state, 1, 'reply_ms', now - first)
+  else
+    count(prefix, now, state, 1)
+  end
   redis.call('ZREM', inflight, id)
   if redis.call('HGET', active, conv) == id then
     redis.call('HDEL', active, conv)
