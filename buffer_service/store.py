@@ -6,8 +6,7 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
     bs:{sN}:due              zset  conv -> deadline ms          (the deadline index)
     bs:{sN}:first            hash  conv -> first message ms of the pending burst
     bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order
-    bs:{sN}:ttl:next         string with PX = time to the shard's earliest new deadline
-                             (expiry event = wake-up hint; lua/lib.lua wake_at)
+    bs:{sN}:ttl:<conv>       string with PX = time to deadline  (expiry event = wake-up hint)
     bs:{sN}:seen:<acct>:<id> string with PX                     (webhook de-duplication)
     bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context)
     bs:{sN}:inflight         zset  batch id -> lease expiry or retry time
@@ -133,7 +132,7 @@ class BufferStore:
         k = self.shard_keys(shard)
         raw = await self._append(
             [k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
-             self.key(shard, "ttl:next"),
+             self.key(shard, f"ttl:{msg.conv}"),
              self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
             [msg.conv, msg.to_json(), s.buffer_duration_ms if buffered else 0, s.max_buffer_age_ms,
              s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes],
@@ -208,7 +207,7 @@ class BufferStore:
         verdict, detail = await self._scripts["before_post"](
             keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
                   k["first"], self.key(shard, f"buf:{batch.conv}"),
-                  self.key(shard, "ttl:next"), self.key(shard, f"msgs:{batch.id}"),
+                  self.key(shard, f"ttl:{batch.conv}"), self.key(shard, f"msgs:{batch.id}"),
                   self.key(shard, f"pause:{batch.conv}"), self.key(shard, f"handoff:{batch.conv}"),
                   self.key(shard, f"own:{batch.conv}")],
             args=[batch.id, batch.token, reply, int(s.supersede_stale_replies), s.max_buffer_age_ms,

@@ -3,7 +3,7 @@
 -- between them would otherwise leave a message buffered with no deadline (never answered)
 -- or a duplicate marker with no message (lost).
 -- KEYS: 1 due (zset conv -> deadline ms), 2 first (hash conv -> first message ms),
---       3 buf:<conv> (list), 4 ttl:next (the shard's expiry wake-up, lib.lua wake_at),
+--       3 buf:<conv> (list), 4 ttl:<conv> (sliding TTL key, the expiry wake-up),
 --       5 seen:<account>:<message id> (de-duplication marker)
 -- ARGV: 1 conv, 2 message json, 3 window ms, 4 max age ms, 5 max size, 6 dedup ttl ms,
 --       7 wake channel, 8 max buffer bytes (0: no cap)
@@ -55,7 +55,7 @@ end
 if deadline < now then deadline = now end
 
 local added = redis.call('ZADD', KEYS[1], deadline, conv)
-wake_at(KEYS[4], deadline - now)
+redis.call('SET', KEYS[4], '', 'PX', math.max(1, deadline - now))
 -- Workers already know every deadline they saw in a sweep; only a deadline they cannot know
 -- yet (a new burst, or one made due early) is worth a wake-up message.
 if added == 1 or deadline == now then

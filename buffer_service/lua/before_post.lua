@@ -10,7 +10,7 @@
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
 --   again), its fingerprint is remembered so that its webhook echo is recognised as ours, and
 --   the lease is renewed for the post.
--- KEYS: 1 batch hash, 2 inflight, 3 active, 4 due, 5 first, 6 buf:<conv>, 7 ttl:next,
+-- KEYS: 1 batch hash, 2 inflight, 3 active, 4 due, 5 first, 6 buf:<conv>, 7 ttl:<conv>,
 --       8 msgs:<id>, 9 pause:<conv>, 10 handoff:<conv>, 11 own:<conv>
 -- ARGV: 1 batch id, 2 token, 3 reply, 4 supersede (0|1), 5 max age ms, 6 max size, 7 lease ms,
 --       8 own-reply memory ms, 9 record retention ms, 10 wake channel
@@ -40,7 +40,7 @@ if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(AR
   if deadline > first + max_age then deadline = first + max_age end
   if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
   redis.call('ZADD', KEYS[4], deadline, conv)
-  wake_at(KEYS[7], deadline - now)
+  redis.call('SET', KEYS[7], '', 'PX', math.max(1, deadline - now))
   redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
   redis.call('HDEL', KEYS[1], 'reply')
   close_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], conv, now)

@@ -101,6 +101,7 @@ if taken < limit then
         redis.call('RENAME', buf, msgs)
         redis.call('HDEL', KEYS[2], conv)
         redis.call('ZREM', KEYS[1], conv)
+        redis.call('DEL', P .. 'ttl:' .. conv)
       else
         -- More than one burst's worth: the first max_size messages go now, the rest are the
         -- next burst and get a window of their own.
@@ -110,7 +111,7 @@ if taken < limit then
         if n - max_size >= max_size then rest_deadline = now end
         redis.call('HSET', KEYS[2], conv, now)
         redis.call('ZADD', KEYS[1], rest_deadline, conv)
-        wake_at(P .. 'ttl:next', rest_deadline - now)
+        redis.call('SET', P .. 'ttl:' .. conv, '', 'PX', math.max(1, rest_deadline - now))
         n = max_size
       end
       -- The job record names its account and inbox for operators; the inbox rides on each message.

@@ -7,18 +7,6 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The wake-up hint of a shard: one key (ttl:next) whose expiry event fires at the earliest
--- deadline set since it last fired. One per shard rather than one per conversation: about 150
--- bytes less per open conversation, and no volatile key per conversation for Redis's expiry
--- cycle to sample (the more volatile keys, the later every expiry event; redis-timing.md).
--- Only an earlier deadline moves it: a worker learns all the others from its next claim.
-local function wake_at(key, ms)
-  local left = redis.call('PTTL', key)
-  if left < 0 or ms < left then
-    redis.call('SET', key, '', 'PX', math.max(1, ms))
-  end
-end
-
 -- Fencing: only the holder of the current token may change a batch. A closed batch has the
 -- token '', which no caller holds.
 local function holds(bkey, token)
