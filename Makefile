@@ -29,6 +29,9 @@ test: install redis lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install redis
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/run_all.py --quick
 
 clean:
