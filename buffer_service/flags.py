@@ -28,6 +28,8 @@ from .config import Settings
 log = structlog.get_logger("buffer_service.flags")
 
 MAX_AGE_S = 0.5
+# The wake-up message that says "the flags changed" rather than "a deadline is due".
+FLAGS_CHANGED = "flags"
 
 
 class FlagError(ValueError):
@@ -181,10 +183,14 @@ class Flags:
     async def set(self, name: str, value: str) -> str:
         stored = normalize(name, value)
         await self.redis.hset(self.key, name, stored)
-        # Workers paused by `processing off` look again at once instead of at their next check.
-        await self.redis.publish(self.wake_channel, 0)
+        # Workers drop their cached copy and look again at once (scheduler._listen) instead of
+        # at their next reload, so `processing off` followed by a flush does not race.
+        await self.redis.publish(self.wake_channel, FLAGS_CHANGED)
         self._values = None
         return stored
+
+    def invalidate(self) -> None:
+        self._values = None
 
     async def table(self) -> list[dict[str, str]]:
         """Every flag with its value, its default and what it does (for `flags` listings)."""

@@ -166,11 +166,13 @@ class Worker:
                     channel = message["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode()
+                    data = message["data"]
+                    data = data.decode() if isinstance(data, bytes) else str(data)
                     if channel == expired:
-                        key = message["data"]
-                        key = key.decode() if isinstance(key, bytes) else str(key)
-                        if not (key.startswith(ttl_marker) and ":ttl:" in key):
+                        if not (data.startswith(ttl_marker) and ":ttl:" in data):
                             continue
+                    elif data == flags.FLAGS_CHANGED:
+                        self.processor.flags.invalidate()
                     self._wake.set()
             except (RedisError, OSError) as exc:
                 log.warning("wakeup_subscription_lost", error=str(exc), retry_in_s=backoff)

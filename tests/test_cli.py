@@ -17,7 +17,7 @@ from conftest import ROOT, free_port
 from test_pipeline import wait_for
 
 from buffer_service.config import Settings
-from buffer_service.flags import Flags
+from buffer_service.flags import MAX_AGE_S, Flags
 from buffer_service.standins import message_payload
 
 SCRIPTS = ROOT / "scripts"
@@ -97,6 +97,7 @@ async def test_cli_shows_and_steers_a_running_service(settings, make_service, ll
 
     # Processing off: a flush is accepted but nothing is answered until it is on again.
     assert await cli_json(settings, "processing", "off") == {"processing": "off"}
+    await asyncio.sleep(MAX_AGE_S)  # what the switch promises: every worker, within a second
     code, out, _ = await run_cli(settings, "flush", "1:7")
     assert code == 0 and "processing is off" in out
     await asyncio.sleep(1.5)

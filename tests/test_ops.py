@@ -146,6 +146,22 @@ async def test_processing_off_keeps_buffering_and_on_again_answers(settings, mak
     assert len(llm.calls) == 1
 
 
+async def test_processing_off_right_after_another_flag_change_holds_a_flush(settings, make_service, llm,
+                                                                           chatwoot, operator):
+    # A flag change wakes the worker, which reloads its copy; a second change within MAX_AGE_S
+    # used to find that fresh copy and be ignored, so an immediate flush was answered anyway.
+    svc = await make_service(replace(settings, buffer_duration_ms=30_000, max_buffer_age_ms=60_000))
+    await svc.webhook(message_payload(message_id=1, conversation_id=51, content="hold me"))
+    await operator.flags.set("buffering_percent", "100")
+    await asyncio.sleep(0.1)  # the worker has woken and reloaded the flags
+    await operator.set_processing(False)
+    assert (await operator.flush("1:51"))["processing"] is False
+    await asyncio.sleep(1.5)
+    assert chatwoot.posts == [] and llm.calls == []
+    await operator.set_processing(True)
+    await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
+
+
 async def test_failed_jobs_are_listed_and_retried_from_the_cli_and_the_api(settings, make_service,
                                                                             llm, chatwoot, operator):
     svc = await make_service(replace(settings, admin_token=TOKEN))
