@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from . import flags, metrics
 from .journal import SweepLog
 from .processor import Processor
-from .store import BufferStore
+from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.scheduler")
 
@@ -90,7 +90,7 @@ class Worker:
                 return delay
         return delay
 
-    def _start(self, batch) -> None:  # type: ignore[no-untyped-def]
+    def _start(self, batch: Batch) -> None:
         self.claimed += 1
         metrics.claimed(batch)
         self.sweep_log.claimed(batch)
