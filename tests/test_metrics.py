@@ -35,6 +35,16 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+async def settled(svc, before: Samples, completed: int) -> Samples:
+    """Scrape once `completed` more batches have finished: a batch's outcome is counted when its
+    task ends, a moment after the stand-in recorded the post."""
+    async def check() -> Samples | None:
+        after = await scrape(svc.session, svc.url)
+        done = delta(before, after, "buffer_service_batches_total", outcome="completed")
+        return after if done >= completed else None
+    return await eventually(check)
+
+
 async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, llm, chatwoot, redis):
     svc = await make_service(replace(settings, buffer_duration_ms=500, retry_base_ms=50))
     operator = Operations(BufferStore(redis, settings), Flags(redis, settings))
@@ -54,9 +64,7 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
     await svc.webhook(message_payload(message_id=930, conversation_id=93))
     await operator.flush("1:93")
     await wait_for(lambda: len(chatwoot.posts) == 4, timeout=5)
-    await asyncio.sleep(0.1)  # the last batch's outcome is counted when its task ends
-
-    after = await scrape(svc.session, svc.url)
+    after = await settled(svc, before, completed=4)
 
     def d(name: str, **labels: str) -> float:
         return delta(before, after, name, **labels)
@@ -94,8 +102,7 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
     before = await scrape(svc.session, svc.url)
     await operator.retry(failed["id"])
     await wait_for(lambda: len(chatwoot.posts) == 5, timeout=5)
-    await asyncio.sleep(0.1)
-    after = await scrape(svc.session, svc.url)
+    after = await settled(svc, before, completed=1)
     assert d("buffer_service_batches_total", outcome="completed") == 1
     assert d("buffer_service_bursts_flushed_total", trigger="deadline") == 0
     assert d("buffer_service_flush_lateness_seconds_count") == 0
