@@ -344,6 +344,8 @@ async def test_superseding_can_be_turned_off(settings, make_service, llm, chatwo
     await svc.webhook(message_payload(message_id=111, conversation_id=110, content="b"))
     await wait_for(lambda: len(chatwoot.posts) == 2, timeout=15)
     assert [p.body["content"] for p in chatwoot.posts] == ["Reply to: a", "Reply to: b"]
+    # "b" was due long before "a" was answered, yet waited: one burst of a conversation at a time.
+    assert llm.calls[1].at >= chatwoot.posts[0].at
 
 
 async def test_a_burst_past_the_age_cap_is_answered_even_if_stale(settings, make_service, llm, chatwoot):
