@@ -14,6 +14,7 @@ behaviour of a message buffer is what happens when its dependencies are slow or 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import contextlib
@@ -389,7 +390,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-class _StandInServer:
+class _StandInServer(abc.ABC):
     """Start/stop of an aiohttp app on an ephemeral localhost port.
 
     Port 0 lets many stand-ins (parallel tests, benchmarks) run side by side; the real port
@@ -400,8 +401,9 @@ class _StandInServer:
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
 
-    def _make_app(self) -> web.Application:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make_app(self) -> web.Application:
+        """The stand-in's routes."""
 
     @property
     def base_url(self) -> str:

@@ -227,5 +227,17 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
                             stdout=out, stderr=subprocess.STDOUT)
 
 
+async def wait_http_ok(session: aiohttp.ClientSession, url: str, timeout: float = 15.0) -> None:
+    """Poll a health URL of a service started as a process until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url) as resp:
+                if resp.status == 200:
+                    return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+
+
 def with_port(settings: Settings) -> Settings:
     return replace(settings, port=free_port())

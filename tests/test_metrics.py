@@ -8,7 +8,7 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
-from conftest import free_port, service_env, spawn, with_port
+from conftest import free_port, service_env, spawn, wait_http_ok, with_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import eventually
 from test_pipeline import wait_for
@@ -125,13 +125,7 @@ async def _two_processes(settings, tmp_path, **extra: str):
 
 
 async def _run_two_bursts(session, server_url: str, chatwoot) -> None:
-    for _ in range(300):
-        try:
-            async with session.get(server_url + "/healthz") as resp:
-                if resp.status == 200:
-                    break
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.05)
+    await wait_http_ok(session, server_url + "/healthz")
     for conv in (1, 2):
         async with session.post(server_url + "/webhooks/chatwoot",
                                 json=message_payload(message_id=conv, conversation_id=conv)) as resp:

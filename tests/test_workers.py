@@ -11,7 +11,7 @@ import collections
 
 import aiohttp
 import orjson
-from conftest import service_env, spawn, with_port
+from conftest import service_env, spawn, wait_http_ok, with_port
 from test_pipeline import wait_for
 
 from buffer_service.standins import message_payload
@@ -27,13 +27,7 @@ async def test_two_worker_processes_never_answer_a_burst_twice(settings, llm, ch
     url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(url + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await wait_http_ok(session, url + "/readyz")
             await asyncio.sleep(0.5)  # workers subscribed
 
             async def converse(conv: int) -> None:
