@@ -131,10 +131,9 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
                     body = await _buffer(request.app[LIMITS], store, msg, request.app[admin.FLAGS])
-                elif decision.action == "note":
-                    await store.note(decision)
-                    body = {"status": "ignored", "reason": decision.reason}
                 else:
+                    if decision.action == "note":  # not answered, but kept as history
+                        await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
         except (RedisError, TimeoutError) as exc:
             return _unavailable(exc)
@@ -170,8 +169,7 @@ async def _legacy_buffer_manager(request: web.Request) -> web.Response:
     # The old edge function took the action as a query parameter; only `handle` existed for
     # webhooks, and its test command sends a bare message without `event`.
     if request.query.get("action", "handle") != "handle":
-        return _json({"status": "rejected", "error": "unsupported action; use action=handle"},
-                     status=400)
+        return _rejected(400, "unsupported action; use action=handle")
     return await _bare_message(request)
 
 

@@ -137,16 +137,17 @@ class Processor:
     async def _ask_llm(self, batch: Batch) -> str:
         # The response_quality_enhancement flag: history and the contact's name, or the burst only.
         enhanced = (await self.flags.current()).response_quality_enhancement
-        history = await self.store.history(batch.conv) if enhanced else []
-        limit = self.settings.history_messages
+        # The list keeps a burst's worth more than a prompt uses; read only what it uses.
+        history = (await self.store.history(batch.conv, self.settings.history_messages)
+                   if enhanced else [])
         name = next((m["name"] for m in reversed(batch.messages) if m.get("name")), "")
-        prompt = build_prompt(self.settings.system_prompt, history[-limit:] if limit else [],
-                              batch.messages, name if enhanced else "")
+        prompt = build_prompt(self.settings.system_prompt, history, batch.messages,
+                              name if enhanced else "")
         started = time.monotonic()
         answer = await self.llm.reply(prompt)
-        metrics.llm_answered(time.monotonic() - started, answer.prompt_tokens, answer.completion_tokens)
-        log.info("llm_answered", messages=len(batch.messages),
-                 llm_ms=round((time.monotonic() - started) * 1000),
+        elapsed = time.monotonic() - started
+        metrics.llm_answered(elapsed, answer.prompt_tokens, answer.completion_tokens)
+        log.info("llm_answered", messages=len(batch.messages), llm_ms=round(elapsed * 1000),
                  prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
         return answer.text
 

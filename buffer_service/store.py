@@ -262,9 +262,12 @@ class BufferStore:
             args=[batch_id, self.wake_channel],
         ))
 
-    async def history(self, conv: str) -> list[dict[str, Any]]:
+    async def history(self, conv: str, last: int) -> list[dict[str, Any]]:
+        """The conversation's `last` most recent history entries, oldest first."""
+        if last <= 0:
+            return []
         shard = self.shard_of(conv)
-        raw = await self.redis.lrange(self.key(shard, f"hist:{conv}"), 0, -1)
+        raw = await self.redis.lrange(self.key(shard, f"hist:{conv}"), -last, -1)
         return [orjson.loads(r) for r in raw]
 
     async def job(self, batch_id: str) -> dict[str, str]:
