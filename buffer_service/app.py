@@ -7,8 +7,11 @@ is 503, so nothing is acknowledged that was not stored.
 
 A webhook passes, in order: the size cap (413, decided from Content-Length before reading, and
 the read itself capped), authentication on the raw bytes (401, auth.py), JSON and field checks
-(400), the rate limits (ignored: rate_limited, limits.py), the buffer's byte cap (ignored:
-buffer_full). Every rejection happens before anything is stored.
+(400). Every rejection happens before anything is stored. A customer message then goes to the
+append script, which de-duplicates it first and keeps it in the conversation's history, without
+buffering it, when a human is in charge by a newer snapshot or a limit refuses it (rate limits,
+limits.py; the buffer's byte cap): acknowledged with 200 and `ignored` so that Chatwoot does
+not retry, and counted where operators look.
 """
 
 from __future__ import annotations
@@ -37,13 +40,12 @@ from .auth import (
 from .chatwoot import ChatMessage, PayloadError, classify
 from .config import Settings
 from .flags import Flags
-from .limits import Limits
+from .limits import RATE_LIMITED
 from .store import BufferStore
 
 log = structlog.get_logger("buffer_service.app")
 
 STORE = web.AppKey("store", BufferStore)
-LIMITS = web.AppKey("limits", Limits)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
 # than refusing connections) would otherwise hold a webhook for the client's retries of 5 s
@@ -130,7 +132,8 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         try:
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
-                    body = await _buffer(request.app[LIMITS], store, msg, request.app[admin.FLAGS])
+                    version = decision.handoff.version if decision.handoff else None
+                    body = await _buffer(store, msg, request.app[admin.FLAGS], version)
                 else:
                     if decision.action == "note":  # not answered, but kept as history
                         await store.note(decision)
@@ -146,14 +149,16 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
     return handle
 
 
-async def _buffer(limits: Limits, store: BufferStore, msg: ChatMessage,
-                  flags: Flags) -> dict[str, object]:
-    refused_by = await limits.admit(msg)
-    if refused_by:
-        return {"status": "ignored", "reason": "rate_limited", "limit": refused_by}
-    result = await store.append(msg, buffered=(await flags.current()).buffers(msg.conv, msg.inbox_id))
-    if result.trigger == "full":
-        return {"status": "ignored", "reason": "buffer_full"}
+async def _buffer(store: BufferStore, msg: ChatMessage, flags: Flags,
+                  version: float | None) -> dict[str, object]:
+    result = await store.append(msg, buffered=(await flags.current()).buffers(msg.conv, msg.inbox_id),
+                                version=version)
+    if not result.buffered and not result.duplicate:
+        reason, _, scope = result.trigger.partition(":")
+        if reason != "rate_limited":
+            return {"status": "ignored", "reason": reason}
+        RATE_LIMITED.labels(scope).inc()
+        return {"status": "ignored", "reason": reason, "limit": scope}
     body: dict[str, object] = {
         "status": "buffered" if result.buffered else "duplicate",
         "conversation_id": msg.conversation_id,
@@ -232,7 +237,6 @@ def create_app(settings: Settings, store: BufferStore, flags: Flags | None = Non
     app = web.Application(client_max_size=settings.max_webhook_bytes, middlewares=[admin_middleware])
     app[STORE] = store
     app[SETTINGS] = settings
-    app[LIMITS] = Limits(store)
     app.on_startup.append(_announce_auth)
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUESTS)
     webhook = _webhook(None)

@@ -1,13 +1,14 @@
 """Chatwoot: which webhook payloads the bot answers, and the REST client that posts replies.
 
-Payload shapes follow Chatwoot's own code (`Message#webhook_data`, see
-shared/reference/chatwoot.md §3): `message_type` is a string in webhooks, `conversation.id` is
-the display id that the REST paths take, and the bot's own replies come back as `outgoing`
-message_created events, which must never be answered.
+Payload shapes follow Chatwoot's own code (`Message#webhook_data`; docs/chatwoot.md):
+`message_type` is a string in webhooks, `conversation.id` is the display id that the REST paths
+take, and the bot's own replies come back as `outgoing` message_created events, which must never
+be answered.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,18 +275,42 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
             sender_name=sender_name if isinstance(sender_name, str) else "",
         ),
         extra=extra,
+        handoff=handoff,  # the bot is in charge, as of this snapshot (store.append weighs it)
     )
 
 
 class ChatwootError(Exception):
-    """A reply could not be posted. `retryable` says whether trying again can help."""
+    """A call to Chatwoot failed. `retryable` says whether trying again can help; `unsure`, for
+    a reply's post, that Chatwoot may have created the message all the same (a timeout, a
+    connection lost after the request was sent, a 5xx), so it must not simply be posted again."""
 
     def __init__(self, message: str, *, status: int | None = None, retryable: bool = True,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, unsure: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.unsure = unsure
+
+
+# A proxy's answers that it stopped waiting for Chatwoot, which may still be working on the post.
+_GATEWAY_GAVE_UP = frozenset({502, 503, 504})
+# Chatwoot's message_type enum in REST answers (webhooks carry the name).
+_OUTGOING = 1
+# `GET …/messages?after=<id>` answers at most this many messages, oldest first.
+_PAGE = 100
+_MAX_PAGES = 5
+
+
+def same_reply(a: str, b: str) -> bool:
+    """Whether a message's text is our reply: the comparison lua/lib.lua's fingerprint makes of
+    webhook echoes (whitespace and backslashes dropped, the first 64 characters), because
+    Chatwoot normalises line breaks and may shorten a long text."""
+    return _bare(a) == _bare(b)
+
+
+def _bare(text: str) -> str:
+    return re.sub(r"[ \t\n\r\f\v\\]", "", text)[:64]
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -302,6 +327,11 @@ class ChatwootClient:
         self._base = settings.chatwoot_base_url
         self._headers = {"api_access_token": settings.chatwoot_api_token}
         self._timeout = aiohttp.ClientTimeout(total=settings.chatwoot_timeout_s)
+        # A post we stopped waiting for may still be under way inside Chatwoot (or behind a
+        # proxy that gave up on it). Its retry waits one more timeout, so that the request has
+        # ended, and its webhook echo may have come, before Chatwoot is asked whether the
+        # message exists (docs/delivery-guarantees.md).
+        self._settle_s = settings.chatwoot_timeout_s
         self._session = session
 
     async def post_reply(self, account_id: int, conversation_id: int, content: str) -> int:
@@ -315,16 +345,87 @@ class ChatwootClient:
                 if resp.status >= 300:
                     detail = raw[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
                     retryable = resp.status == 429 or resp.status >= 500
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    if resp.status in _GATEWAY_GAVE_UP:
+                        retry_after = max(retry_after or 0.0, self._settle_s)
                     raise ChatwootError(
                         f"Chatwoot answered HTTP {resp.status} to the reply: {detail}",
-                        status=resp.status, retryable=retryable,
-                        retry_after_s=_retry_after(resp.headers.get("Retry-After")),
+                        status=resp.status, retryable=retryable, retry_after_s=retry_after,
+                        unsure=resp.status >= 500,
                     )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise ChatwootError(f"Chatwoot unreachable: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Sent, or partly: Chatwoot may be creating the message while we give up.
+            raise ChatwootError(f"Chatwoot did not answer the reply: {type(exc).__name__}: {exc}",
+                                unsure=True, retry_after_s=self._settle_s) from exc
         try:
             created = orjson.loads(raw)
             return int(created["id"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             # The message was created (2xx); only its id is unknown. Posting again would duplicate.
             return 0
+
+    async def find_reply(self, account_id: int, conversation_id: int, content: str,
+                         after_id: int) -> int | None:
+        """Whether Chatwoot has our reply `content` among the conversation's messages newer than
+        `after_id` (the burst's last message, which the reply answers): its id, or None when it
+        certainly has not. Raises ChatwootError when Chatwoot cannot tell.
+
+        A user token lists the messages (`GET …/messages?after=`). An agent bot's token may not
+        (401): then the conversation's last public-or-private message (`GET …/conversations/{id}`,
+        bots may since Chatwoot 4.14.2) must be either our reply, or the burst itself or older,
+        which proves nothing came after it; anything else is undecidable.
+        """
+        url = f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}"
+        after = after_id
+        for _ in range(_MAX_PAGES):
+            status, body = await self._get(f"{url}/messages", {"after": str(after)})
+            if status == 401 and after == after_id:
+                return await self._find_last(url, content, after_id)
+            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("payload"), list):
+                raise ChatwootError(f"cannot list the conversation's messages: HTTP {status}",
+                                    status=status, unsure=True)
+            page = [m for m in body["payload"] if isinstance(m, dict) and _is_id(m.get("id"))]
+            found = next((m["id"] for m in page if _ours(m, content, after_id)), None)
+            if found is not None:
+                return int(found)
+            if len(body["payload"]) < _PAGE:
+                return None
+            after = max([after, *(m["id"] for m in page)])
+        raise ChatwootError("cannot tell whether the reply was posted: too many newer messages",
+                            unsure=True)
+
+    async def _find_last(self, url: str, content: str, after_id: int) -> int | None:
+        status, body = await self._get(url, None)
+        last = body.get("last_non_activity_message") if isinstance(body, dict) else None
+        if status != 200 or not (last is None or isinstance(last, dict)):
+            raise ChatwootError(f"cannot read the conversation: HTTP {status}", status=status,
+                                unsure=True)
+        if last is None or (_is_id(last.get("id")) and last["id"] <= after_id):
+            return None
+        if _ours(last, content, after_id):
+            return int(last["id"])
+        raise ChatwootError("cannot tell whether the reply was posted: the token may not list "
+                            "messages and the conversation has newer ones", unsure=True)
+
+    async def _get(self, url: str, params: dict[str, str] | None) -> tuple[int, Any]:
+        try:
+            async with self._session.get(url, params=params, headers=self._headers,
+                                         timeout=self._timeout) as resp:
+                raw = await resp.content.read(4_000_000)
+                if resp.status != 200:
+                    return resp.status, None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ChatwootError(f"Chatwoot unreachable: {type(exc).__name__}: {exc}",
+                                unsure=True) from exc
+        try:
+            return 200, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return 200, None
+
+
+def _ours(message: dict[str, Any], content: str, after_id: int) -> bool:
+    return (message.get("message_type") in (_OUTGOING, "outgoing") and not message.get("private")
+            and _is_id(message.get("id")) and message["id"] > after_id
+            and isinstance(message.get("content"), str) and same_reply(message["content"], content))

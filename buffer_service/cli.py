@@ -205,7 +205,8 @@ _HOUR_COLUMNS = [("hour", "HOUR (UTC)"), ("bursts", "BURSTS"), ("messages", "MSG
                  ("avg_messages_per_burst", "MSGS/BURST"), ("completed", "COMPLETED"),
                  ("avg_first_message_to_reply_s", "FIRST MSG->REPLY S"),
                  ("avg_deadline_to_claim_ms", "DEADLINE->CLAIM MS"), ("skipped", "SKIPPED"),
-                 ("failed", "FAILED"), ("superseded", "SUPERSEDED"), ("by_trigger", "TRIGGERS")]
+                 ("failed", "FAILED"), ("superseded", "SUPERSEDED"), ("by_trigger", "TRIGGERS"),
+                 ("refused_messages", "REFUSED")]
 
 
 _LOG_ORDER = ("outcome", "reason", "status", "conversation", "message", "buffered", "flush_in_ms",

@@ -28,11 +28,17 @@ SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token", "chatwoot_web
 _MIN_TOKEN_CHARS = 16
 
 
+# A burst is moved and read whole inside Lua scripts, whose unpack() takes at most ~8000 values;
+# no WhatsApp burst comes near this, and a prompt of more messages would not help anyone.
+MAX_BUFFER_SIZE_LIMIT = 1000
+
+
 class ConfigError(ValueError):
     """A setting is missing or invalid; str() is the single line shown to the operator."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1,
+         maximum: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -42,6 +48,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {value}")
     return value
 
 
@@ -219,7 +227,8 @@ class Settings:
             buffer_duration_ms=_int(env, "MESSAGE_BUFFER_DURATION_MS", cls.buffer_duration_ms),
             processing_interval_ms=_int(env, "BUFFER_PROCESSING_INTERVAL_MS",
                                         cls.processing_interval_ms),
-            max_buffer_size=_int(env, "MAX_BUFFER_SIZE", cls.max_buffer_size),
+            max_buffer_size=_int(env, "MAX_BUFFER_SIZE", cls.max_buffer_size,
+                                 maximum=MAX_BUFFER_SIZE_LIMIT),
             max_buffer_age_ms=_int(env, "MAX_BUFFER_AGE_MS", cls.max_buffer_age_ms),
             bot_conversation_statuses=statuses,
             shards=_int(env, "BUFFER_SHARDS", cls.shards),

@@ -7,17 +7,18 @@ live in its shard's Redis Cluster slot):
     bs:rl:global         string  the same for all conversations together (one key, one slot)
     bs:{sN}:llm:<conv>   zset    the conversation's LLM calls of the last hour (spend guard)
 
-Message limits (lua/ratelimit.lua) admit a burst of up to N accepted messages and then N per
-window; they are checked only for messages that would be buffered, so Chatwoot's other events
-never use them up. The spend guard (lua/llmquota.lua) is an exact count per hour-long window.
+Message limits (GCRA, lua/lib.lua) admit a burst of up to N accepted messages and then N per
+window. They are checked inside the append script (append.lua), after de-duplication and
+atomically with it, and only for customer messages the bot would answer: neither Chatwoot's
+other events nor its redeliveries use them up, and a message one conversation's limit refuses
+does not count against the global one. A refused message is still kept in the history. The
+spend guard (lua/llmquota.lua) is an exact count per hour-long window.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter
 
-from .batcher import ScriptBatcher
-from .chatwoot import ChatMessage
 from .store import BufferStore, _load
 
 RATE_LIMITED = Counter("buffer_service_rate_limited",
@@ -33,26 +34,10 @@ class Limits:
     def __init__(self, store: BufferStore) -> None:
         self.store = store
         self.settings = store.settings
-        # Checked on every webhook: concurrent checks share a round trip (batcher.py).
-        self._ratelimit = ScriptBatcher(store.redis, store.redis.register_script(_load("ratelimit")))
         self._llmquota = store.redis.register_script(_load("llmquota"))
 
     def _conv_key(self, kind: str, conv: str) -> str:
         return self.store.key(self.store.shard_of(conv), f"{kind}:{conv}")
-
-    async def admit(self, msg: ChatMessage) -> str:
-        """'' when the message may be buffered, else the limit that refused it."""
-        s = self.settings
-        window_ms = s.rate_limit_window_s * 1000
-        # The conversation first: a refused flood of one conversation must not use up the
-        # global allowance of everyone else.
-        checks = [("conversation", self._conv_key("rl", msg.conv), s.rate_limit_per_conversation),
-                  ("global", f"{s.key_prefix}:rl:global", s.rate_limit_global)]
-        for scope, key, limit in checks:
-            if limit and not (await self._ratelimit([key], [limit, window_ms]))[0]:
-                RATE_LIMITED.labels(scope).inc()
-                return scope
-        return ""
 
     async def allow_llm_call(self, conv: str, call_id: str) -> bool:
         """Count one LLM call of `conv`; False once it made its allowance of the last hour."""

@@ -33,8 +33,10 @@ from .store import BufferStore, _load, _s
 HOUR_MS = 3_600_000
 JOB_STATUSES = ("buffering", "processing", "completed", "failed", "skipped")
 _TRIGGERS = ("deadline", "size", "age", "manual", "immediate")
+# Why a customer message was kept in the history without being buffered (append.lua).
+_REFUSALS = ("rate_limited", "buffer_full")
 _STAT_FIELDS = ("flushed", "messages", "late_ms", "completed", "reply_ms", "skipped", "failed",
-                "superseded", *(f"t:{t}" for t in _TRIGGERS))
+                "superseded", *(f"t:{t}" for t in _TRIGGERS), *_REFUSALS)
 STATS_HOURS = 8 * 24  # lua/lib.lua keeps each hour's counters this long
 
 
@@ -337,6 +339,7 @@ def _figures(c: dict[str, int]) -> dict[str, Any]:
         "failed": c["failed"],
         "superseded": c["superseded"],
         "by_trigger": {t: c[f"t:{t}"] for t in _TRIGGERS if c[f"t:{t}"]},
+        "refused_messages": {r: c[r] for r in _REFUSALS if c[r]},
     }
 
 

@@ -5,12 +5,14 @@ Steps, each recorded before the next so that a retry after a crash repeats nothi
 2. ask the LLM, unless an earlier attempt stored its reply;
 3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
    customer wrote again (old and new are answered together), else store the reply with the
-   batch as "posting";
+   batch as "posting", unsure until its outcome is known;
 4. post the reply to Chatwoot;
 5. finish the batch with Chatwoot's message id.
-A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. The one
-window left for a duplicate reply is a crash between 4 and 5 with no echo before the retry
-(docs/delivery-guarantees.md).
+A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. A retry
+after a post whose outcome is unknown (a crash, a timeout, a lost connection, a 5xx) first asks
+Chatwoot whether the message exists, and posts only when it does not; such a reply is never
+superseded, as the customer may have it. What is left of the windows for a duplicate reply is
+in docs/delivery-guarantees.md.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ class Processor:
         except LeaseLost:
             log.warning("lease_lost")
             return "lost"
-        except (LLMError, ChatwootError) as exc:
+        except ChatwootError as exc:
+            return await self._failed(batch, str(exc), exc.retryable, exc.retry_after_s,
+                                      not_posted=not exc.unsure)
+        except LLMError as exc:
             return await self._failed(batch, str(exc), exc.retryable, exc.retry_after_s)
         except RedisError as exc:
             return _interrupted(exc)
@@ -113,6 +118,17 @@ class Processor:
 
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
         verdict, detail = await self.store.before_post(batch, reply)
+        if verdict == "confirm":
+            # An earlier attempt may have posted it: Chatwoot says whether it did. Undecidable
+            # raises, and the batch waits for a retry (or the echo) rather than risk a duplicate.
+            found = await self.chatwoot.find_reply(batch.account_id, batch.conversation_id, reply,
+                                                   max((int(m.get("id", 0)) for m in batch.messages),
+                                                       default=0))
+            if found is not None:
+                verdict, detail = "posted", str(found)
+            else:
+                log.info("earlier_post_not_found")
+                verdict, detail = await self.store.before_post(batch, reply, absent=True)
         if verdict == "lost":
             raise LeaseLost
         if verdict == "skip":
@@ -123,7 +139,7 @@ class Processor:
         started = time.monotonic()
         if verdict == "posted":
             reply_id = int(detail)
-            log.warning("post_confirmed_by_echo", reply_id=reply_id)
+            log.warning("earlier_post_confirmed", reply_id=reply_id)
         else:
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
             metrics.chatwoot_posted(time.monotonic() - started)
@@ -173,16 +189,17 @@ class Processor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         if not finished:
-            # The lease lapsed during the post and another worker holds the batch: unless the
-            # webhook echo reaches the store first, that worker posts the reply again.
+            # The lease lapsed during the post and another worker holds the batch: it finds the
+            # reply in Chatwoot (or its echo in the store) before it would post it again.
             log.error("lease_lost_after_post", reply_id=reply_id)
             raise LeaseLost
 
-    async def _failed(self, batch: Batch, error: str, retryable: bool,
-                      retry_after_s: float | None) -> str:
+    async def _failed(self, batch: Batch, error: str, retryable: bool, retry_after_s: float | None,
+                      *, not_posted: bool = False) -> str:
         delay = backoff_ms(batch.attempts, self.settings.retry_base_ms, retry_after_s)
         try:
-            outcome = await self.store.fail(batch, error, retry_in_ms=delay, permanent=not retryable)
+            outcome = await self.store.fail(batch, error, retry_in_ms=delay, permanent=not retryable,
+                                            not_posted=not_posted)
         except RedisError as exc:
             return _interrupted(exc)
         if outcome == "failed":

@@ -79,8 +79,10 @@ class Worker:
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
             except RedisError as exc:
+                # One shard's failure must not keep the others from being served.
                 log.warning("claim_failed", shard=shard, error=str(exc))
-                return min(delay, 1.0)
+                delay = min(delay, 1.0)
+                continue
             for batch in batches:
                 self._start(batch)
             free -= len(batches)

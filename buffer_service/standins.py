@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -470,6 +471,7 @@ class RequestRecord:
     at: float
     path: str
     status: int
+    method: str = "POST"
 
 
 @dataclass
@@ -491,8 +493,18 @@ class ChatwootStandIn(_StandInServer):
     Chatwoot fires ``message_created`` for the bot's own replies; setting
     ``echo_webhook_url`` reproduces that so loop prevention is tested end to end.
 
+    Also serves what a retry asks to learn whether an earlier post went through:
+    ``GET …/conversations/{cid}/messages?after=<id>`` (``{meta, payload}``, up to 100 newer
+    messages, oldest first; 401 for an agent bot's token, as Chatwoot answers) and
+    ``GET …/conversations/{cid}`` (its ``last_non_activity_message``).
+
     Test knobs: :meth:`fail_next`, :attr:`delay`, :attr:`conversation_status` (status put in
-    echoes), :attr:`echo_secret` (sign echoes like Chatwoot v4.13+ agent bots).
+    echoes), :attr:`echo_secret` (sign echoes like Chatwoot v4.13+ agent bots),
+    :attr:`bot_token` (the token may not list messages), :meth:`slow_next` and
+    :attr:`slow_share` (such posts are created, then answered only after
+    :attr:`slow_answer_s`, and no echo is sent for them: a Chatwoot too busy to answer in time),
+    :meth:`late_next` (such posts are created only after a while, whether or not the client is
+    still waiting: a request queued behind a busy Rails).
     """
 
     def __init__(
@@ -517,6 +529,17 @@ class ChatwootStandIn(_StandInServer):
         self.conversation_status = "pending"
         #: Seconds to wait before answering any request.
         self.delay: float = 0.0
+        #: The token is an agent bot's: listing messages answers 401.
+        self.bot_token = False
+        #: Share of posts (0..1, drawn from :attr:`rng`) answered only after ``slow_answer_s``,
+        #: created all the same, with no echo.
+        self.slow_share = 0.0
+        self.slow_answer_s = 0.0
+        self.rng = random.Random(0)
+        self._slow = 0
+        self._late: list[float] = []
+        #: Messages created through the API, per conversation, as the REST API renders them.
+        self.messages: dict[int, list[dict[str, Any]]] = {}
         self.posts: list[Post] = []
         self.requests: list[RequestRecord] = []
         self.echoes: list[Echo] = []
@@ -531,11 +554,23 @@ class ChatwootStandIn(_StandInServer):
         """Answer the next ``n`` requests with ``status`` and a JSON error; no post recorded."""
         self._faults.extend([status] * n)
 
+    def slow_next(self, n: int, answer_s: float) -> None:
+        """Create the next ``n`` posted messages but answer each only after ``answer_s``, with
+        no echo."""
+        self._slow += n
+        self.slow_answer_s = answer_s
+
+    def late_next(self, n: int, create_after_s: float) -> None:
+        """Create each of the next ``n`` posted messages only ``create_after_s`` after the post
+        arrived (then answer it, if the client still waits, and echo it)."""
+        self._late.extend([create_after_s] * n)
+
     def reset(self) -> None:
         """Forget recorded posts, requests, echoes and pending faults."""
         self.posts.clear()
         self.requests.clear()
         self.echoes.clear()
+        self.messages.clear()
         self._faults.clear()
 
     def posts_for(self, conversation_id: int) -> list[Post]:
@@ -551,10 +586,10 @@ class ChatwootStandIn(_StandInServer):
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
-        app.router.add_post(
-            "/api/v1/accounts/{account_id:\\d+}/conversations/{conversation_id:\\d+}/messages",
-            self._create_message,
-        )
+        conversation = "/api/v1/accounts/{account_id:\\d+}/conversations/{conversation_id:\\d+}"
+        app.router.add_post(conversation + "/messages", self._create_message)
+        app.router.add_get(conversation + "/messages", self._list_messages)
+        app.router.add_get(conversation, self._show_conversation)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -603,12 +638,13 @@ class ChatwootStandIn(_StandInServer):
             status = resp.status
             return resp
         finally:
-            self.requests.append(RequestRecord(at=at, path=request.path, status=status))
+            self.requests.append(RequestRecord(at=at, path=request.path, status=status,
+                                               method=request.method))
 
     async def _create_message(self, request: web.Request) -> web.StreamResponse:
         """``Api::V1::Accounts::Conversations::MessagesController#create``."""
         at = time.time()
-        if request.headers.get("api_access_token") != self.token:
+        if not self._authorized(request):
             return _json({"error": "Invalid Access Token"}, status=401)
         try:
             body = orjson.loads(await request.read())
@@ -619,6 +655,9 @@ class ChatwootStandIn(_StandInServer):
 
         account_id = int(request.match_info["account_id"])
         conversation_id = int(request.match_info["conversation_id"])
+        if self._late:
+            await asyncio.sleep(self._late.pop(0))
+            at = time.time()
         message_id = next(self._ids)
         private = bool(body.get("private", False))
         message_type = body.get("message_type", "outgoing")
@@ -655,7 +694,12 @@ class ChatwootStandIn(_StandInServer):
                 message_id=message_id,
             )
         )
+        self.messages.setdefault(conversation_id, []).append(message)
         resp = _json(message)
+        if self._slow or (self.slow_share and self.rng.random() < self.slow_share):
+            self._slow = max(0, self._slow - 1)
+            await asyncio.sleep(self.slow_answer_s)
+            return resp
         if self.echo_webhook_url is None:
             return resp
         # Like Chatwoot, the message_created event is dispatched after the request that
@@ -688,6 +732,33 @@ class ChatwootStandIn(_StandInServer):
         self._echo_tasks.add(task)
         task.add_done_callback(self._echo_tasks.discard)
         return resp
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("api_access_token") == self.token
+
+    async def _list_messages(self, request: web.Request) -> web.Response:
+        """``MessagesController#index``: ``after`` gives up to 100 newer messages, ascending."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        if self.bot_token:
+            return _json({"error": "Access to this endpoint is not authorized for bots"}, status=401)
+        messages = self.messages.get(int(request.match_info["conversation_id"]), [])
+        after = request.query.get("after")
+        if after is not None and after.isdigit():
+            page = [m for m in messages if m["id"] > int(after)][:100]
+        else:
+            page = messages[-20:]
+        return _json({"meta": {}, "payload": page})
+
+    async def _show_conversation(self, request: web.Request) -> web.Response:
+        """``ConversationsController#show``, the fields a retry reads."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        conversation_id = int(request.match_info["conversation_id"])
+        messages = self.messages.get(conversation_id, [])
+        return _json({"id": conversation_id, "inbox_id": self.inbox_id,
+                      "status": self.conversation_status,
+                      "last_non_activity_message": messages[-1] if messages else None})
 
     async def _deliver_echo(self, url: str, payload: dict[str, Any]) -> None:
         """POST one webhook like ``Webhooks::Trigger``: 5 s timeout, no retry, errors logged."""

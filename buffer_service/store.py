@@ -5,7 +5,8 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
 
     bs:{sN}:due              zset  conv -> deadline ms          (the deadline index)
     bs:{sN}:first            hash  conv -> first message ms of the pending burst
-    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order
+    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order (each
+                                   stamped with its arrival ms, "t")
     bs:{sN}:ttl:<conv>       string with PX = time to deadline  (expiry event = wake-up hint)
     bs:{sN}:seen:<acct>:<id> string with PX                     (webhook de-duplication)
     bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context)
@@ -18,9 +19,12 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
     bs:{sN}:stats:<hour>     hash  hourly counters of flushes and outcomes (claim.lua, lib.lua)
     bs:{sN}:manual           hash  conv -> 1: an operator flushed it (flush.lua; see ops.py)
     bs:{sN}:seq              counter for batch ids and fencing tokens
-    bs:{sN}:handoff:<conv>   hash  reason, v: a human handles it  (handoff.lua; '' = the bot)
+    bs:{sN}:handoff:<conv>   hash  reason, v: who is in charge, by the newest snapshot
+                                   (lib.lua take_charge; reason '' = the bot)
     bs:{sN}:pause:<conv>     string with PX = HUMAN_PAUSE_MS    (a human agent wrote)
-    bs:{sN}:own:<conv>       hash  fingerprint -> ms of replies we posted (their echoes are ours)
+    bs:{sN}:own:<conv>       zset  "<fingerprint>:<batch id>" -> post ms: replies we posted
+                                   whose echo has not come yet (lib.lua own_add)
+    bs:{sN}:rl:<conv>        string GCRA state of the conversation's rate limit (append.lua)
     bs:wake                  pub/sub channel: "a deadline you do not know yet"
 
 `conv` is "<account id>:<conversation display id>".
@@ -41,9 +45,11 @@ from .batcher import ScriptBatcher
 from .chatwoot import ChatMessage, Decision
 from .config import Settings
 
-# How long the fingerprints of posted replies are kept: the webhook echo of a reply arrives within
-# seconds, or after Chatwoot's retries of an agent-bot delivery (3 x 3 s) at worst.
+# How long, and how many, fingerprints of posted replies are kept for their webhook echo: it
+# arrives within seconds, or after Chatwoot's retries of an agent-bot delivery (3 x 3 s) at
+# worst, or late when Chatwoot's queue is backed up; each echo consumes its own.
 _OWN_REPLY_MEMORY_MS = 3_600_000
+_OWN_REPLIES_KEPT = 16
 
 
 def _load(name: str) -> str:
@@ -59,11 +65,15 @@ def _s(value: Any) -> str:
 
 @dataclass(frozen=True)
 class AppendResult:
-    buffered: bool  # False: this message was delivered before
+    buffered: bool
     count: int
     deadline_ms: int
-    trigger: str
+    trigger: str  # buffered: what set the deadline; else why not ('' for a duplicate)
     now_ms: int
+
+    @property
+    def duplicate(self) -> bool:
+        return not self.buffered and not self.trigger
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,9 @@ class BufferStore:
         self.redis = redis
         self.settings = settings
         self.wake_channel = f"{settings.key_prefix}:wake"
+        # One key for all conversations, in no shard: with one Redis the append script reaches
+        # it; a Redis Cluster needs it in the slot of each script that touches it.
+        self.global_rate_key = f"{settings.key_prefix}:rl:global"
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load(name))
             for name in ("append", "claim", "renew", "before_post", "finish", "fail", "release",
@@ -125,19 +138,27 @@ class BufferStore:
         return {n: p + n for n in ("due", "first", "inflight", "active", "seq", "failed")}
 
     # -- webhook side -----------------------------------------------------------------------
-    async def append(self, msg: ChatMessage, *, buffered: bool = True) -> AppendResult:
-        """buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
+    async def append(self, msg: ChatMessage, *, buffered: bool = True,
+                     version: float | None = None) -> AppendResult:
+        """Take a customer message in (append.lua). `version`: the `updated_at` of the
+        conversation snapshot it came with.
+        buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
         s = self.settings
         shard = self.shard_of(msg.conv)
         k = self.shard_keys(shard)
         raw = await self._append(
             [k["due"], k["first"], self.key(shard, f"buf:{msg.conv}"),
              self.key(shard, f"ttl:{msg.conv}"),
-             self.key(shard, f"seen:{msg.account_id}:{msg.message_id}")],
+             self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
+             self.key(shard, f"handoff:{msg.conv}"), self.key(shard, f"rl:{msg.conv}"),
+             self.key(shard, f"hist:{msg.conv}"), self.global_rate_key],
             [msg.conv, msg.to_json(), s.buffer_duration_ms if buffered else 0, s.max_buffer_age_ms,
-             s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes],
+             s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes,
+             _version(version), s.rate_limit_per_conversation, s.rate_limit_window_s * 1000,
+             s.rate_limit_global, self._history_cap(), s.history_ttl_s * 1000, self.prefix(shard)],
         )
-        return AppendResult(bool(raw[0]), int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
+        return AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
+
 
     async def note(self, decision: Decision) -> str:
         """Record what a webhook the bot does not answer tells, in one round trip: who handles
@@ -154,19 +175,17 @@ class BufferStore:
             if handoff is not None:
                 await self._scripts["handoff"](
                     keys=[self.key(shard, f"handoff:{conv}")],
-                    args=[handoff.reason, "" if handoff.version is None else repr(handoff.version),
-                          s.history_ttl_s * 1000],
+                    args=[handoff.reason, _version(handoff.version), s.history_ttl_s * 1000],
                     client=pipe)
             if msg is not None:
                 outgoing = msg.role == "assistant"
                 await self._scripts["note"](
                     keys=[self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
-                          self.key(shard, f"hist:{conv}"), self.key(shard, "active"),
-                          self.key(shard, f"pause:{conv}"), self.key(shard, f"own:{conv}")],
+                          self.key(shard, f"hist:{conv}"), self.key(shard, f"pause:{conv}"),
+                          self.key(shard, f"own:{conv}")],
                     args=[msg.to_json(), self._history_cap(), s.history_ttl_s * 1000,
                           s.dedup_ttl_s * 1000, msg.message_id, msg.text if outgoing else "",
-                          self.prefix(shard), conv,
-                          s.human_pause_ms if decision.from_agent else 0],
+                          self.prefix(shard), s.human_pause_ms if decision.from_agent else 0],
                     client=pipe)
             results = await pipe.execute()
         return _s(results[-1]) if msg is not None else ""
@@ -197,22 +216,24 @@ class BufferStore:
             args=[batch.id, batch.token, self.settings.processing_lease_ms],
         ))
 
-    async def before_post(self, batch: Batch, reply: str) -> tuple[str, str]:
+    async def before_post(self, batch: Batch, reply: str, *, absent: bool = False) -> tuple[str, str]:
         """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
-        verdict one of 'post', 'posted' (detail: the message id), 'skip' (detail: the reason),
-        'superseded' (detail: messages now waiting), 'lost'."""
+        verdict one of 'post', 'posted' (detail: the message id), 'confirm' (an earlier post may
+        have gone through: ask Chatwoot, then call again with absent=True if it has no such
+        message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
+        'lost'."""
         s = self.settings
         shard = batch.shard
         k = self.shard_keys(shard)
         verdict, detail = await self._scripts["before_post"](
-            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
-                  k["first"], self.key(shard, f"buf:{batch.conv}"),
-                  self.key(shard, f"ttl:{batch.conv}"), self.key(shard, f"msgs:{batch.id}"),
-                  self.key(shard, f"pause:{batch.conv}"), self.key(shard, f"handoff:{batch.conv}"),
-                  self.key(shard, f"own:{batch.conv}")],
+            keys=[self.key(shard, f"batch:{batch.id}"), k["due"], k["first"],
+                  self.key(shard, f"buf:{batch.conv}"), self.key(shard, f"ttl:{batch.conv}"),
+                  self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"pause:{batch.conv}"),
+                  self.key(shard, f"handoff:{batch.conv}"), self.key(shard, f"own:{batch.conv}")],
             args=[batch.id, batch.token, reply, int(s.supersede_stale_replies), s.max_buffer_age_ms,
-                  s.max_buffer_size, s.processing_lease_ms, _OWN_REPLY_MEMORY_MS,
-                  s.job_retention_days * 86_400_000, self.wake_channel],
+                  s.max_buffer_size, s.processing_lease_ms, _OWN_REPLY_MEMORY_MS, _OWN_REPLIES_KEPT,
+                  s.job_retention_days * 86_400_000, self.wake_channel, int(absent),
+                  self.prefix(shard)],
         )
         return _s(verdict), _s(detail)
 
@@ -228,29 +249,29 @@ class BufferStore:
                      reply_id: int = 0) -> bool:
         s = self.settings
         shard = batch.shard
-        k = self.shard_keys(shard)
         entry = ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
                             role="assistant").to_json() if reply else b""
         return bool(await self._scripts["finish"](
-            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
-                  self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"hist:{batch.conv}"),
+            keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, f"msgs:{batch.id}"),
+                  self.key(shard, f"hist:{batch.conv}"),
                   self.key(shard, f"seen:{batch.account_id}:{reply_id}"),
                   self.key(shard, f"jobs:{state}")],
             args=[batch.id, batch.token, state, reason, reply_id, entry, self._history_cap(),
                   s.history_ttl_s * 1000, s.job_retention_days * 86_400_000, s.dedup_ttl_s * 1000,
-                  self.wake_channel],
+                  self.wake_channel, self.prefix(shard)],
         ))
 
-    async def fail(self, batch: Batch, error: str, *, retry_in_ms: int, permanent: bool) -> str:
-        """Returns 'retrying', 'failed', or '' when the lease was lost meanwhile."""
+    async def fail(self, batch: Batch, error: str, *, retry_in_ms: int, permanent: bool,
+                   not_posted: bool = False) -> str:
+        """Returns 'retrying', 'failed', or '' when the lease was lost meanwhile. `not_posted`:
+        the reply's post certainly created no message (refused, or never sent), so its next
+        attempt need not ask Chatwoot first (before_post.lua: confirm)."""
         s = self.settings
         shard = batch.shard
-        k = self.shard_keys(shard)
         return _s(await self._scripts["fail"](
-            keys=[self.key(shard, f"batch:{batch.id}"), k["inflight"], k["active"], k["due"],
-                  k["failed"]],
+            keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, "failed")],
             args=[batch.id, batch.token, error[:1000], retry_in_ms, s.max_attempts,
-                  int(permanent), self.wake_channel],
+                  int(permanent), self.wake_channel, int(not_posted), self.prefix(shard)],
         ))
 
     async def requeue(self, batch_id: str) -> bool:
@@ -259,7 +280,7 @@ class BufferStore:
         k = self.shard_keys(shard)
         return bool(await self._scripts["requeue"](
             keys=[self.key(shard, f"batch:{batch_id}"), k["inflight"], k["active"], k["failed"]],
-            args=[batch_id, self.wake_channel],
+            args=[batch_id, self.wake_channel, self.prefix(shard)],
         ))
 
     async def history(self, conv: str, last: int) -> list[dict[str, Any]]:
@@ -289,3 +310,8 @@ class BufferStore:
         # does not push out every earlier turn.
         s = self.settings
         return s.history_messages + s.max_buffer_size if s.history_messages else 0
+
+
+def _version(version: float | None) -> str:
+    # A snapshot without `updated_at` is older than any with one (lib.lua take_charge).
+    return "0" if version is None else repr(version)

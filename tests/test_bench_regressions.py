@@ -23,7 +23,7 @@ async def _stats(redis) -> tuple[int, dict[str, int]]:
     return info["total_reads_processed"], {k: v["calls"] for k, v in commands.items()}
 
 
-async def test_a_webhook_costs_two_script_calls_and_concurrent_ones_share_round_trips(
+async def test_a_webhook_costs_one_script_call_and_concurrent_ones_share_round_trips(
         settings, make_service, redis):
     svc = await make_service(settings, worker=False)
     await svc.webhook(message_payload(message_id=1, conversation_id=1, content="warm up"))
@@ -36,9 +36,9 @@ async def test_a_webhook_costs_two_script_calls_and_concurrent_ones_share_round_
         assert body["status"] == "buffered"
     await asyncio.sleep(0.1)
     _, calls = await _stats(redis)
-    # Per buffered webhook: the rate-limit check and the append, each one EVALSHA; the script
-    # cache holds both, so no SCRIPT LOAD/EXISTS on the way.
-    assert calls.get("cmdstat_evalsha") == 2 * 20, calls
+    # Per buffered webhook one EVALSHA: the append script de-duplicates, checks the
+    # conversation's rate limit and appends; the script cache holds it, so no SCRIPT LOAD/EXISTS.
+    assert calls.get("cmdstat_evalsha") == 20, calls
     assert "cmdstat_script|exists" not in calls and "cmdstat_script|load" not in calls, calls
 
     await redis.config_resetstat()
@@ -48,8 +48,8 @@ async def test_a_webhook_costs_two_script_calls_and_concurrent_ones_share_round_
     assert all(b["status"] == "buffered" for b in bodies)
     await asyncio.sleep(0.1)
     reads1, calls = await _stats(redis)
-    assert calls.get("cmdstat_evalsha") == 2 * 200, calls
-    # Unbatched, every script call would be a request of its own: 400 reads and more. Batched,
+    assert calls.get("cmdstat_evalsha") == 200, calls
+    # Unbatched, every script call would be a request of its own: 200 reads and more. Batched,
     # concurrent calls arrive together (the INFO calls above and the webhook log add a few).
     assert reads1 - reads0 < 200, reads1 - reads0
 

@@ -64,7 +64,8 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) 
 
 
 async def test_cli_shows_and_steers_a_running_service(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=30_000, max_buffer_age_ms=60_000))
+    # A window longer than the test: on a loaded machine its CLI calls take half a minute.
+    svc = await make_service(replace(settings, buffer_duration_ms=90_000, max_buffer_age_ms=180_000))
     for i, text in enumerate(["hello", "are you there?"]):
         await svc.webhook(message_payload(message_id=10 + i, conversation_id=7, content=text))
     await svc.webhook(message_payload(message_id=20, conversation_id=8, content="other"))
@@ -72,7 +73,7 @@ async def test_cli_shows_and_steers_a_running_service(settings, make_service, ll
     rows = await cli_json(settings, "buffers")
     by_conv = {r["conversation"]: r for r in rows}
     assert by_conv["1:7"]["messages"] == 2 and by_conv["1:8"]["messages"] == 1
-    assert 20_000 < by_conv["1:7"]["due_in_ms"] <= 30_000
+    assert 80_000 < by_conv["1:7"]["due_in_ms"] <= 90_000
     code, out, _ = await run_cli(settings, "buffers")
     assert code == 0 and "CONVERSATION" in out and "1:7" in out and "DEADLINE" in out
 
@@ -104,7 +105,7 @@ async def test_cli_shows_and_steers_a_running_service(settings, make_service, ll
     assert chatwoot.posts == []
     assert await cli_json(settings, "processing", "on") == {"processing": "on"}
     await wait_for(lambda: len(chatwoot.posts_for(7)) == 1, timeout=5)
-    assert chatwoot.posts_for(8) == []  # its 30 s window is still open
+    assert chatwoot.posts_for(8) == []  # its window is still open
 
     jobs = await cli_json(settings, "jobs", "--status", "completed")
     assert [(j["conversation"], j["trigger"], j["messages"]) for j in jobs] == [("1:7", "manual", 2)]
@@ -152,7 +153,8 @@ async def test_service_commands_keep_their_shape(settings):
 
 
 async def test_redis_cli_scripts_print_a_live_buffer(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=30_000, max_buffer_age_ms=60_000))
+    # A window longer than the test: on a loaded machine its CLI calls take half a minute.
+    svc = await make_service(replace(settings, buffer_duration_ms=90_000, max_buffer_age_ms=180_000))
     await svc.webhook(message_payload(message_id=1, conversation_id=42, content="first line"))
     await svc.webhook(message_payload(message_id=2, conversation_id=42, content="second line"))
 

@@ -318,8 +318,11 @@ async def test_a_buffer_stops_growing_at_its_byte_cap(settings, make_service, st
     [key] = [k async for k in store.redis.scan_iter(match="*:buf:*")]
     assert await store.redis.llen(key) == kept
     assert await store.redis.memory_usage(key, samples=0) <= 40_000
-    # Refused messages are not remembered as seen: once there is room, their redelivery is new.
-    assert await seen(store.redis) == kept
+    # Refused messages are acknowledged once and kept in the history (what the customer wrote
+    # reaches the next prompt); a redelivery is a duplicate, not a second refusal.
+    assert await seen(store.redis) == 30
+    [hist] = [k async for k in store.redis.scan_iter(match="*:hist:*")]
+    assert await store.redis.llen(hist) == 30 - kept
     # Other conversations are not affected.
     other = await svc.webhook(message_payload(message_id=1, conversation_id=12))
     assert other["status"] == "buffered"
@@ -344,8 +347,9 @@ async def test_rate_limits_per_conversation_and_global(settings, make_service, s
                for c in range(30, 35)]
     assert [a["status"] for a in answers] == ["buffered"] * 3 + ["ignored"] * 2
     assert answers[-1]["limit"] == "global"
-    # Refused messages were not stored, nor marked as seen; other events are not limited.
-    assert len(await buffered(store.redis)) == 8 and await seen(store.redis) == 8
+    # Refused messages were not buffered, but are kept in their history (and so seen: a
+    # redelivery is a duplicate); other events are not limited.
+    assert len(await buffered(store.redis)) == 8 and await seen(store.redis) == 12
     ignored = await svc.webhook(message_payload(message_id=999, conversation_id=20, event="typing_on"))
     assert ignored["reason"] == "event:typing_on"
 

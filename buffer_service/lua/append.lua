@@ -1,38 +1,60 @@
--- Append one accepted message to its conversation's buffer and slide the deadline.
--- One script so that de-duplication, the append and the deadline move together: a crash
--- between them would otherwise leave a message buffered with no deadline (never answered)
--- or a duplicate marker with no message (lost).
+-- Take one customer message into its conversation: de-duplicate, decide whether the bot may
+-- answer it, and append it to the buffer with the deadline slid. One script so that these move
+-- together: a crash between them would otherwise leave a message buffered with no deadline
+-- (never answered) or a duplicate marker with no message (lost).
+-- A message the bot must not answer still reaches the conversation's history, so a later
+-- prompt (or the human) sees what the customer wrote: when a human is in charge by a snapshot
+-- newer than this message's (lib.lua: take_charge), or when a limit refuses it (rate limit,
+-- buffer byte cap; those are counted in the hourly stats too).
 -- KEYS: 1 due (zset conv -> deadline ms), 2 first (hash conv -> first message ms),
 --       3 buf:<conv> (list), 4 ttl:<conv> (sliding TTL key, the expiry wake-up),
---       5 seen:<account>:<message id> (de-duplication marker)
+--       5 seen:<account>:<message id> (de-duplication marker), 6 handoff:<conv>,
+--       7 rl:<conv> (the conversation's rate limit), 8 hist:<conv>, 9 the global rate limit's
+--       key (outside every shard: see limits.py)
 -- ARGV: 1 conv, 2 message json, 3 window ms, 4 max age ms, 5 max size, 6 dedup ttl ms,
---       7 wake channel, 8 max buffer bytes (0: no cap)
--- Returns {1 buffered | 0 duplicate, count, deadline ms, trigger, now ms};
---   trigger 'full' with 0: refused, the buffer holds max buffer bytes already
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- A buffer that nobody flushes (workers down, processing off) must not grow without bound.
--- Checked before the de-duplication marker so a refused message is not remembered as seen.
--- MEMORY USAGE with SAMPLES 0 walks the list's nodes (8 KB each): exact and cheap at this size.
--- pcall: a Redis that forbids MEMORY loses the cap, not its webhooks.
-local cap = tonumber(ARGV[8]) or 0
-if cap > 0 then
-  local used = redis.pcall('MEMORY', 'USAGE', KEYS[3], 'SAMPLES', 0)
-  if type(used) == 'number' and used + #ARGV[2] > cap then
-    return {0, redis.call('LLEN', KEYS[3]), 0, 'full', now}
-  end
-end
+--       7 wake channel, 8 max buffer bytes (0: no cap), 9 version of the conversation snapshot
+--       the message came with (0: none), 10 messages per period per conversation (0: no limit),
+--       11 period ms, 12 messages per period of all conversations together (0: no limit),
+--       13 history cap, 14 history ttl ms, 15 shard key prefix
+-- Returns {status, count, deadline ms, detail, now ms}: status 1 buffered (detail: what set the
+--   deadline: deadline, age, size), 0 duplicate, -1 kept in the history only (detail: why:
+--   rate_limited:conversation, rate_limited:global, buffer_full, or the reason a human is in
+--   charge)
+local now = now_ms()
+local P = ARGV[15]
 
 if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[6]) then
   return {0, redis.call('LLEN', KEYS[3]), 0, '', now}
 end
 
+local function kept(why, counted)
+  remember(KEYS[8], ARGV[2], ARGV[13], ARGV[14])
+  if counted then count(P, now, counted, 1) end
+  return {-1, redis.call('LLEN', KEYS[3]), 0, why, now}
+end
+
+if not take_charge(KEYS[6], '', tonumber(ARGV[9]) or 0, ARGV[14]) then
+  return kept(redis.call('HGET', KEYS[6], 'reason'), nil)
+end
+-- A buffer that nobody flushes (workers down, processing off) must not grow without bound.
+-- MEMORY USAGE with SAMPLES 0 walks the list's nodes (8 KB each): exact and cheap at this size.
+-- pcall: a Redis that forbids MEMORY loses the cap, not its webhooks.
+local cap = tonumber(ARGV[8]) or 0
+if cap > 0 then
+  local used = redis.pcall('MEMORY', 'USAGE', KEYS[3], 'SAMPLES', 0)
+  if type(used) == 'number' and used + #ARGV[2] > cap then return kept('buffer_full', 'buffer_full') end
+end
+-- The conversation's limit first: a refused flood of one conversation must not use up the
+-- global allowance of everyone else.
+local period = tonumber(ARGV[11])
+for _, limit in ipairs({{KEYS[7], tonumber(ARGV[10]), 'conversation'}, {KEYS[9], tonumber(ARGV[12]), 'global'}}) do
+  if limit[2] > 0 and gcra(limit[1], limit[2], period, now) > 0 then
+    return kept('rate_limited:' .. limit[3], 'rate_limited')
+  end
+end
+
 local conv = ARGV[1]
-local n = redis.call('RPUSH', KEYS[3], ARGV[2])
--- The webhook buffers a message only when its payload shows the bot in charge, which outdates
--- a remembered human takeover (handoff.lua). The record lives beside the buffer: same prefix.
-redis.call('DEL', string.sub(KEYS[3], 1, -(#conv + 5)) .. 'handoff:' .. conv)
+local n = redis.call('RPUSH', KEYS[3], stamped(ARGV[2], now))
 local first
 if n == 1 then
   first = now
@@ -43,9 +65,9 @@ end
 
 local deadline = now + tonumber(ARGV[3])
 local trigger = 'deadline'
-local cap = first + tonumber(ARGV[4])
-if deadline >= cap then
-  deadline = cap
+local age_cap = first + tonumber(ARGV[4])
+if deadline >= age_cap then
+  deadline = age_cap
   trigger = 'age'
 end
 if n >= tonumber(ARGV[5]) then

@@ -1,6 +1,10 @@
 -- The fenced step right before a reply is posted: decide, atomically, whether it may go out.
 -- * 'lost': another worker holds the batch now.
 -- * 'posted': Chatwoot's echo showed an earlier attempt's post went through; only finish.
+-- * 'confirm': an earlier attempt may have posted the reply (it timed out, the connection
+--   dropped, Chatwoot answered 5xx, or the worker died while posting). The caller must find
+--   out from Chatwoot whether the message exists, and calls again with `absent` = 1 only when
+--   it does not. Such a reply is never superseded: it may be in front of the customer already.
 -- * 'skip': a human handles the conversation, or WhatsApp's reply window is closed.
 -- * 'superseded': the customer wrote again while the reply was being written, so the reply is
 --   stale. The burst goes back to the front of the conversation's buffer, keeping its first
@@ -8,50 +12,57 @@
 --   flush. Not when old and new together would not fit in one burst, or once the burst is
 --   MAX_BUFFER_AGE_MS old: then this reply goes out and the new messages make the next burst.
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
---   again), its fingerprint is remembered so that its webhook echo is recognised as ours, and
---   the lease is renewed for the post.
--- KEYS: 1 batch hash, 2 inflight, 3 active, 4 due, 5 first, 6 buf:<conv>, 7 ttl:<conv>,
---       8 msgs:<id>, 9 pause:<conv>, 10 handoff:<conv>, 11 own:<conv>
+--   again) and marked unsure until the post's outcome is known, its fingerprint is remembered
+--   so that its webhook echo is recognised as ours, and the lease is renewed for the post.
+-- KEYS: 1 batch hash, 2 due, 3 first, 4 buf:<conv>, 5 ttl:<conv>, 6 msgs:<id>, 7 pause:<conv>,
+--       8 handoff:<conv>, 9 own:<conv>
 -- ARGV: 1 batch id, 2 token, 3 reply, 4 supersede (0|1), 5 max age ms, 6 max size, 7 lease ms,
---       8 own-reply memory ms, 9 record retention ms, 10 wake channel
+--       8 own-reply memory ms, 9 own replies remembered, 10 record retention ms,
+--       11 wake channel, 12 absent (1: the caller made sure Chatwoot has no such message),
+--       13 shard key prefix
 -- Returns {verdict, detail}: the posted message id for 'posted', the reason for 'skip', the
 -- number of messages now waiting for 'superseded'.
 if not holds(KEYS[1], ARGV[2]) then return {'lost', ''} end
 local now = now_ms()
+local P = ARGV[13]
 local posted = redis.call('HGET', KEYS[1], 'posted_id')
 if posted then return {'posted', posted} end
-local reason = takeover_reason(KEYS[10], KEYS[9])
+if redis.call('HGET', KEYS[1], 'unsure') == '1' then
+  if ARGV[12] ~= '1' then return {'confirm', ''} end
+  redis.call('HDEL', KEYS[1], 'unsure')
+end
+local reason = takeover_reason(KEYS[8], KEYS[7])
 if reason then return {'skip', reason} end
 
 local conv = redis.call('HGET', KEYS[1], 'conv')
 local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms')) or now
 local max_age = tonumber(ARGV[5])
-local waiting = redis.call('LLEN', KEYS[6])
-local held = redis.call('LLEN', KEYS[8])
+local waiting = redis.call('LLEN', KEYS[4])
+local held = redis.call('LLEN', KEYS[6])
 local n = waiting + held
 if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(ARGV[6]) then
   for _ = 1, held do
-    redis.call('LMOVE', KEYS[8], KEYS[6], 'RIGHT', 'LEFT')
+    redis.call('LMOVE', KEYS[6], KEYS[4], 'RIGHT', 'LEFT')
   end
-  redis.call('HSET', KEYS[5], conv, first)
+  redis.call('HSET', KEYS[3], conv, first)
   -- Due when the new messages' window ends, but never past the age cap of the first message.
   -- No due entry: the claim parked the conversation behind this batch, so it is due now.
-  local deadline = tonumber(redis.call('ZSCORE', KEYS[4], conv)) or now
+  local deadline = tonumber(redis.call('ZSCORE', KEYS[2], conv)) or now
   if deadline > first + max_age then deadline = first + max_age end
   if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
-  redis.call('ZADD', KEYS[4], deadline, conv)
-  redis.call('SET', KEYS[7], '', 'PX', math.max(1, deadline - now))
+  redis.call('ZADD', KEYS[2], deadline, conv)
+  redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
   redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
   redis.call('HDEL', KEYS[1], 'reply')
-  close_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], conv, now)
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
-  redis.call('PUBLISH', ARGV[10], deadline)
+  close_batch(P, KEYS[1], ARGV[1], conv, now)
+  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  redis.call('PUBLISH', ARGV[11], deadline)
   return {'superseded', n}
 end
 
 local fp = fingerprint(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'posting', 'reply', ARGV[3], 'fp', fp, 'posting_ms', now)
-redis.call('HSET', KEYS[11], fp, now)
-redis.call('PEXPIRE', KEYS[11], ARGV[8])
-redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[7]), ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'posting', 'reply', ARGV[3], 'fp', fp, 'posting_ms', now,
+  'unsure', '1')
+own_add(KEYS[9], fp, ARGV[1], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
+redis.call('ZADD', P .. 'inflight', 'XX', now + tonumber(ARGV[7]), ARGV[1])
 return {'post', ''}

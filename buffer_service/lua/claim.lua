@@ -44,12 +44,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     -- A batch whose post Chatwoot already confirmed (posted_id, from the webhook echo) only
     -- needs finishing, so it is taken whatever its attempt count.
     if holder and holder ~= id then
-      -- An operator re-queued an old batch while a newer one runs: wait for it, in order.
+      -- Not its turn: another batch of the conversation runs (requeue.lua queues a batch
+      -- behind the holder instead; this only guards the one-batch-per-conversation rule).
       redis.call('ZADD', KEYS[3], now + 1000, id)
     elseif attempts >= max_attempts and not b[8] then
       redis.call('HSET', bkey, 'state', 'failed')
       redis.call('ZADD', KEYS[6], now, id)
-      close_batch(bkey, KEYS[3], KEYS[4], KEYS[1], id, conv, now)
+      close_batch(P, bkey, id, conv, now)
     else
       local token = redis.call('INCR', KEYS[5])
       redis.call('HSET', bkey, 'state', 'processing', 'token', token, 'attempts', attempts + 1,
@@ -107,9 +108,12 @@ if taken < limit then
         -- next burst and get a window of their own.
         redis.call('RPUSH', msgs, unpack(redis.call('LRANGE', buf, 0, max_size - 1)))
         redis.call('LTRIM', buf, max_size, -1)
-        local rest_deadline = now + window
-        if n - max_size >= max_size then rest_deadline = now end
-        redis.call('HSET', KEYS[2], conv, now)
+        -- Their age counts from the arrival of the first of them (append.lua stamps it).
+        local ok, head = pcall(cjson.decode, redis.call('LINDEX', buf, 0))
+        local rest_first = ok and type(head) == 'table' and tonumber(head.t) or now
+        local rest_deadline = math.min(now + window, rest_first + max_age)
+        if n - max_size >= max_size or rest_deadline < now then rest_deadline = now end
+        redis.call('HSET', KEYS[2], conv, rest_first)
         redis.call('ZADD', KEYS[1], rest_deadline, conv)
         redis.call('SET', P .. 'ttl:' .. conv, '', 'PX', math.max(1, rest_deadline - now))
         n = max_size

@@ -3,26 +3,30 @@
 -- retry cannot fix, it becomes a failed job that keeps its messages, attempts and the error
 -- for an operator (BufferStore.requeue). The conversation's next burst waits behind a
 -- retrying batch so replies stay in order.
--- KEYS: 1 batch hash, 2 inflight, 3 active, 4 due, 5 failed
+-- A failed post may have created the message all the same: the batch stays `unsure` (its next
+-- attempt asks Chatwoot first, before_post.lua) unless the caller knows it did not (refused,
+-- never sent).
+-- KEYS: 1 batch hash, 2 failed
 -- ARGV: 1 batch id, 2 token, 3 error, 4 retry delay ms, 5 max attempts, 6 permanent (0|1),
---       7 wake channel
+--       7 wake channel, 8 not posted (1: the post certainly created nothing), 9 shard key prefix
 -- Returns 'retrying', 'failed', or '' when the token no longer matches.
 if not holds(KEYS[1], ARGV[2]) then return '' end
 local now = now_ms()
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0
 redis.call('HSET', KEYS[1], 'error', ARGV[3], 'error_ms', now)
+if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'unsure') end
 
 if ARGV[6] == '0' and attempts < tonumber(ARGV[5]) then
   local retry_at = now + tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'state', 'retrying', 'token', '', 'retry_ms', retry_at)
-  redis.call('ZADD', KEYS[2], retry_at, ARGV[1])
+  redis.call('ZADD', ARGV[9] .. 'inflight', retry_at, ARGV[1])
   return 'retrying'
 end
 
 local conv = redis.call('HGET', KEYS[1], 'conv')
 redis.call('HSET', KEYS[1], 'state', 'failed')
-redis.call('ZADD', KEYS[5], now, ARGV[1])
-if close_batch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], conv, now) then
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+if close_batch(ARGV[9], KEYS[1], ARGV[1], conv, now) then
   redis.call('PUBLISH', ARGV[7], now)
 end
 return 'failed'

@@ -41,28 +41,115 @@ local function count(prefix, now, ...)
   redis.call('PEXPIRE', key, 8 * 86400000)
 end
 
+-- GCRA admission against a limit shared by every replica: a burst of up to `limit` events
+-- passes at once, then one event per period/limit. The stored value is the "theoretical arrival
+-- time" (when the bucket would be empty again): one number per key, so a flood costs no more
+-- memory than a trickle. Returns 0 when admitted, else the ms until an event would be again.
+local function gcra(key, limit, period, now)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local next_tat = tat + period / limit
+  if next_tat - now > period then
+    return math.max(1, math.ceil(next_tat - period - now))
+  end
+  redis.call('SET', key, string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now))
+  return 0
+end
+
+-- Keep one message in the conversation's history (prompt context), capped and expiring.
+local function remember(hist, entry, cap, ttl)
+  if tonumber(cap) > 0 then
+    redis.call('RPUSH', hist, entry)
+    redis.call('LTRIM', hist, -tonumber(cap), -1)
+    redis.call('PEXPIRE', hist, ttl)
+  end
+end
+
+-- A buffered message carries its arrival time ("t", Redis ms) so that a burst split by the
+-- size cap keeps its real age; the history has no use for it.
+local function stamped(json, now)
+  return string.sub(json, 1, -2) .. ',"t":' .. now .. '}'
+end
+local function unstamped(json)
+  return (string.gsub(json, ',"t":%d+}$', '}'))
+end
+
+-- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
+-- that said so, because webhooks overtake each other. A newer snapshot wins; on a tie the
+-- human view wins, so an ambiguous order never makes the bot talk over a person. A snapshot
+-- without a version counts as 0, older than any versioned one.
+-- Returns true when `reason` ('' = the bot) is now the record.
+local function take_charge(key, reason, v, ttl)
+  local rec = redis.call('HMGET', key, 'reason', 'v')
+  local known = tonumber(rec[2])
+  if known then
+    if v < known or (v == known and (reason == '' or rec[1] == reason)) then
+      return rec[1] == reason
+    end
+  end
+  redis.call('HSET', key, 'reason', reason, 'v', v)
+  redis.call('PEXPIRE', key, ttl)
+  return true
+end
+
+-- Fingerprints of the replies the bot posted, so that their webhook echoes are recognised as
+-- ours: a zset of "<fingerprint>:<batch id>" scored by post time. Each entry lives on its own
+-- (at most `keep` entries, none older than `age` ms) and is consumed by its echo, so a human
+-- agent's message that happens to start like an old bot reply is not taken for the bot's.
+local function own_add(key, fp, id, now, age, keep)
+  redis.call('ZADD', key, now, fp .. ':' .. id)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - age)
+  redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
+  redis.call('PEXPIRE', key, age)
+end
+
+-- The batch id of a remembered fingerprint (and forgets it: an echo comes once), or nil.
+local function own_take(key, fp)
+  local prefix = fp .. ':'
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(member, 1, #prefix) == prefix then
+      redis.call('ZREM', key, member)
+      return string.sub(member, #prefix + 1)
+    end
+  end
+  return nil
+end
+
 -- A batch leaves the pipeline for good or for now (done, skipped, superseded, failed): nobody
--- holds it, and the conversation's next burst, parked while this batch ran, is due at once.
--- Returns true when that parked burst was made due.
-local function close_batch(bkey, inflight, active, due, id, conv, now)
+-- holds it, and the conversation's next batch may go. That is a batch an operator re-queued
+-- while this one ran (`next`, in the order they were re-queued: requeue.lua), else the burst
+-- parked while this batch ran, due at once. P is the shard's key prefix.
+-- Returns true when something was made due (worth a wake-up).
+local function close_batch(P, bkey, id, conv, now)
   redis.call('HSET', bkey, 'token', '', 'finished_ms', now)
   -- Every way out passes here, so the hourly count of outcomes is kept here (its state is set).
-  local prefix = string.sub(bkey, 1, #bkey - #id - 6)
   local state = redis.call('HGET', bkey, 'state')
   if state == 'completed' then
     local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
-    count(prefix, now, state, 1, 'reply_ms', now - first)
+    count(P, now, state, 1, 'reply_ms', now - first)
   else
-    count(prefix, now, state, 1)
+    count(P, now, state, 1)
   end
+  local inflight, active = P .. 'inflight', P .. 'active'
   redis.call('ZREM', inflight, id)
-  if redis.call('HGET', active, conv) == id then
-    redis.call('HDEL', active, conv)
+  local parked = redis.call('HGET', bkey, 'blocked') == '1'
+  local queue = redis.call('HGET', bkey, 'next')
+  redis.call('HDEL', bkey, 'blocked', 'next')
+  if redis.call('HGET', active, conv) ~= id then
+    return false
   end
-  if redis.call('HGET', bkey, 'blocked') == '1' then
-    redis.call('HDEL', bkey, 'blocked')
-    return redis.call('ZADD', due, 'NX', now, conv) == 1
+  if queue and queue ~= '' then
+    local nid, rest = string.match(queue, '^(%S+)%s*(.*)$')
+    local nkey = P .. 'batch:' .. nid
+    redis.call('HSET', active, conv, nid)
+    redis.call('ZADD', inflight, now, nid)
+    if rest ~= '' then redis.call('HSET', nkey, 'next', rest) end
+    if parked then redis.call('HSET', nkey, 'blocked', '1') end
+    return true
+  end
+  redis.call('HDEL', active, conv)
+  if parked then
+    return redis.call('ZADD', P .. 'due', 'NX', now, conv) == 1
   end
   return false
 end
-

@@ -1,7 +1,7 @@
 -- A worker that shuts down hands a batch back so that any worker takes it at once, instead of
 -- after its lease lapses; the attempt does not count. A batch already posting is not handed
--- back: Chatwoot may have its reply, and the webhook echo that would say so needs the time
--- until the lease lapses to arrive (note.lua).
+-- back: Chatwoot may have its reply, and the time until the lease lapses lets the webhook echo
+-- that would say so arrive (note.lua) before the next attempt has to ask Chatwoot.
 -- KEYS: 1 batch hash, 2 inflight   ARGV: 1 batch id, 2 token, 3 wake channel
 -- Returns 1 when released, 0 otherwise.
 if not holds(KEYS[1], ARGV[2]) then return 0 end
