@@ -2,7 +2,7 @@
 
 A webhook is acknowledged as soon as its message is stored in Redis, never after the LLM:
 Chatwoot waits at most 5 s and, for agent bots, hands the conversation to humans when a
-delivery fails (shared/reference/chatwoot.md §4). If Redis cannot store the message the answer
+delivery fails (docs/chatwoot.md). If Redis cannot store the message the answer
 is 503, so nothing is acknowledged that was not stored.
 
 A webhook passes, in order: the size cap (413, decided from Content-Length before reading, and

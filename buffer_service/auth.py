@@ -3,7 +3,7 @@
 Webhooks (docs/security.md):
 - `CHATWOOT_WEBHOOK_SECRET`: Chatwoot 4.12+ signs each delivery with
   `X-Chatwoot-Signature: sha256=hex(HMAC_SHA256(secret, "{X-Chatwoot-Timestamp}.{raw body}"))`
-  (shared/reference/chatwoot.md §4). Checked on the raw bytes before any parsing, and the
+  (docs/chatwoot.md). Checked on the raw bytes before any parsing, and the
   timestamp must lie within `WEBHOOK_MAX_SKEW_S`, so a captured delivery cannot be replayed later.
 - `WEBHOOK_TOKEN`: for Chatwoot versions that do not sign, a shared token in the webhook URL
   (`?token=`, the only thing Chatwoot's webhook form lets you set) or an `X-Webhook-Token` header.

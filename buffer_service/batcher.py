@@ -2,7 +2,7 @@
 
 Awaiting one EVALSHA per webhook costs a round trip, a pool checkout and an event-loop wake-up
 per request; that, not Redis, is what holds a one-call-per-request handler at about a third of a
-bare handler's rate (shared/reference/redis-timing.md). Calls made while the event loop runs
+bare handler's rate (docs/redis-timing.md). Calls made while the event loop runs
 one iteration (aiohttp starts every request that arrived in a read burst in the same
 iteration) are queued and sent together at the start of the next iteration. There is no timer:
 a lone call waits for nothing, and the batch grows only when calls really overlap.

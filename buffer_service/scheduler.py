@@ -3,7 +3,7 @@
 Why not just react to keyspace-expiry events, as the first design had it? Redis publishes
 `expired` when it happens to delete the key, which is hundreds of ms to many seconds late under
 load, and an event published while no subscriber is connected is gone (see
-shared/reference/redis-timing.md). So the deadline index decides: every claim returns the next
+docs/redis-timing.md). So the deadline index decides: every claim returns the next
 deadline of its shard and the loop sleeps exactly until the earliest one. Two kinds of message
 only shorten a sleep: the append script's own wake-up (a new burst, whose deadline the loop
 cannot know yet) and the expiry event of a conversation's TTL key. A periodic sweep
