@@ -9,6 +9,7 @@ be answered.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,8 +294,6 @@ class ChatwootError(Exception):
         self.unsure = unsure
 
 
-# A proxy's answers that it stopped waiting for Chatwoot, which may still be working on the post.
-_GATEWAY_GAVE_UP = frozenset({502, 503, 504})
 # Chatwoot's message_type enum in REST answers (webhooks carry the name).
 _OUTGOING = 1
 # `GET …/messages?after=<id>` answers at most this many messages, oldest first.
@@ -327,10 +326,11 @@ class ChatwootClient:
         self._base = settings.chatwoot_base_url
         self._headers = {"api_access_token": settings.chatwoot_api_token}
         self._timeout = aiohttp.ClientTimeout(total=settings.chatwoot_timeout_s)
-        # A post we stopped waiting for may still be under way inside Chatwoot (or behind a
-        # proxy that gave up on it). Its retry waits one more timeout, so that the request has
-        # ended, and its webhook echo may have come, before Chatwoot is asked whether the
-        # message exists (docs/delivery-guarantees.md).
+        # A post whose outcome is unknown may still be under way inside Chatwoot (behind a
+        # proxy that gave up on it, or one we stopped waiting for). Its retry waits until two
+        # timeouts after it was sent, so that such a request has ended, and its webhook echo may
+        # have come, before Chatwoot is asked whether the message exists
+        # (docs/delivery-guarantees.md).
         self._settle_s = settings.chatwoot_timeout_s
         self._session = session
 
@@ -338,27 +338,31 @@ class ChatwootClient:
         """Create an outgoing message; returns Chatwoot's id of the new message."""
         url = f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}/messages"
         body = {"content": content, "message_type": "outgoing", "private": False}
+        sent = time.monotonic()
+
+        def settled(retry_after: float | None = None) -> float:
+            # When the retry may ask about this post: two timeouts after it was sent.
+            return max(retry_after or 0.0, 2 * self._settle_s - (time.monotonic() - sent))
+
         try:
             async with self._session.post(url, json=body, headers=self._headers,
                                           timeout=self._timeout) as resp:
                 raw = await resp.content.read(1_000_000)
                 if resp.status >= 300:
                     detail = raw[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
-                    retryable = resp.status == 429 or resp.status >= 500
+                    unsure = resp.status >= 500
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
-                    if resp.status in _GATEWAY_GAVE_UP:
-                        retry_after = max(retry_after or 0.0, self._settle_s)
                     raise ChatwootError(
                         f"Chatwoot answered HTTP {resp.status} to the reply: {detail}",
-                        status=resp.status, retryable=retryable, retry_after_s=retry_after,
-                        unsure=resp.status >= 500,
+                        status=resp.status, retryable=resp.status == 429 or unsure,
+                        retry_after_s=settled(retry_after) if unsure else retry_after, unsure=unsure,
                     )
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise ChatwootError(f"Chatwoot unreachable: {type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Sent, or partly: Chatwoot may be creating the message while we give up.
             raise ChatwootError(f"Chatwoot did not answer the reply: {type(exc).__name__}: {exc}",
-                                unsure=True, retry_after_s=self._settle_s) from exc
+                                unsure=True, retry_after_s=settled()) from exc
         try:
             created = orjson.loads(raw)
             return int(created["id"])
@@ -366,48 +370,43 @@ class ChatwootClient:
             # The message was created (2xx); only its id is unknown. Posting again would duplicate.
             return 0
 
-    async def find_reply(self, account_id: int, conversation_id: int, content: str,
-                         after_id: int) -> int | None:
-        """Whether Chatwoot has our reply `content` among the conversation's messages newer than
-        `after_id` (the burst's last message, which the reply answers): its id, or None when it
-        certainly has not. Raises ChatwootError when Chatwoot cannot tell.
+    async def messages_after(self, account_id: int, conversation_id: int,
+                             after_id: int) -> tuple[list[dict[str, Any]], bool]:
+        """The conversation's messages newer than `after_id`, oldest first, and whether that is
+        all of them. Raises ChatwootError when Chatwoot does not answer usably.
 
-        A user token lists the messages (`GET …/messages?after=`). An agent bot's token may not
-        (401): then the conversation's last public-or-private message (`GET …/conversations/{id}`,
-        bots may since Chatwoot 4.14.2) must be either our reply, or the burst itself or older,
-        which proves nothing came after it; anything else is undecidable.
+        A user token lists them (`GET …/messages?after=`, up to 5 pages of 100). An agent bot's
+        token may not (401): then only the conversation's newest message is known
+        (`last_non_activity_message` of `GET …/conversations/{id}`, readable by bots since
+        Chatwoot 4.14.2), and it is all of them only when nothing came after `after_id`.
         """
         url = f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}"
+        found: list[dict[str, Any]] = []
         after = after_id
         for _ in range(_MAX_PAGES):
             status, body = await self._get(f"{url}/messages", {"after": str(after)})
             if status == 401 and after == after_id:
-                return await self._find_last(url, content, after_id)
-            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("payload"), list):
+                return await self._newest_after(url, after_id)
+            payload = body.get("payload") if isinstance(body, dict) else None
+            if status != 200 or not isinstance(payload, list):
                 raise ChatwootError(f"cannot list the conversation's messages: HTTP {status}",
                                     status=status, unsure=True)
-            page = [m for m in body["payload"] if isinstance(m, dict) and _is_id(m.get("id"))]
-            found = next((m["id"] for m in page if _ours(m, content, after_id)), None)
-            if found is not None:
-                return int(found)
-            if len(body["payload"]) < _PAGE:
-                return None
-            after = max([after, *(m["id"] for m in page)])
-        raise ChatwootError("cannot tell whether the reply was posted: too many newer messages",
-                            unsure=True)
+            page = [m for m in payload if isinstance(m, dict) and _is_id(m.get("id")) and m["id"] > after]
+            found += page
+            if len(payload) < _PAGE:
+                return found, True
+            after = max(m["id"] for m in page) if page else after
+        return found, False
 
-    async def _find_last(self, url: str, content: str, after_id: int) -> int | None:
+    async def _newest_after(self, url: str, after_id: int) -> tuple[list[dict[str, Any]], bool]:
         status, body = await self._get(url, None)
         last = body.get("last_non_activity_message") if isinstance(body, dict) else None
-        if status != 200 or not (last is None or isinstance(last, dict)):
+        if status != 200 or not (last is None or (isinstance(last, dict) and _is_id(last.get("id")))):
             raise ChatwootError(f"cannot read the conversation: HTTP {status}", status=status,
                                 unsure=True)
-        if last is None or (_is_id(last.get("id")) and last["id"] <= after_id):
-            return None
-        if _ours(last, content, after_id):
-            return int(last["id"])
-        raise ChatwootError("cannot tell whether the reply was posted: the token may not list "
-                            "messages and the conversation has newer ones", unsure=True)
+        if last is None or last["id"] <= after_id:
+            return [], True
+        return [last], False
 
     async def _get(self, url: str, params: dict[str, str] | None) -> tuple[int, Any]:
         try:
@@ -425,7 +424,36 @@ class ChatwootClient:
             return 200, None
 
 
-def _ours(message: dict[str, Any], content: str, after_id: int) -> bool:
-    return (message.get("message_type") in (_OUTGOING, "outgoing") and not message.get("private")
-            and _is_id(message.get("id")) and message["id"] > after_id
-            and isinstance(message.get("content"), str) and same_reply(message["content"], content))
+def earlier_post(messages: list[dict[str, Any]], complete: bool, reply: str,
+                 known: set[int]) -> tuple[str, int]:
+    """What Chatwoot's messages after a burst say about an earlier post of `reply` whose outcome
+    is unknown: ('posted', its id), ('human', the id of a person's answer: the bot must not
+    post over it), or ('absent', 0). `known`: ids the service has already seen (its finished
+    replies, messages its webhooks noted), which are not this post: an earlier reply may have
+    the same text. Raises ChatwootError when the messages cannot tell."""
+    fresh = [m for m in messages if m["id"] not in known]
+    mine = next((m["id"] for m in fresh if _outgoing(m) and isinstance(m.get("content"), str)
+                 and same_reply(m["content"], reply)), None)
+    if mine is not None:
+        return "posted", int(mine)
+    person = next((m["id"] for m in fresh if _outgoing(m) and _by_person(m)), None)
+    if person is not None:
+        return "human", int(person)
+    # Only the newest message is known: an outgoing one the service saw was posted before this
+    # batch began (an earlier reply, a person's answer), so a post of this batch would be newer.
+    if complete or (len(messages) == 1 and not fresh and _outgoing(messages[0])):
+        return "absent", 0
+    raise ChatwootError("cannot tell whether the reply was posted: the token may not list "
+                        "messages and the conversation has newer ones", unsure=True)
+
+
+def _outgoing(message: dict[str, Any]) -> bool:
+    return message.get("message_type") in (_OUTGOING, "outgoing") and not message.get("private")
+
+
+def _by_person(message: dict[str, Any]) -> bool:
+    sender = message.get("sender")
+    if isinstance(sender, dict):
+        return sender.get("type") == "user"
+    attributes = message.get("content_attributes")
+    return isinstance(attributes, dict) and attributes.get("external_echo") is True

@@ -26,7 +26,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from . import metrics
-from .chatwoot import ChatwootClient, ChatwootError
+from .chatwoot import ChatwootClient, ChatwootError, earlier_post
 from .config import Settings
 from .flags import Flags
 from .limits import Limits
@@ -119,16 +119,7 @@ class Processor:
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
         verdict, detail = await self.store.before_post(batch, reply)
         if verdict == "confirm":
-            # An earlier attempt may have posted it: Chatwoot says whether it did. Undecidable
-            # raises, and the batch waits for a retry (or the echo) rather than risk a duplicate.
-            found = await self.chatwoot.find_reply(batch.account_id, batch.conversation_id, reply,
-                                                   max((int(m.get("id", 0)) for m in batch.messages),
-                                                       default=0))
-            if found is not None:
-                verdict, detail = "posted", str(found)
-            else:
-                log.info("earlier_post_not_found")
-                verdict, detail = await self.store.before_post(batch, reply, absent=True)
+            verdict, detail = await self._settle_earlier_post(batch, reply)
         if verdict == "lost":
             raise LeaseLost
         if verdict == "skip":
@@ -149,6 +140,24 @@ class Processor:
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
         return "completed"
+
+    async def _settle_earlier_post(self, batch: Batch, reply: str) -> tuple[str, str]:
+        """An earlier attempt may have posted `reply`: Chatwoot's messages after the burst say
+        whether it did, and whether a person answered meanwhile (then the bot stays out).
+        Undecidable raises, and the batch waits for a retry, or for the echo, rather than risk
+        a duplicate."""
+        after = max((int(m.get("id", 0)) for m in batch.messages), default=0)
+        messages, complete = await self.chatwoot.messages_after(batch.account_id,
+                                                                batch.conversation_id, after)
+        known = await self.store.known_messages(batch, [int(m["id"]) for m in messages])
+        found, message_id = earlier_post(messages, complete, reply, known)
+        if found == "posted":
+            return "posted", str(message_id)
+        if found == "human":
+            log.info("person_answered_meanwhile", message_id=message_id)
+            return "skip", "human_agent_replied"
+        log.info("earlier_post_not_found")
+        return await self.store.before_post(batch, reply, absent=True)
 
     async def _ask_llm(self, batch: Batch) -> str:
         # The response_quality_enhancement flag: history and the contact's name, or the burst only.

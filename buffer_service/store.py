@@ -22,7 +22,7 @@ in one Redis Cluster slot; a conversation always maps to the same shard):
     bs:{sN}:handoff:<conv>   hash  reason, v: who is in charge, by the newest snapshot
                                    (lib.lua take_charge; reason '' = the bot)
     bs:{sN}:pause:<conv>     string with PX = HUMAN_PAUSE_MS    (a human agent wrote)
-    bs:{sN}:own:<conv>       zset  "<fingerprint>:<batch id>" -> post ms: replies we posted
+    bs:{sN}:sent:<conv>      zset  "<fingerprint>:<batch id>" -> post ms: replies we posted
                                    whose echo has not come yet (lib.lua own_add)
     bs:{sN}:rl:<conv>        string GCRA state of the conversation's rate limit (append.lua)
     bs:wake                  pub/sub channel: "a deadline you do not know yet"
@@ -112,8 +112,8 @@ class BufferStore:
         self.redis = redis
         self.settings = settings
         self.wake_channel = f"{settings.key_prefix}:wake"
-        # One key for all conversations, in no shard: with one Redis the append script reaches
-        # it; a Redis Cluster needs it in the slot of each script that touches it.
+        # One key for all conversations, in no shard. The append script takes it only when the
+        # global limit is set: a Redis Cluster would refuse a script whose keys span slots.
         self.global_rate_key = f"{settings.key_prefix}:rl:global"
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load(name))
@@ -151,7 +151,8 @@ class BufferStore:
              self.key(shard, f"ttl:{msg.conv}"),
              self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
              self.key(shard, f"handoff:{msg.conv}"), self.key(shard, f"rl:{msg.conv}"),
-             self.key(shard, f"hist:{msg.conv}"), self.global_rate_key],
+             self.key(shard, f"hist:{msg.conv}"),
+             *([self.global_rate_key] if s.rate_limit_global else [])],
             [msg.conv, msg.to_json(), s.buffer_duration_ms if buffered else 0, s.max_buffer_age_ms,
              s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes,
              _version(version), s.rate_limit_per_conversation, s.rate_limit_window_s * 1000,
@@ -182,10 +183,11 @@ class BufferStore:
                 await self._scripts["note"](
                     keys=[self.key(shard, f"seen:{msg.account_id}:{msg.message_id}"),
                           self.key(shard, f"hist:{conv}"), self.key(shard, f"pause:{conv}"),
-                          self.key(shard, f"own:{conv}")],
+                          self.key(shard, f"sent:{conv}")],
                     args=[msg.to_json(), self._history_cap(), s.history_ttl_s * 1000,
                           s.dedup_ttl_s * 1000, msg.message_id, msg.text if outgoing else "",
-                          self.prefix(shard), s.human_pause_ms if decision.from_agent else 0],
+                          self.prefix(shard), s.human_pause_ms if decision.from_agent else 0,
+                          s.job_retention_days * 86_400_000],
                     client=pipe)
             results = await pipe.execute()
         return _s(results[-1]) if msg is not None else ""
@@ -229,7 +231,7 @@ class BufferStore:
             keys=[self.key(shard, f"batch:{batch.id}"), k["due"], k["first"],
                   self.key(shard, f"buf:{batch.conv}"), self.key(shard, f"ttl:{batch.conv}"),
                   self.key(shard, f"msgs:{batch.id}"), self.key(shard, f"pause:{batch.conv}"),
-                  self.key(shard, f"handoff:{batch.conv}"), self.key(shard, f"own:{batch.conv}")],
+                  self.key(shard, f"handoff:{batch.conv}"), self.key(shard, f"sent:{batch.conv}")],
             args=[batch.id, batch.token, reply, int(s.supersede_stale_replies), s.max_buffer_age_ms,
                   s.max_buffer_size, s.processing_lease_ms, _OWN_REPLY_MEMORY_MS, _OWN_REPLIES_KEPT,
                   s.job_retention_days * 86_400_000, self.wake_channel, int(absent),
@@ -282,6 +284,17 @@ class BufferStore:
             keys=[self.key(shard, f"batch:{batch_id}"), k["inflight"], k["active"], k["failed"]],
             args=[batch_id, self.wake_channel, self.prefix(shard)],
         ))
+
+    async def known_messages(self, batch: Batch, ids: list[int]) -> set[int]:
+        """Which of these Chatwoot message ids of the batch's conversation the service has seen
+        (their seen markers: messages its webhooks took, replies it recorded)."""
+        if not ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id in ids:
+                pipe.exists(self.key(batch.shard, f"seen:{batch.account_id}:{message_id}"))
+            found = await pipe.execute()
+        return {i for i, hit in zip(ids, found, strict=True) if hit}
 
     async def history(self, conv: str, last: int) -> list[dict[str, Any]]:
         """The conversation's `last` most recent history entries, oldest first."""

@@ -10,7 +10,7 @@
 --       3 buf:<conv> (list), 4 ttl:<conv> (sliding TTL key, the expiry wake-up),
 --       5 seen:<account>:<message id> (de-duplication marker), 6 handoff:<conv>,
 --       7 rl:<conv> (the conversation's rate limit), 8 hist:<conv>, 9 the global rate limit's
---       key (outside every shard: see limits.py)
+--       key, only when that limit is set (outside every shard: see limits.py)
 -- ARGV: 1 conv, 2 message json, 3 window ms, 4 max age ms, 5 max size, 6 dedup ttl ms,
 --       7 wake channel, 8 max buffer bytes (0: no cap), 9 version of the conversation snapshot
 --       the message came with (0: none), 10 messages per period per conversation (0: no limit),

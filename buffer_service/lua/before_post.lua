@@ -15,7 +15,7 @@
 --   again) and marked unsure until the post's outcome is known, its fingerprint is remembered
 --   so that its webhook echo is recognised as ours, and the lease is renewed for the post.
 -- KEYS: 1 batch hash, 2 due, 3 first, 4 buf:<conv>, 5 ttl:<conv>, 6 msgs:<id>, 7 pause:<conv>,
---       8 handoff:<conv>, 9 own:<conv>
+--       8 handoff:<conv>, 9 sent:<conv>
 -- ARGV: 1 batch id, 2 token, 3 reply, 4 supersede (0|1), 5 max age ms, 6 max size, 7 lease ms,
 --       8 own-reply memory ms, 9 own replies remembered, 10 record retention ms,
 --       11 wake channel, 12 absent (1: the caller made sure Chatwoot has no such message),

@@ -18,10 +18,14 @@ if close_batch(ARGV[12], KEYS[1], ARGV[1], conv, now) then
   redis.call('PUBLISH', ARGV[11], now)
 end
 
--- The seen marker tells the webhook that the reply's echo is the bot's own (its fingerprint
--- may be gone by then, consumed by an earlier delivery of the same echo: note.lua). Chatwoot's
--- message id may be unknown (0): then there is no marker.
-if ARGV[5] ~= '0' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[10]) end
+-- Known by its id, the reply's echo needs no fingerprint any more: the seen marker ('own')
+-- tells the webhook it is the bot's (note.lua). Chatwoot's message id may be unknown (0): then
+-- the fingerprint stays for the echo.
+if ARGV[5] ~= '0' then
+  redis.call('SET', KEYS[4], 'own', 'PX', ARGV[10])
+  local fp = redis.call('HGET', KEYS[1], 'fp')
+  if fp then redis.call('ZREM', ARGV[12] .. 'sent:' .. conv, fp .. ':' .. ARGV[1]) end
+end
 local cap = tonumber(ARGV[7])
 if cap > 0 then
   for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do

@@ -92,10 +92,11 @@ local function take_charge(key, reason, v, ttl)
   return true
 end
 
--- Fingerprints of the replies the bot posted, so that their webhook echoes are recognised as
--- ours: a zset of "<fingerprint>:<batch id>" scored by post time. Each entry lives on its own
--- (at most `keep` entries, none older than `age` ms) and is consumed by its echo, so a human
--- agent's message that happens to start like an old bot reply is not taken for the bot's.
+-- Fingerprints of the replies the bot posted whose echo has not come, so that the echo is
+-- recognised as ours: a zset `sent:<conv>` of "<fingerprint>:<batch id>" scored by post time.
+-- Each entry lives on its own (at most `keep` entries, none older than `age` ms) and goes when
+-- its echo comes or its batch records Chatwoot's message id (finish.lua), so a human agent's
+-- message that happens to start like an old bot reply is not taken for the bot's.
 local function own_add(key, fp, id, now, age, keep)
   redis.call('ZADD', key, now, fp .. ':' .. id)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - age)
@@ -103,10 +104,11 @@ local function own_add(key, fp, id, now, age, keep)
   redis.call('PEXPIRE', key, age)
 end
 
--- The batch id of a remembered fingerprint (and forgets it: an echo comes once), or nil.
+-- The batch id of a remembered fingerprint, the newest when replies had the same text (and
+-- forgets it: an echo comes once), or nil.
 local function own_take(key, fp)
   local prefix = fp .. ':'
-  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1, 'REV')) do
     if string.sub(member, 1, #prefix) == prefix then
       redis.call('ZREM', key, member)
       return string.sub(member, #prefix + 1)

@@ -1,24 +1,47 @@
 -- Record a message the bot does not answer (a human agent's, the bot's own reply coming back as
 -- a webhook, a customer's message while a human handles the conversation) in the history, once,
 -- so later prompts see both sides. Two more things happen here because only the webhook knows:
--- * The echo of our own reply proves that Chatwoot took the post: its batch records the
---   message id, and a retry after a crash or an unsure post finishes instead of posting again.
---   The finish script adds the reply to the history, after its burst.
+-- * The echo of our own reply proves that Chatwoot took the post. A reply recorded with its id
+--   left a seen marker 'own' (finish.lua). Otherwise its fingerprint (lib.lua: own_take) names
+--   the batch: an unfinished one records the message id, so that its retry finishes instead of
+--   posting again; a failed one (its post's outcome was never settled) is completed here, with
+--   the burst and the reply in the history.
 -- * A human agent's message pauses the bot in the conversation. Our own replies look the same
---   when the service posts with a user access token; the fingerprint of a posted reply (taken
---   by its first echo) or the seen marker of a finished one tells them apart.
--- KEYS: 1 seen marker, 2 history list, 3 pause:<conv>, 4 own:<conv> (fingerprints of replies
---       the bot posted, lib.lua: own_add)
+--   when the service posts with a user access token; the two ways above tell them apart.
+-- KEYS: 1 seen marker, 2 history list, 3 pause:<conv>, 4 sent:<conv>
 -- ARGV: 1 entry json, 2 history cap, 3 history ttl ms, 4 dedup ttl ms, 5 message id,
 --       6 text of an outgoing message ('' otherwise), 7 shard key prefix,
---       8 pause ms (0 unless a human agent may have written it)
+--       8 pause ms (0 unless a human agent may have written it), 9 record retention ms
 -- Returns 'recorded', 'duplicate', 'own' (the echo of one of our replies) or 'paused'.
+local seen = redis.call('GET', KEYS[1])
+if seen == 'own' then
+  redis.call('SET', KEYS[1], '1', 'KEEPTTL')
+  return 'own'
+end
+if seen then return 'duplicate' end
+
 if ARGV[6] ~= '' then
   local id = own_take(KEYS[4], fingerprint(ARGV[6]))
   if id then
-    local bkey = ARGV[7] .. 'batch:' .. id
+    local P = ARGV[7]
+    local bkey = P .. 'batch:' .. id
     local state = redis.call('HGET', bkey, 'state')
-    if state and state ~= 'completed' and state ~= 'skipped' and state ~= 'superseded' then
+    if state == 'failed' then
+      local now = now_ms()
+      redis.call('HSET', bkey, 'state', 'completed', 'reason', 'confirmed_by_echo',
+        'reply_id', ARGV[5], 'finished_ms', now)
+      redis.call('HDEL', bkey, 'reply', 'unsure')
+      redis.call('ZREM', P .. 'failed', id)
+      redis.call('ZADD', P .. 'jobs:completed', now, id)
+      count(P, now, 'completed', 1)
+      local msgs = P .. 'msgs:' .. id
+      for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
+        remember(KEYS[2], unstamped(m), ARGV[2], ARGV[3])
+      end
+      remember(KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+      redis.call('DEL', msgs)
+      redis.call('PEXPIRE', bkey, ARGV[9])
+    elseif state and state ~= 'completed' and state ~= 'skipped' and state ~= 'superseded' then
       redis.call('HSET', bkey, 'posted_id', ARGV[5])
     end
     redis.call('SET', KEYS[1], '1', 'PX', ARGV[4])
@@ -26,7 +49,7 @@ if ARGV[6] ~= '' then
   end
 end
 
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[4]) then return 'duplicate' end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[4])
 remember(KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 if ARGV[8] ~= '0' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
