@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Container smoke test: build the image and run it the way docker-compose.yml declares the
-# `buffer-service` service, against a real redis-server and the Chatwoot and LLM stand-ins on
-# this host. Needs root, podman, runc and debootstrap (docs/containers.md says why each).
+# `buffer-service` and `worker` services, against a real redis-server and the Chatwoot and LLM
+# stand-ins on this host. Needs root, podman, runc and debootstrap (docs/containers.md says why).
 #
 # 1. a Debian base (debootstrap minbase + python3 and python3-venv) is imported, because no
 #    image registry is reachable from our machines; the Dockerfile gets it as PYTHON_IMAGE;
 # 2. the image is built with --format docker (keeps HEALTHCHECK) and --network=host;
-# 3. scripts/container_smoke.py starts the stand-ins, runs the container with the command and
-#    environment of docker-compose.yml (plus .env.example), sends a burst of webhooks, checks
-#    that one reply was posted, runs `podman healthcheck run`, sends SIGTERM and checks exit 0.
+# 3. scripts/container_smoke.py starts the stand-ins, runs the containers with the command,
+#    environment and health check of docker-compose.yml (plus .env.example), sends a burst of
+#    webhooks, checks that one reply was posted, runs `podman healthcheck run`, sends SIGTERM
+#    and checks exit 0; first serve alone, then the `workers` profile.
 #
 # Everything lives in one state folder (podman root, runroot, tmpdir, Redis data), removed at
-# the end, also on failure; so is the state podman writes outside it (/run/containers,
-# /run/runc, /var/lib/containers) when it was not there before.
+# the end, also on failure; so is the state podman writes outside it (listed in OUTSIDE) when
+# it was not there before.
 # Usage: scripts/container-smoke.sh   (PYTHON defaults to .venv/bin/python: run `make install`)
 set -euo pipefail
 
@@ -32,6 +33,7 @@ for tool in podman runc debootstrap redis-server; do
   command -v "$tool" >/dev/null || cannot_run_here "$tool is not installed"
 done
 [ "$(id -u)" = 0 ] || cannot_run_here "needs root (podman with cgroupfs)"
+[ -x "$PYTHON" ] || { echo "container-smoke: $PYTHON not found: run make install first" >&2; exit 2; }
 
 # State podman (and mount) write outside --root/--runroot, seen on this kind of machine; removed
 # at the end only if this run created it, so nobody else's podman state is touched.
