@@ -52,6 +52,8 @@ def _names_settings_read() -> list[str]:
 
     env = Recording()
     Settings.from_env(env)
+    # If Settings ever stops reading through .get(), say so instead of checking nothing.
+    assert {"REDIS_URL", "OPENAI_API_KEY", "MESSAGE_BUFFER_DURATION_MS"} <= set(env.names), env.names
     return env.names
 
 
