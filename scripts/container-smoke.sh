@@ -38,7 +38,7 @@ done
 # State podman (and mount) write outside --root/--runroot, seen on this kind of machine; removed
 # at the end only if this run created it, so nobody else's podman state is touched.
 OUTSIDE=(/run/containers /run/runc /run/libpod /run/mount /var/lib/containers
-         /etc/containers/networks /etc/cni/net.d/cni.lock "$HOME/.config/containers")
+         /etc/containers/networks /etc/cni/net.d/cni.lock "${HOME:-/root}/.config/containers")
 created_outside=()
 for path in "${OUTSIDE[@]}"; do [ -e "$path" ] || created_outside+=("$path"); done
 
