@@ -63,12 +63,10 @@ printf '#!/bin/sh\nexec podman --root "%s/root" --runroot "%s/runroot" --tmpdir 
 chmod +x "$pm"
 
 unmount_under() { findmnt -rn -o TARGET | grep "^$1/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true; }
-redis_pid=""
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
-  [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
   "$pm" rm --all --force --time 0 >/dev/null 2>&1
   "$pm" system reset --force >/dev/null 2>&1
   # Whatever reset left mounted under the state folder (overlay layers, shm) is unmounted first.
@@ -119,15 +117,10 @@ image_bytes=$("$pm" image inspect --format '{{.Size}}' "$IMAGE")
 log "image $IMAGE: $((image_bytes / 1000000)) MB, of which the service's own layers $(((image_bytes - base_bytes) / 1000000)) MB"
 log "user $("$pm" image inspect --format '{{.Config.User}}' "$IMAGE"), runs $("$pm" image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$IMAGE")"
 
-# 3. A real Redis with the repo's redis.conf on a free port, with a password as in compose.
-redis_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-redis_password=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-redis-server "$ROOT/redis.conf" --port "$redis_port" --bind 127.0.0.1 --dir "$STATE/redis" \
-  --requirepass "$redis_password" --logfile "$STATE/redis/redis.log" &
-redis_pid=$!
-
-log "run the container as docker-compose.yml declares it; burst, reply, healthcheck, SIGTERM"
+# 3. The containers, as docker-compose.yml declares them, and a real redis-server started the
+# way it declares `buffer-redis` (the repo's redis.conf), on a free port of this host.
+log "run the services as docker-compose.yml declares them; burst, reply, health checks, SIGTERM"
 timeout 300 "$PYTHON" "$ROOT/scripts/container_smoke.py" \
   --podman "$pm" \
   --image "$IMAGE" --compose "$ROOT/docker-compose.yml" --env-file "$ROOT/.env.example" \
-  --redis-url "redis://:$redis_password@127.0.0.1:$redis_port/0"
+  --redis-dir "$STATE/redis"

@@ -38,6 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 import yaml
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
 
@@ -145,13 +148,49 @@ class Run:
         self.image = args.image
         self.compose = compose
         self.env_file = env_file
-        self.redis_url = urlsplit(args.redis_url)
-        self.variables = {**read_env_file(env_file), "BUFFER_REDIS_PASSWORD": self.redis_url.password or ""}
+        self.redis_dir = Path(args.redis_dir)
+        self.redis_port = _free_port()
+        self.variables = {**read_env_file(env_file), "BUFFER_REDIS_PASSWORD": secrets.token_hex(16)}
         self.llm_key, self.chatwoot_token = secrets.token_hex(16), secrets.token_hex(16)
         self.webhook_secret = secrets.token_hex(24)
         self.llm = LLMStandIn(api_key=self.llm_key)
         self.chatwoot = ChatwootStandIn(token=self.chatwoot_token, echo_secret=self.webhook_secret)
         self.containers: list[str] = []
+        self.redis: asyncio.subprocess.Process | None = None
+
+    async def start_redis(self, compose_dir: Path) -> None:
+        """redis-server with the command `buffer-redis` declares, its volumes mapped to this host
+        (the repo's redis.conf, a data folder), on a free loopback port; the password must hold."""
+        service = self.compose["services"]["buffer-redis"]
+        host_paths = {}
+        for volume in service["volumes"]:
+            source, target = volume.split(":")[:2]
+            host_paths[target] = str(compose_dir / source) if source.startswith(".") else str(self.redis_dir)
+        declared = [interpolate(str(a), self.variables) for a in service["command"]]
+        args = [host_paths.get(a, a) for a in declared]
+        self.redis = await asyncio.create_subprocess_exec(
+            *args, "--bind", "127.0.0.1", "--port", str(self.redis_port),
+            "--logfile", str(self.redis_dir / "redis.log"), stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{self.redis_port}/0"
+        password = self.variables["BUFFER_REDIS_PASSWORD"]
+        for _ in range(100):
+            with contextlib.suppress(RedisConnectionError):
+                async with Redis.from_url(url, password=password) as redis:
+                    await redis.ping()
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise SmokeFailure(f"redis-server ({' '.join(args[:2])} ...) did not answer")
+        async with Redis.from_url(url) as redis:
+            with contextlib.suppress(AuthenticationError, ResponseError):
+                await redis.ping()
+                raise SmokeFailure("buffer-redis answers without its password")
+        print(f"  redis-server as buffer-redis: {' '.join(args[1:2])}, requirepass, port {self.redis_port}")
+
+    async def stop_redis(self) -> None:
+        if self.redis is not None and self.redis.returncode is None:
+            self.redis.terminate()
+            await self.redis.wait()
 
     async def start(self, service_name: str, variables: Mapping[str, str], **overrides: str) -> str:
         """Run one container of a compose service: its command, environment and health check,
@@ -159,8 +198,7 @@ class Run:
         spec = container_spec(self.compose, service_name, variables)
         env = {
             **spec["env"],
-            "REDIS_URL": _with_address(spec["env"]["REDIS_URL"], self.redis_url.hostname or "",
-                                       self.redis_url.port or 0),
+            "REDIS_URL": _with_address(spec["env"]["REDIS_URL"], "127.0.0.1", self.redis_port),
             "CHATWOOT_BASE_URL": self.chatwoot.base_url,
             "OPENAI_BASE_URL": f"{self.llm.base_url}/v1",
             "OPENAI_API_KEY": self.llm_key,
@@ -303,12 +341,14 @@ async def workers_profile(run: Run) -> None:
     await run.sigterm_exits_0(web, *(name for name, _ in workers))
 
 
-async def main_async(args: argparse.Namespace, compose: dict[str, Any], env_file: Path) -> None:
+async def main_async(args: argparse.Namespace, compose: dict[str, Any], compose_dir: Path,
+                     env_file: Path) -> None:
     run = Run(args, compose, env_file)
-    await run.llm.start()
-    await run.chatwoot.start()
     failed = True
     try:
+        await run.start_redis(compose_dir)
+        await run.llm.start()
+        await run.chatwoot.start()
         for phase in (serve_alone, workers_profile):
             started = time.monotonic()
             print(f"  -- {phase.__doc__.splitlines()[0] if phase.__doc__ else phase.__name__}")
@@ -320,6 +360,7 @@ async def main_async(args: argparse.Namespace, compose: dict[str, Any], env_file
         await run.remove_containers(show_logs=failed)
         await run.chatwoot.stop()
         await run.llm.stop()
+        await run.stop_redis()
 
 
 def main() -> None:
@@ -328,11 +369,12 @@ def main() -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--compose", required=True)
     parser.add_argument("--env-file", required=True)
-    parser.add_argument("--redis-url", required=True, help="the redis-server the container uses")
+    parser.add_argument("--redis-dir", required=True, help="data folder of the redis-server started here")
     args = parser.parse_args()
-    compose = yaml.safe_load(Path(args.compose).read_text(encoding="utf-8"))
+    compose_path = Path(args.compose).resolve()
+    compose = yaml.safe_load(compose_path.read_text(encoding="utf-8"))
     try:
-        asyncio.run(main_async(args, compose, Path(args.env_file)))
+        asyncio.run(main_async(args, compose, compose_path.parent, Path(args.env_file)))
     except SmokeFailure as exc:
         sys.exit(f"container smoke test FAILED: {exc}")
 
