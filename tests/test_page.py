@@ -1,0 +1,193 @@
+"""The operator page's server side, over real HTTP without a browser: the sign-in form, the session
+cookie, CSRF on every state-changing call, the assets, and the bearer API left as it was.
+(test_page_browser.py drives the page itself in Chromium.)"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import replace
+from http.cookies import SimpleCookie
+from unittest import mock
+
+import aiohttp
+import pytest
+from conftest import with_port
+
+from buffer_service import sessions
+
+TOKEN = "admin-token-for-page-tests-0123456789"
+
+
+@pytest.fixture
+async def svc(settings, make_service):
+    return await make_service(replace(settings, admin_token=TOKEN))
+
+
+@pytest.fixture
+async def browser_session():
+    # unsafe=True: aiohttp's jar otherwise drops cookies set by an IP address (127.0.0.1).
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        yield session
+
+
+async def sign_in(svc, session: aiohttp.ClientSession, token: str = TOKEN) -> aiohttp.ClientResponse:
+    async with session.post(svc.url + "/admin/session", data={"token": token},
+                            allow_redirects=False) as resp:
+        await resp.read()
+        return resp
+
+
+async def csrf_of_page(svc, session: aiohttp.ClientSession) -> str:
+    async with session.get(svc.url + "/admin/") as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found, "no CSRF token in the page: not signed in?"
+    return found.group(1)
+
+
+async def processing(svc) -> str:
+    async with svc.session.get(svc.url + "/admin/flags",
+                               headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        return {f["name"]: f["value"] for f in await resp.json()}["processing"]
+
+
+async def test_sign_in_form_assets_and_their_headers(svc):
+    async with svc.session.get(svc.url + "/admin", allow_redirects=False) as resp:
+        assert resp.status == 308 and resp.headers["Location"] == "/admin/"
+    async with svc.session.get(svc.url + "/admin/") as resp:
+        page = await resp.text()
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert 'action="/admin/session"' in page and 'type="password"' in page
+        assert "csrf-token" not in page  # not signed in: no page, no token
+        csp = resp.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert resp.headers["Cache-Control"] == "no-store"
+    # Every asset the page uses is served from the package; nothing refers elsewhere.
+    for name, kind in (("page.js", "text/javascript"), ("page.css", "text/css"),
+                       ("favicon.svg", "image/svg+xml")):
+        async with svc.session.get(f"{svc.url}/admin/assets/{name}") as resp:
+            body = await resp.read()
+            assert resp.status == 200 and resp.content_type == kind and body
+            assert not re.search(rb"https?://(?!www\.w3\.org/2000/svg)", body), name
+            etag = resp.headers["ETag"]
+        async with svc.session.get(f"{svc.url}/admin/assets/{name}",
+                                   headers={"If-None-Match": etag}) as resp:
+            assert resp.status == 304
+    for name in ("index.html", "signin.html", "nope.js", "..%2Fsessions.py"):
+        async with svc.session.get(f"{svc.url}/admin/assets/{name}") as resp:
+            assert resp.status in (401, 404) and b"import" not in await resp.read(), name
+
+
+async def test_wrong_token_is_refused_and_sets_no_cookie(svc, browser_session):
+    for wrong in ("", "wrong", TOKEN + "x", TOKEN[:-1]):
+        resp = await sign_in(svc, browser_session, wrong)
+        assert resp.status == 401 and "Set-Cookie" not in resp.headers
+    assert len(browser_session.cookie_jar) == 0
+    async with browser_session.get(svc.url + "/admin/stats") as resp:
+        assert resp.status == 401
+
+
+async def test_session_cookie_is_httponly_strict_scoped_and_never_the_token(svc, browser_session):
+    resp = await sign_in(svc, browser_session)
+    assert resp.status == 303 and resp.headers["Location"] == "/admin/"
+    [header] = resp.headers.getall("Set-Cookie")
+    morsel = SimpleCookie(header)[sessions.COOKIE]
+    assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/admin"
+    assert int(morsel["max-age"]) == sessions.SESSION_TTL_S
+    assert TOKEN not in header
+    async with browser_session.get(svc.url + "/admin/stats") as resp:
+        assert resp.status == 200 and "totals" in await resp.json()
+
+
+async def test_state_changes_need_the_csrf_token_of_the_session(svc, browser_session):
+    await sign_in(svc, browser_session)
+    csrf = await csrf_of_page(svc, browser_session)
+    for headers in ({}, {"X-CSRF-Token": "forged"}, {"X-CSRF-Token": csrf[:-1]}):
+        async with browser_session.post(svc.url + "/admin/processing/off", headers=headers) as resp:
+            assert resp.status == 403 and "CSRF" in (await resp.json())["error"]
+        async with browser_session.put(svc.url + "/admin/flags/processing", json={"value": "off"},
+                                       headers=headers) as resp:
+            assert resp.status == 403
+    assert await processing(svc) == "on"
+
+    async with browser_session.post(svc.url + "/admin/processing/off",
+                                    headers={"X-CSRF-Token": csrf}) as resp:
+        assert resp.status == 200 and await resp.json() == {"processing": "off"}
+    assert await processing(svc) == "off"
+    async with browser_session.put(svc.url + "/admin/flags/processing", json={"value": "on"},
+                                   headers={"X-CSRF-Token": csrf}) as resp:
+        assert resp.status == 200
+    assert await processing(svc) == "on"
+
+    # Another browser's session has its own CSRF token: one session's token is no good in another.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        await sign_in(svc, other)
+        other_csrf = await csrf_of_page(svc, other)
+        assert other_csrf != csrf
+        async with other.post(svc.url + "/admin/processing/off",
+                              headers={"X-CSRF-Token": csrf}) as resp:
+            assert resp.status == 403
+
+
+async def test_forged_foreign_and_expired_sessions_are_refused(svc, settings, make_service):
+    good, csrf = sessions.issue(TOKEN)
+    foreign, _ = sessions.issue("another-admin-token-0123456789")  # e.g. before ADMIN_TOKEN rotated
+    with mock.patch("time.time", return_value=time.time() - sessions.SESSION_TTL_S - 5):
+        expired, _ = sessions.issue(TOKEN)
+    tampered = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    for value in (foreign, expired, tampered, "garbage"):
+        cookies = {sessions.COOKIE: value}
+        async with svc.session.get(svc.url + "/admin/stats", cookies=cookies) as resp:
+            assert resp.status == 401, value
+        async with svc.session.get(svc.url + "/admin/", cookies=cookies) as resp:
+            assert "csrf-token" not in await resp.text()  # the sign-in form again
+    async with svc.session.get(svc.url + "/admin/stats", cookies={sessions.COOKIE: good}) as resp:
+        assert resp.status == 200
+    # Any process with the same ADMIN_TOKEN accepts the session: no shared session store.
+    other = await make_service(with_port(replace(settings, admin_token=TOKEN)))
+    async with other.session.post(other.url + "/admin/processing/on", cookies={sessions.COOKIE: good},
+                                  headers={"X-CSRF-Token": csrf}) as resp:
+        assert resp.status == 200
+
+
+async def test_bearer_api_is_unchanged_and_decides_alone(svc, browser_session):
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with svc.session.post(svc.url + "/admin/processing/off", headers=bearer) as resp:
+        assert resp.status == 200  # scripts need no CSRF token: they hold no ambient cookie
+    async with svc.session.post(svc.url + "/admin/processing/on", headers=bearer) as resp:
+        assert resp.status == 200
+    await sign_in(svc, browser_session)
+    csrf = await csrf_of_page(svc, browser_session)
+    # A wrong bearer token is refused even with a valid session next to it.
+    async with browser_session.post(svc.url + "/admin/processing/off",
+                                    headers={"Authorization": "Bearer wrong", "X-CSRF-Token": csrf}) as resp:
+        assert resp.status == 401
+    assert await processing(svc) == "on"
+
+
+async def test_sign_in_from_another_site_is_refused(svc, browser_session):
+    async with browser_session.post(svc.url + "/admin/session", data={"token": TOKEN},
+                                    headers={"Sec-Fetch-Site": "cross-site"},
+                                    allow_redirects=False) as resp:
+        assert resp.status == 403 and "Set-Cookie" not in resp.headers
+
+
+async def test_sign_out_needs_csrf_and_ends_the_session(svc, browser_session):
+    await sign_in(svc, browser_session)
+    csrf = await csrf_of_page(svc, browser_session)
+    async with browser_session.delete(svc.url + "/admin/session") as resp:
+        assert resp.status == 403
+    async with browser_session.delete(svc.url + "/admin/session", headers={"X-CSRF-Token": csrf}) as resp:
+        assert resp.status == 204
+    async with browser_session.get(svc.url + "/admin/stats") as resp:
+        assert resp.status == 401
+
+
+async def test_page_is_closed_without_admin_token(settings, make_service, browser_session):
+    closed = await make_service(settings)
+    async with browser_session.get(closed.url + "/admin/") as resp:
+        assert resp.status == 403 and "ADMIN_TOKEN" in await resp.text()
+    resp = await sign_in(closed, browser_session, "")
+    assert resp.status == 403 and len(browser_session.cookie_jar) == 0
