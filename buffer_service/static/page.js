@@ -15,6 +15,8 @@ function h(tag, attrs, ...children) {
     if (value === null || value === undefined || value === false) continue;
     if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
     else if (key === "class") el.className = value;
+    // Through the CSSOM: the Content Security Policy refuses style attributes.
+    else if (key === "style") Object.assign(el.style, value);
     else el.setAttribute(key, value === true ? "" : value);
   }
   for (const child of children.flat()) {
@@ -181,7 +183,8 @@ function failed(data) {
 function switches(flags) {
   const ordered = [...flags].sort((a, b) => (b.name === "processing") - (a.name === "processing"));
   return ordered.map((flag) => {
-    const label = flag.name.replace(/_/g, " ");
+    const words = flag.name.replace(/_/g, " ");
+    const label = words[0].toUpperCase() + words.slice(1);
     const text = h("div", { class: "flag-text" }, h("strong", {}, label),
       h("span", { class: "muted" }, flag.description));
     if (flag.kind === "bool") {
@@ -199,7 +202,7 @@ function switches(flags) {
         act(toggle, `${label}: ${next}`, () => (flag.name === "processing"
           ? api("POST", `/processing/${next}`) : api("PUT", `/flags/${flag.name}`, { value: next })));
       });
-      return h("div", { class: `flag ${flag.name === "processing" ? "main-switch" : ""}` }, text, toggle);
+      return h("div", { class: `flag toggle ${flag.name === "processing" ? "main-switch" : ""}` }, text, toggle);
     }
     const input = h("input", {
       value: flag.value, "aria-label": label, "data-flag": flag.name,
@@ -215,6 +218,7 @@ function switches(flags) {
 }
 
 // -- timeline of recent bursts ------------------------------------------------------------------
+const MIN_STEP_PCT = 2;
 const STEP_CLASS = { buffer: "seg-buffer", wait: "seg-wait", llm: "seg-llm", post: "seg-post", fail: "seg-fail" };
 
 function steps(job, now) {
@@ -241,12 +245,19 @@ function timeline(data) {
   if (!jobs.length) return empty("No bursts yet.");
   return jobs.map((job) => {
     const { out, first, end } = steps(job, now);
-    const total = Math.max(1, end - first);
-    const bar = h("div", { class: "bar" }, out.map((step) => h("span", {
-      class: STEP_CLASS[step.kind],
-      style: `left:${(100 * (step.from - first)) / total}%;width:${Math.max(0.6, (100 * (step.to - step.from)) / total)}%`,
-      title: `${step.kind}: ${duration(step.to - step.from)}`,
-    })));
+    // Steps follow each other; a short one (the LLM, the post) gets a visible minimum width next
+    // to a long buffering window. The times written below the bar are exact.
+    const widths = out.map((step) => Math.max(MIN_STEP_PCT, (100 * (step.to - step.from)) / Math.max(1, end - first)));
+    const scale = 100 / Math.max(100, widths.reduce((sum, w) => sum + w, 0));
+    let left = 0;
+    const bar = h("div", { class: "bar" }, out.map((step, i) => {
+      const span = h("span", {
+        class: STEP_CLASS[step.kind], title: `${step.kind}: ${duration(step.to - step.from)}`,
+        style: { left: `${left}%`, width: `${widths[i] * scale}%` },
+      });
+      left += widths[i] * scale;
+      return span;
+    }));
     const claimed = ms(job.claimed_at);
     const posting = ms(job.posting_at);
     const done = ms(job.processed_at);
@@ -285,10 +296,10 @@ function hourSlots(stats) {
   return slots;
 }
 
-function chart(title, headline, slots, series, unit) {
-  const width = 320;
-  const height = 130;
-  const pad = { left: 34, right: 6, top: 10, bottom: 20 };
+function chart(title, note, headline, slots, series, unit) {
+  const width = 260;
+  const height = 120;
+  const pad = { left: 28, right: 4, top: 8, bottom: 18 };
   const plotW = width - pad.left - pad.right;
   const plotH = height - pad.top - pad.bottom;
   const stackOf = (slot) => series.reduce((sum, one) => sum + ((slot.row && slot.row[one.key]) || 0), 0);
@@ -313,30 +324,35 @@ function chart(title, headline, slots, series, unit) {
         rx: 1.5, class: one.cls,
       }, s("title", {}, `${slot.hour.slice(11, 16)} UTC · ${one.label}: ${number(value, 2)}${unit}`)));
     }
-    if (i % 6 === 0 || i === slots.length - 1) {
-      svg.append(s("text", { x: pad.left + i * step + step / 2, y: height - 5, "text-anchor": "middle", class: "axis" },
-        slot.hour.slice(11, 16)));
+    const last = i === slots.length - 1;
+    if (last || (i % 6 === 0 && slots.length - 1 - i >= 4)) {
+      svg.append(s("text", {
+        x: pad.left + i * step + (last ? step : step / 2), y: height - 4,
+        "text-anchor": last ? "end" : "middle", class: "axis",
+      }, slot.hour.slice(11, 16)));
     }
   });
   const legend = series.length > 1 ? h("div", { class: "legend" },
     series.map((one) => h("span", {}, h("i", { class: one.cls }), one.label))) : null;
   return h("figure", { class: "chart" },
-    h("figcaption", {}, h("span", {}, title), h("strong", {}, headline)), svg, legend);
+    h("figcaption", {}, h("span", { class: "chart-title" }, title), h("strong", {}, headline)),
+    h("div", { class: "chart-note" }, note), svg, legend);
 }
 
 function charts(stats) {
   const slots = hourSlots(stats);
   const t = stats.totals;
   return [
-    chart("Flush lateness (deadline → claim)", t.avg_deadline_to_claim_ms === null ? "–"
-      : `${number(t.avg_deadline_to_claim_ms)} ms avg`, slots,
+    chart("Flush lateness", "deadline → claim, ms, average", t.avg_deadline_to_claim_ms === null ? "–"
+      : `${number(t.avg_deadline_to_claim_ms)} ms`, slots,
       [{ key: "avg_deadline_to_claim_ms", cls: "fill-wait", label: "average" }], " ms"),
-    chart("Messages per burst", t.avg_messages_per_burst === null ? "–"
-      : `${number(t.avg_messages_per_burst, 2)} avg`, slots,
+    chart("Messages per burst", "average", t.avg_messages_per_burst === null ? "–"
+      : number(t.avg_messages_per_burst, 2), slots,
       [{ key: "avg_messages_per_burst", cls: "fill-buffer", label: "average" }], ""),
-    chart("Replies and failures", `${number(t.completed)} / ${number(t.failed)}`, slots,
-      [{ key: "completed", cls: "fill-post", label: "replies" }, { key: "failed", cls: "fill-fail", label: "failures" }], ""),
-    chart("LLM calls saved", number(t.llm_calls_saved), slots,
+    chart("Replies and failures", "bursts answered, bursts failed", `${number(t.completed)} / ${number(t.failed)}`,
+      slots, [{ key: "completed", cls: "fill-post", label: "replies" },
+        { key: "failed", cls: "fill-fail", label: "failures" }], ""),
+    chart("LLM calls saved", "messages minus bursts", number(t.llm_calls_saved), slots,
       [{ key: "llm_calls_saved", cls: "fill-llm", label: "saved" }], ""),
   ];
 }
