@@ -142,6 +142,9 @@ def _under_admin(request: web.Request) -> bool:
 @web.middleware
 async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Everything under /admin needs the admin token, whether its handler says so or not."""
-    if _under_admin(request) and not getattr(request.match_info.handler, "admin_public", False):
+    # Without ADMIN_TOKEN nothing under /admin is open, the page's sign-in form included.
+    public = (getattr(request.match_info.handler, "admin_public", False)
+              and request.config_dict[SETTINGS].admin_token)
+    if _under_admin(request) and not public:
         return admin_error(request) or await handler(request)
     return await handler(request)

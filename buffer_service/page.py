@@ -56,9 +56,8 @@ def _sign_in_form(error: str = "", status: int = 200) -> web.Response:
 @public
 async def view(request: web.Request) -> web.Response:
     """The page for a signed-in browser, else the sign-in form."""
+    # Public only while ADMIN_TOKEN is set (auth.admin_middleware): `token` is never empty here.
     token = request.config_dict[SETTINGS].admin_token
-    if not token:
-        return _sign_in_form("The operator page is disabled: set ADMIN_TOKEN to enable it.", 403)
     csrf = sessions.csrf_of(request, token)
     if csrf is None:
         return _sign_in_form()
@@ -73,8 +72,6 @@ async def to_page(request: web.Request) -> web.Response:
 @public
 async def sign_in(request: web.Request) -> web.Response:
     token = request.config_dict[SETTINGS].admin_token
-    if not token:
-        return _sign_in_form("The operator page is disabled: set ADMIN_TOKEN to enable it.", 403)
     # Sent by every current browser: a form on another site must not sign this browser in.
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return _sign_in_form("Sign in from this page itself.", 403)

@@ -101,6 +101,14 @@ async def test_session_cookie_is_httponly_strict_scoped_and_never_the_token(svc,
         assert resp.status == 200 and "totals" in await resp.json()
 
 
+async def test_cookie_is_secure_behind_a_tls_proxy(svc, browser_session):
+    async with browser_session.post(svc.url + "/admin/session", data={"token": TOKEN},
+                                    headers={"X-Forwarded-Proto": "https"},
+                                    allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert SimpleCookie(resp.headers["Set-Cookie"])[sessions.COOKIE]["secure"]
+
+
 async def test_state_changes_need_the_csrf_token_of_the_session(svc, browser_session):
     await sign_in(svc, browser_session)
     csrf = await csrf_of_page(svc, browser_session)
@@ -187,7 +195,10 @@ async def test_sign_out_needs_csrf_and_ends_the_session(svc, browser_session):
 
 async def test_page_is_closed_without_admin_token(settings, make_service, browser_session):
     closed = await make_service(settings)
-    async with browser_session.get(closed.url + "/admin/") as resp:
-        assert resp.status == 403 and "ADMIN_TOKEN" in await resp.text()
-    resp = await sign_in(closed, browser_session, "")
-    assert resp.status == 403 and len(browser_session.cookie_jar) == 0
+    # Closed like the rest of /admin: the same 403 for the page, its form and its assets.
+    for method, path in (("GET", "/admin/"), ("GET", "/admin"), ("GET", "/admin/assets/page.js")):
+        async with browser_session.request(method, closed.url + path) as resp:
+            assert resp.status == 403 and "ADMIN_TOKEN" in (await resp.json())["error"]
+    for token in ("", TOKEN):
+        resp = await sign_in(closed, browser_session, token)
+        assert resp.status == 403 and len(browser_session.cookie_jar) == 0

@@ -124,10 +124,10 @@ function buffers(rows) {
   document.getElementById("buffers-count").textContent = rows.length;
   if (!rows.length) return empty("No conversation is waiting for a reply.");
   return rows.map((row) => {
-    const window = ms(row.deadline_at) - ms(row.first_message_at);
+    const span = ms(row.deadline_at) - ms(row.first_message_at);
     const countdown = h("span", {
       class: "countdown", "data-due-at": row.due_in_ms === null ? "" : Date.now() + row.due_in_ms,
-      "data-window": window || 1,
+      "data-window": span || 1,
     });
     const flush = h("button", { class: "small", type: "button", "data-conversation": row.conversation },
       "Flush now");
