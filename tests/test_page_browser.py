@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.skipif(async_playwright is None,
                        reason="the playwright package is missing: pip install -e '.[test]'"),
     pytest.mark.skipif(CHROMIUM is None,
-                       reason="no chromium on PATH: apt-get install chromium (.ci/run does it)"),
+                       reason="no chromium on PATH: apt-get install chromium (`make test` does it as root)"),
 ]
 
 
@@ -109,6 +109,10 @@ async def test_wrong_token_is_refused_then_sign_in_works(browser, svc):
     # Page scripts cannot read the session cookie.
     assert await page.evaluate("document.cookie") == ""
 
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("h1")).to_have_text("Sign in")
+    assert await page.context.cookies() == []
+
 
 async def test_buffer_counts_down_and_flushes(browser, svc, chatwoot):
     page = await signed_in(browser, svc)
@@ -177,6 +181,12 @@ async def test_processing_switch_off_and_on(browser, svc, redis, settings):
     await switch.click()  # switching on asks nothing
     await expect(switch).to_have_attribute("aria-checked", "true")
     assert {f["name"]: f["value"] for f in await flags.table()}["processing"] == "on"
+
+    # A flag that takes a value: typed and saved.
+    await page.fill('input[data-flag="buffering_percent"]', "40")
+    await page.locator(".flag", has_text="Buffering percent").get_by_role("button", name="Save").click()
+    await expect(page.locator("#toast")).to_contain_text("Buffering percent: 40")
+    assert {f["name"]: f["value"] for f in await flags.table()}["buffering_percent"] == "40"
 
     # Declining the confirmation changes nothing.
     page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
