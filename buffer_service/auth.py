@@ -14,7 +14,8 @@ Admin paths (`/admin/*` and the old `/functions/v1/buffer-processor`) need
 `Authorization: Bearer <ADMIN_TOKEN>`. Without a configured token they answer 403: closed, not open.
 A browser signed in on the operator page (page.py) may use them with its session cookie instead
 (sessions.py), and must then send the session's CSRF token with every state-changing request.
-The page's sign-in form and its static assets are the only /admin handlers open without either.
+The page itself (the sign-in form until signed in), the form's target and the page's static
+assets are the only /admin handlers open without either, and only while ADMIN_TOKEN is set.
 
 Every comparison of a secret is constant-time (`hmac.compare_digest`).
 """
