@@ -4,6 +4,7 @@ cookie, CSRF on every state-changing call, the assets, and the bearer API left a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import replace
@@ -13,8 +14,10 @@ from unittest import mock
 import aiohttp
 import pytest
 from conftest import with_port
+from test_pipeline import wait_for
 
 from buffer_service import sessions
+from buffer_service.standins import message_payload
 
 TOKEN = "admin-token-for-page-tests-0123456789"
 
@@ -202,3 +205,25 @@ async def test_page_is_closed_without_admin_token(settings, make_service, browse
     for token in ("", TOKEN):
         resp = await sign_in(closed, browser_session, token)
         assert resp.status == 403 and len(browser_session.cookie_jar) == 0
+
+
+async def test_what_the_page_reads_timeline_steps_and_calls_saved(settings, make_service, chatwoot):
+    """The page draws a burst from its job record's times and shows stats' llm_calls_saved;
+    both come from ops.py, as the CLI's."""
+    svc = await make_service(replace(settings, admin_token=TOKEN, buffer_duration_ms=300))
+    for i in range(3):
+        await svc.webhook(message_payload(message_id=i + 1, conversation_id=90, content=f"m{i}"))
+    await wait_for(lambda: len(chatwoot.posts_for(90)) == 1, timeout=10)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for _ in range(100):
+        async with svc.session.get(svc.url + "/admin/jobs", headers=bearer) as resp:
+            [job] = await resp.json()
+        if job["status"] == "completed":
+            break
+        await asyncio.sleep(0.05)
+    steps = [job[k] for k in ("first_message_at", "deadline_at", "claimed_at", "posting_at",
+                              "processed_at")]
+    assert all(steps) and steps == sorted(steps), job
+    async with svc.session.get(svc.url + "/admin/stats", headers=bearer) as resp:
+        totals = (await resp.json())["totals"]
+    assert (totals["messages"], totals["bursts"], totals["llm_calls_saved"]) == (3, 1, 2)

@@ -137,6 +137,8 @@ async def test_buffer_counts_down_and_flushes(browser, svc, chatwoot):
         await expect(steps).to_contain_text(step)
     assert [p.body["content"] for p in chatwoot.posts_for(42)] == [
         "Reply to: hi | my order is late | order 1234"]
+    # Three messages, one LLM call: two saved.
+    await expect(page.locator(".kpi", has_text="LLM calls saved").locator("strong")).to_have_text("2")
 
     # "Flush now" answers a buffer before its deadline.
     await svc.webhook(message_payload(message_id=200, conversation_id=43, content="now please"))
