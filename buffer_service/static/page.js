@@ -393,5 +393,7 @@ document.getElementById("sign-out").addEventListener("click", async () => {
 });
 
 refresh();
-setInterval(refresh, REFRESH_MS);
+// A tab in the background asks nothing; it catches up as soon as it is shown again.
+setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
+document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
 setInterval(tick, 100);
