@@ -48,9 +48,13 @@ def _html(body: str, status: int = 200) -> web.Response:
                         headers={**_HEADERS, "Cache-Control": "no-store"})
 
 
-def _sign_in_form(error: str = "", status: int = 200) -> web.Response:
+def _sign_in_form(request: web.Request, error: str = "", status: int = 200) -> web.Response:
     notice = f'<p class="notice" role="alert">{html.escape(error)}</p>' if error else ""
-    return _html(Template(_file("signin.html").decode()).substitute(notice=notice), status)
+    response = _html("", status)
+    csrf = sessions.new_sign_in_token(response, request)
+    response.text = Template(_file("signin.html").decode()).substitute(
+        notice=notice, field=sessions.SIGN_IN_FIELD, csrf=csrf)
+    return response
 
 
 @public
@@ -60,7 +64,7 @@ async def view(request: web.Request) -> web.Response:
     token = request.config_dict[SETTINGS].admin_token
     csrf = sessions.csrf_of(request, token)
     if csrf is None:
-        return _sign_in_form()
+        return _sign_in_form(request)
     return _html(Template(_file("index.html").decode()).substitute(csrf=html.escape(csrf)))
 
 
@@ -72,17 +76,20 @@ async def to_page(request: web.Request) -> web.Response:
 @public
 async def sign_in(request: web.Request) -> web.Response:
     token = request.config_dict[SETTINGS].admin_token
-    # Sent by every current browser: a form on another site must not sign this browser in.
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return _sign_in_form("Sign in from this page itself.", 403)
+    # A form on another site must not sign this browser in: current browsers say where a request
+    # comes from; every browser must bring the form's own token.
     form = await request.post()
+    if (request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
+            or not sessions.sign_in_token_matches(request, form.get(sessions.SIGN_IN_FIELD))):
+        return _sign_in_form(request, "The sign-in form was not sent from this page; try again.", 403)
     given = form.get("token")
     if not isinstance(given, str) or not _same(given.strip(), token):
         log.warning("admin_sign_in_refused", remote=request.remote)
-        return _sign_in_form("Wrong admin token.", 401)
+        return _sign_in_form(request, "Wrong admin token.", 401)
     value, _ = sessions.issue(token)
     response = web.Response(status=303, headers={"Location": PAGE_PATH, "Cache-Control": "no-store"})
     sessions.set_cookie(response, request, value)
+    sessions.clear_cookie(response, sessions.SIGN_IN_COOKIE)
     log.info("admin_signed_in", remote=request.remote)
     return response
 

@@ -10,6 +10,9 @@ holds the token itself. Consequences an operator can rely on:
 - the cookie is HttpOnly (page scripts cannot read it) and SameSite=Strict (another site cannot
   make the browser send it); state-changing requests must also repeat the session's CSRF token
   in the X-CSRF-Token header, which the page reads from its own HTML.
+
+The sign-in form has a CSRF token of its own (double submit): a random value in a short-lived
+cookie and in a hidden field of the form; a sign-in must bring both, equal.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from aiohttp import web
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 COOKIE = "bs_admin_session"
+SIGN_IN_COOKIE = "bs_admin_sign_in"
+SIGN_IN_FIELD = "csrf"
+_SIGN_IN_TTL_S = 3600
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_TTL_S = 12 * 3600
 # Scoped to the admin paths: the webhook paths never see the cookie.
@@ -60,5 +66,19 @@ def set_cookie(response: web.StreamResponse, request: web.Request, value: str) -
                         samesite="Strict", secure=_secure(request))
 
 
-def clear_cookie(response: web.StreamResponse) -> None:
-    response.del_cookie(COOKIE, path=_COOKIE_PATH)
+def clear_cookie(response: web.StreamResponse, name: str = COOKIE) -> None:
+    response.del_cookie(name, path=_COOKIE_PATH)
+
+
+def new_sign_in_token(response: web.StreamResponse, request: web.Request) -> str:
+    """The sign-in form's CSRF token, also set as a cookie on `response`."""
+    token = secrets.token_urlsafe(24)
+    response.set_cookie(SIGN_IN_COOKIE, token, max_age=_SIGN_IN_TTL_S, path=_COOKIE_PATH,
+                        httponly=True, samesite="Strict", secure=_secure(request))
+    return token
+
+
+def sign_in_token_matches(request: web.Request, given: object) -> bool:
+    expected = request.cookies.get(SIGN_IN_COOKIE, "")
+    return (isinstance(given, str) and bool(expected)
+            and secrets.compare_digest(given.encode(), expected.encode()))

@@ -34,8 +34,18 @@ async def browser_session():
         yield session
 
 
-async def sign_in(svc, session: aiohttp.ClientSession, token: str = TOKEN) -> aiohttp.ClientResponse:
-    async with session.post(svc.url + "/admin/session", data={"token": token},
+async def form_token(svc, session: aiohttp.ClientSession) -> str:
+    """The sign-in form's own CSRF token (its cookie lands in the session's jar)."""
+    async with session.get(svc.url + "/admin/") as resp:
+        found = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    return found.group(1) if found else ""
+
+
+async def sign_in(svc, session: aiohttp.ClientSession, token: str = TOKEN,
+                  headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    """What the browser does: load the form, post it."""
+    data = {"token": token, "csrf": await form_token(svc, session)}
+    async with session.post(svc.url + "/admin/session", data=data, headers=headers,
                             allow_redirects=False) as resp:
         await resp.read()
         return resp
@@ -86,8 +96,8 @@ async def test_sign_in_form_assets_and_their_headers(svc):
 async def test_wrong_token_is_refused_and_sets_no_cookie(svc, browser_session):
     for wrong in ("", "wrong", TOKEN + "x", TOKEN[:-1]):
         resp = await sign_in(svc, browser_session, wrong)
-        assert resp.status == 401 and "Set-Cookie" not in resp.headers
-    assert len(browser_session.cookie_jar) == 0
+        assert resp.status == 401
+        assert sessions.COOKIE not in {c.key for c in browser_session.cookie_jar}
     async with browser_session.get(svc.url + "/admin/stats") as resp:
         assert resp.status == 401
 
@@ -95,7 +105,7 @@ async def test_wrong_token_is_refused_and_sets_no_cookie(svc, browser_session):
 async def test_session_cookie_is_httponly_strict_scoped_and_never_the_token(svc, browser_session):
     resp = await sign_in(svc, browser_session)
     assert resp.status == 303 and resp.headers["Location"] == "/admin/"
-    [header] = resp.headers.getall("Set-Cookie")
+    [header] = [h for h in resp.headers.getall("Set-Cookie") if h.startswith(sessions.COOKIE + "=")]
     morsel = SimpleCookie(header)[sessions.COOKIE]
     assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/admin"
     assert int(morsel["max-age"]) == sessions.SESSION_TTL_S
@@ -105,11 +115,9 @@ async def test_session_cookie_is_httponly_strict_scoped_and_never_the_token(svc,
 
 
 async def test_cookie_is_secure_behind_a_tls_proxy(svc, browser_session):
-    async with browser_session.post(svc.url + "/admin/session", data={"token": TOKEN},
-                                    headers={"X-Forwarded-Proto": "https"},
-                                    allow_redirects=False) as resp:
-        assert resp.status == 303
-        assert SimpleCookie(resp.headers["Set-Cookie"])[sessions.COOKIE]["secure"]
+    resp = await sign_in(svc, browser_session, headers={"X-Forwarded-Proto": "https"})
+    assert resp.status == 303
+    assert SimpleCookie(resp.headers.getall("Set-Cookie")[0])[sessions.COOKIE]["secure"]
 
 
 async def test_state_changes_need_the_csrf_token_of_the_session(svc, browser_session):
@@ -178,11 +186,25 @@ async def test_bearer_api_is_unchanged_and_decides_alone(svc, browser_session):
     assert await processing(svc) == "on"
 
 
-async def test_sign_in_from_another_site_is_refused(svc, browser_session):
-    async with browser_session.post(svc.url + "/admin/session", data={"token": TOKEN},
-                                    headers={"Sec-Fetch-Site": "cross-site"},
-                                    allow_redirects=False) as resp:
-        assert resp.status == 403 and "Set-Cookie" not in resp.headers
+async def test_sign_in_needs_the_forms_own_token_and_this_site(svc, browser_session):
+    def session_cookie(resp: aiohttp.ClientResponse) -> bool:
+        return any(h.startswith(sessions.COOKIE + "=") for h in resp.headers.getall("Set-Cookie", []))
+
+    resp = await sign_in(svc, browser_session, headers={"Sec-Fetch-Site": "cross-site"})
+    assert resp.status == 403 and not session_cookie(resp)
+    # A form that did not come from this page: no token, a made-up one, or another browser's.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        others = await form_token(svc, other)
+    await form_token(svc, browser_session)  # this browser has a form cookie of its own
+    for data in ({"token": TOKEN}, {"token": TOKEN, "csrf": "made-up"}, {"token": TOKEN, "csrf": others}):
+        async with browser_session.post(svc.url + "/admin/session", data=data,
+                                        allow_redirects=False) as resp:
+            assert resp.status == 403 and not session_cookie(resp), data
+    async with aiohttp.ClientSession() as bare:  # no form cookie at all
+        async with bare.post(svc.url + "/admin/session", data={"token": TOKEN, "csrf": others},
+                             allow_redirects=False) as resp:
+            assert resp.status == 403 and not session_cookie(resp)
+    assert (await sign_in(svc, browser_session)).status == 303
 
 
 async def test_sign_out_needs_csrf_and_ends_the_session(svc, browser_session):
