@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install redis demo test lint bench clean
+.PHONY: install redis chromium demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -19,13 +19,21 @@ redis:
 	  echo "installing redis-server with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# Chromium from Debian for the operator page's browser tests (Playwright drives it; no browser
+# download). Not fatal: without it those tests skip and say why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium with apt-get (browser tests of the operator page)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser tests will be skipped"; }
+
 demo: install redis
 	$(BIN)/python -m buffer_service.demo
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install redis lint
+test: install redis chromium lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install redis

@@ -1,7 +1,8 @@
 """The admin HTTP API under /admin/ (JSON, described in admin_openapi.json) and GET /metrics.
 
-Every /admin path needs `Authorization: Bearer <ADMIN_TOKEN>` (auth.py; 403 while no token is
-configured). The handlers are thin: what they do is in ops.py, which the CLI uses as well.
+Every /admin path needs `Authorization: Bearer <ADMIN_TOKEN>` or an operator page session
+(auth.py; 403 while no token is configured); the page itself is /admin/ (page.py). The handlers
+are thin: what they do is in ops.py, which the CLI uses as well.
 `setup` also hangs the webhook log (journal.py) on the webhook paths.
 """
 
@@ -15,7 +16,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import metrics
+from . import metrics, page
 from .auth import admin_middleware
 from .flags import FlagError, Flags
 from .journal import WEBHOOK_LOG, WebhookLog, webhook_middleware
@@ -185,6 +186,7 @@ def admin_app() -> web.Application:
     r.add_post("/processing/{state}", processing)
     r.add_post("/cleanup", cleanup)
     r.add_get("/logs/{kind}", logs)
+    page.add_routes(r)
     return app
 
 
@@ -199,6 +201,7 @@ def setup(app: web.Application, store: BufferStore, flags: Flags,
              if route.handler in handlers and route.resource is not None]
     app.middlewares.append(webhook_middleware(paths))
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get(page.PAGE_PATH.rstrip("/"), page.to_page)  # before the sub-app takes /admin
     app.add_subapp("/admin", admin_app())
 
     async def close_log(app: web.Application) -> None:

@@ -12,6 +12,10 @@ Webhooks (docs/security.md):
 
 Admin paths (`/admin/*` and the old `/functions/v1/buffer-processor`) need
 `Authorization: Bearer <ADMIN_TOKEN>`. Without a configured token they answer 403: closed, not open.
+A browser signed in on the operator page (page.py) may use them with its session cookie instead
+(sessions.py), and must then send the session's CSRF token with every state-changing request.
+The page itself (the sign-in form until signed in), the form's target and the page's static
+assets are the only /admin handlers open without either, and only while ADMIN_TOKEN is set.
 
 Every comparison of a secret is constant-time (`hmac.compare_digest`).
 """
@@ -27,6 +31,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from . import sessions
 from .config import Settings
 
 # The app's settings; read through `request.config_dict` so that handlers of a sub-application
@@ -36,6 +41,8 @@ SETTINGS = web.AppKey("settings", Settings)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ADMIN_PREFIX = "/admin"
+# Methods that change nothing, so a session needs no CSRF token for them.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 NO_WEBHOOK_AUTH_WARNING = ("webhook authentication is off: anyone who finds the webhook URL can make "
                            "the bot spend LLM calls; set CHATWOOT_WEBHOOK_SECRET or WEBHOOK_TOKEN")
 
@@ -92,15 +99,27 @@ def webhook_auth_error(request: web.Request, raw: bytes, settings: Settings) -> 
 
 # -- admin ---------------------------------------------------------------------------------------
 def admin_error(request: web.Request) -> web.Response | None:
-    """None when the request carries the admin token; else the 403 (no token configured) or 401."""
+    """None when the request carries the admin token or a page session (with its CSRF token if
+    it changes something); else the 403 (no token configured, or no CSRF token) or 401."""
     token = request.config_dict[SETTINGS].admin_token
     if not token:
         return _reject(403, "the admin API is disabled: set ADMIN_TOKEN to enable it")
+    # A bearer token, right or wrong, decides alone: scripts never depend on a stray cookie.
+    if "Authorization" not in request.headers and (csrf := sessions.csrf_of(request, token)):
+        if request.method in _SAFE_METHODS or _same(request.headers.get(sessions.CSRF_HEADER, ""), csrf):
+            return None
+        return _reject(403, f"missing or wrong CSRF token ({sessions.CSRF_HEADER} header)")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not _same(given.strip(), token):
         return _reject(401, "missing or wrong admin token (Authorization: Bearer <ADMIN_TOKEN>)",
                        headers={"WWW-Authenticate": 'Bearer realm="buffer-service admin"'})
     return None
+
+
+def public(handler: Handler) -> Handler:
+    """Mark a handler under /admin that anyone may call (the sign-in form, the page's assets)."""
+    handler.admin_public = True  # type: ignore[attr-defined]
+    return handler
 
 
 def require_admin(handler: Handler) -> Handler:
@@ -124,6 +143,9 @@ def _under_admin(request: web.Request) -> bool:
 @web.middleware
 async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Everything under /admin needs the admin token, whether its handler says so or not."""
-    if _under_admin(request):
+    # Without ADMIN_TOKEN nothing under /admin is open, the page's sign-in form included.
+    public = (getattr(request.match_info.handler, "admin_public", False)
+              and request.config_dict[SETTINGS].admin_token)
+    if _under_admin(request) and not public:
         return admin_error(request) or await handler(request)
     return await handler(request)

@@ -202,7 +202,8 @@ _BUFFER_COLUMNS = [("conversation", "CONVERSATION"), ("status", "STATUS"), ("mes
                    ("first_message_at", "FIRST MESSAGE"), ("deadline_at", "DEADLINE"),
                    ("due_in_ms", "DUE IN MS"), ("batch_in_flight", "BATCH IN FLIGHT")]
 _HOUR_COLUMNS = [("hour", "HOUR (UTC)"), ("bursts", "BURSTS"), ("messages", "MSGS"),
-                 ("avg_messages_per_burst", "MSGS/BURST"), ("completed", "COMPLETED"),
+                 ("avg_messages_per_burst", "MSGS/BURST"), ("llm_calls_saved", "LLM SAVED"),
+                 ("completed", "COMPLETED"),
                  ("avg_first_message_to_reply_s", "FIRST MSG->REPLY S"),
                  ("avg_deadline_to_claim_ms", "DEADLINE->CLAIM MS"), ("skipped", "SKIPPED"),
                  ("failed", "FAILED"), ("superseded", "SUPERSEDED"), ("by_trigger", "TRIGGERS"),

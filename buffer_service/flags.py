@@ -197,7 +197,7 @@ class Flags:
         self._values = None
         values = await self.current()
         return [
-            {"name": name, "value": values.value(name), "default": spec.default,
+            {"name": name, "kind": spec.kind, "value": values.value(name), "default": spec.default,
              "set": "yes" if name in values.raw else "no", "description": spec.description}
             for name, spec in FLAGS.items()
         ]

@@ -331,6 +331,10 @@ def _figures(c: dict[str, int]) -> dict[str, Any]:
         "bursts": c["flushed"],
         "messages": c["messages"],
         "avg_messages_per_burst": round(c["messages"] / c["flushed"], 2) if c["flushed"] else None,
+        # One LLM call per burst where answering each message would take one per message. A
+        # superseded burst's messages are counted again in the burst that answers them, so with
+        # superseded bursts this is an upper bound.
+        "llm_calls_saved": c["messages"] - c["flushed"],
         "completed": c["completed"],
         "avg_first_message_to_reply_s":
             round(c["reply_ms"] / c["completed"] / 1000, 3) if c["completed"] else None,
@@ -360,6 +364,8 @@ def _job_view(h: dict[str, str]) -> dict[str, Any]:
         "first_message_at": iso(h.get("first_ms")),
         "deadline_at": iso(h.get("deadline_ms")),
         "claimed_at": iso(h.get("claimed_ms")),
+        # Set when the LLM's reply was ready and its post began (before_post.lua).
+        "posting_at": iso(h.get("posting_ms")),
         "processed_at": iso(h.get("finished_ms")),
         "requeued_at": iso(h.get("requeued_ms")),
         "error": h.get("error") or None,
