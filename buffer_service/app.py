@@ -234,6 +234,10 @@ async def _announce_auth(app: web.Application) -> None:
         log.info("admin_api_disabled", note="set ADMIN_TOKEN to enable /admin and buffer-processor")
 
 
+async def _warm_transcripts(app: web.Application) -> None:
+    app[TRANSCRIPTS].warm()
+
+
 async def _stop_transcripts(app: web.Application) -> None:
     # Running transcriptions get a moment to finish; the rest are redone by the burst's worker.
     transcripts = app[TRANSCRIPTS]
@@ -248,6 +252,7 @@ def create_app(settings: Settings, store: BufferStore, flags: Flags | None = Non
     app[LIMITS] = Limits(store)
     app[TRANSCRIPTS] = Transcripts(settings, store, app[LIMITS], Downloader(settings))
     app.on_startup.append(_announce_auth)
+    app.on_startup.append(_warm_transcripts)
     app.on_shutdown.append(_stop_transcripts)
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUESTS)
     webhook = _webhook(None)

@@ -55,8 +55,9 @@ TRANSCRIPTION_LATENCY = Histogram(
 
 # How often a burst waiting for a transcript looks for it: a small fraction of any window.
 _POLL_S = 0.05
-# Transcription calls one process makes at once; more wait for a connection.
-_CONCURRENCY = 16
+# Transcription calls one process makes at once (as many as batches a worker answers at once);
+# more wait for a connection.
+_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ class Transcripts:
         self._client: openai.AsyncOpenAI | None = None
         self._claim = store.redis.register_script(_load("mediaclaim"))
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
+
+    def warm(self) -> None:
+        """Build the client now: it and its audio resources load lazily, ~0.8 s on first use
+        (measured), which the HTTP process should spend at start-up, not on the first voice note."""
+        if self.can_start:
+            _ = self._openai().audio.transcriptions
 
     def _keys(self, conv: str, message_id: int, index: int) -> tuple[str, str]:
         shard = self.store.shard_of(conv)
