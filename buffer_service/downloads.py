@@ -82,6 +82,10 @@ def _shown(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc}{parsed.path[:40]}{'...' if len(parsed.path) > 40 else ''}"
 
 
+class _RefusedAddress(OSError):
+    """A host that resolves to a non-public address and is not allowed by name."""
+
+
 class _GuardedResolver(AbstractResolver):
     """Resolves allowed hosts as usual and every other host to public addresses only."""
 
@@ -96,7 +100,8 @@ class _GuardedResolver(AbstractResolver):
             return answers
         blocked = [a["host"] for a in answers if not is_public(a["host"])]
         if blocked:
-            raise OSError(f"{host} resolves to a non-public address ({blocked[0]}); refused")
+            raise _RefusedAddress(f"a redirect to {host}, which resolves to the non-public "
+                                  f"address {blocked[0]}")
         return answers
 
     async def close(self) -> None:
@@ -154,8 +159,13 @@ class Downloader:
                 return await self._follow(url)
         except TimeoutError:
             raise DownloadError("timeout", f"no file within {self._timeout.total:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, _RefusedAddress):
+                raise DownloadError("refused", str(exc.os_error)) from None
+            raise DownloadError("failed", f"cannot connect to {exc.host}:{exc.port}") from None
         except aiohttp.ClientError as exc:
-            raise DownloadError("failed", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            # Not str(exc): some carry the whole URL, whose signed id is a lasting capability.
+            raise DownloadError("failed", f"{type(exc).__name__} fetching {_shown(url)}") from None
 
     async def _follow(self, url: str) -> Download:
         session = self._session_for_use()

@@ -93,9 +93,10 @@ class Transcripts:
         self.limits = limits
         self.downloader = downloader
         self.model = settings.transcription_model
-        # A process started without credentials (an HTTP-only process) leaves the work to the
-        # worker, which always has them.
-        self.can_start = settings.transcription and bool(
+        # A process started without credentials or CHATWOOT_BASE_URL (an HTTP-only process may
+        # lack them) leaves the work to the worker, which always has them: an attempt here would
+        # record a refusal that the worker then believes.
+        self.can_start = settings.transcription and bool(settings.chatwoot_base_url) and bool(
             settings.transcription_api_key or settings.openai_api_key
             or settings.transcription_base_url or settings.openai_base_url)
         self._client: openai.AsyncOpenAI | None = None

@@ -251,8 +251,8 @@ async def test_attachment_urls_elsewhere_are_never_fetched(
             "http://10.1.2.3/photo.png",  # a private address
             "http://169.254.169.254/latest/meta-data/",
             chatwoot.add_file(b"", "a.png", "image/png", redirect_to=secret),  # redirect into one
-            chatwoot.add_file(b"", "b.png", "image/png",
-                              redirect_to=secret.replace("127.0.0.1", "localhost")),
+            *(chatwoot.add_file(b"", "b.png", "image/png", redirect_to=secret.replace("127.0.0.1", host))
+              for host in ("localhost", "0x7f000001", "[::ffff:127.0.0.1]")),  # names of loopback
             chatwoot.add_file(b"", "c.png", "image/png",
                               redirect_to="http://169.254.169.254/latest/meta-data/"),
             chatwoot.add_file(b"", "d.png", "image/png", redirect_to="file:///etc/passwd"),
