@@ -99,6 +99,17 @@ async def test_a_mixed_burst_is_one_call_with_everything_in_arrival_order(
     assert sum("/blobs/redirect/" in r.path for r in chatwoot.file_requests) == 3
     assert sum("/disk/" in r.path for r in chatwoot.file_requests) == 3
 
+    # The next burst's history holds what the model understood, as text: no image bytes.
+    await svc.webhook(message_payload(message_id=1010, conversation_id=30, content="hello?"))
+    await wait_for(lambda: len(chatwoot.posts) == 2, timeout=10)
+    assert [m["content"] for m in llm.calls[1].messages[1:]] == [
+        "hi, my bike arrived like this",
+        "[voice note] the front wheel is bent, is this covered?",
+        "[image] see", "[image]",
+        "[location: Avenida Paulista, 1000, São Paulo (-23.5505, -46.6333)]",
+        chatwoot.posts[0].body["content"], "hello?"]
+    assert llm.calls[1].images == [] and len(llm.transcriptions) == 1
+
 
 async def test_a_slow_transcription_delays_the_reply_only_by_what_remains_at_the_deadline(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn):
