@@ -190,6 +190,24 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
     assert len(llm.transcriptions) == 2 and llm.transcriptions[0].status == 0  # never answered
 
 
+async def test_a_transcription_cut_short_by_shutdown_is_released_and_redone(
+        settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis):
+    llm.transcription_delay = 60
+    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    await svc.webhook(message_payload(message_id=6, conversation_id=35, content=None,
+                                      attachments=[voice(chatwoot, "do you deliver on Saturdays?")]))
+    await wait_for(lambda: len(llm.transcriptions) == 1, timeout=5)
+    await svc.close()  # SIGTERM: the transcription gets SHUTDOWN_GRACE_S / 2, then is cancelled
+    # Its claim is handed back at once, not left to lapse: the next process need not wait.
+    assert [k async for k in redis.scan_iter(match="bs:*:txclaim:*")] == []
+    assert [k async for k in redis.scan_iter(match="bs:*:tx:*")] == []
+    llm.transcription_delay = 0
+    await make_service(replace(settings, port=free_port()))
+    await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
+    assert user_contents(llm.calls[0]) == ["[voice note] do you deliver on Saturdays?"]
+    assert len(llm.transcriptions) == 2
+
+
 async def test_every_kind_of_failure_still_gets_one_reply(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis):
     before = {reason: metric("buffer_service_transcriptions_total", outcome="failed", reason=reason)
