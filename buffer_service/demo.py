@@ -143,7 +143,9 @@ async def run_demo(window_ms: int) -> int:
                 payload = message_payload(message_id=90_000 + i, conversation_id=conv, content=text,
                                           sender_name="Maria" if conv == 245 else "João",
                                           attachments=[media] if media else None)
-                text = f"{text or ''} [{media['file_type']}]".strip() if media else text
+                if media:
+                    kind = {"audio": "voice note", "image": "photo"}[media["file_type"]]
+                    text = f"{text or ''} [{kind}]".strip()
                 sent = time.time()
                 async with session.post(f"{service_url}/webhooks/chatwoot", json=payload) as resp:
                     body = await resp.json()
