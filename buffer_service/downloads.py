@@ -45,9 +45,10 @@ _CONNECT_TIMEOUT_S = 10.0
 
 
 class DownloadError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.reason = reason  # refused | too_large | http_error | timeout | failed
+        self.transient = transient  # trying again later may succeed
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,17 @@ class Downloader:
             async with asyncio.timeout(self._timeout.total):
                 return await self._follow(url)
         except TimeoutError:
-            raise DownloadError("timeout", f"no file within {self._timeout.total:g} s") from None
+            raise DownloadError("timeout", f"no file within {self._timeout.total:g} s",
+                                transient=True) from None
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, _RefusedAddress):
                 raise DownloadError("refused", str(exc.os_error)) from None
-            raise DownloadError("failed", f"cannot connect to {exc.host}:{exc.port}") from None
+            raise DownloadError("failed", f"cannot connect to {exc.host}:{exc.port}",
+                                transient=True) from None
         except aiohttp.ClientError as exc:
             # Not str(exc): some carry the whole URL, whose signed id is a lasting capability.
-            raise DownloadError("failed", f"{type(exc).__name__} fetching {_shown(url)}") from None
+            raise DownloadError("failed", f"{type(exc).__name__} fetching {_shown(url)}",
+                                transient=True) from None
 
     async def _follow(self, url: str) -> Download:
         session = self._session_for_use()
@@ -181,7 +185,8 @@ class Downloader:
                     url = target
                     continue
                 if resp.status != 200:
-                    raise DownloadError("http_error", f"HTTP {resp.status} from {_shown(url)}")
+                    raise DownloadError("http_error", f"HTTP {resp.status} from {_shown(url)}",
+                                        transient=resp.status >= 500 or resp.status in (408, 429))
                 if resp.content_length is not None and resp.content_length > self.max_bytes:
                     raise DownloadError("too_large", f"{resp.content_length} bytes, more than "
                                         f"MAX_MEDIA_BYTES ({self.max_bytes})")

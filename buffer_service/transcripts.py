@@ -14,7 +14,10 @@ Cluster slot; <acct>:<msg>:<n> is the account, Chatwoot's message id and the att
     bs:{sN}:txclaim:<acct>:<msg>:<n>  string  token of the process transcribing it, PX lease
 
 Paid once, lost never: a transcription runs only under its claim (SET NX PX), renewed at a
-third of PROCESSING_LEASE_MS like a batch's lease, and a recorded outcome is never redone. A
+third of PROCESSING_LEASE_MS like a batch's lease, and a recorded transcript is never redone (a
+failure is tried once more when the burst is answered only if nothing was paid for and another
+try may succeed: the download failed for a passing reason, or the transcription server answered
+5xx/429 or could not be reached). A
 process that dies mid-transcription leaves a claim that lapses; whoever needs the transcript
 next (at the latest the worker answering the burst) claims it and does it again. Only that
 unfinished call can be paid twice, the price of not losing the voice note. Each transcription
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
@@ -55,6 +58,8 @@ TRANSCRIPTION_LATENCY = Histogram(
 
 # How often a burst waiting for a transcript looks for it: a small fraction of any window.
 _POLL_S = 0.05
+# Tries of a voice note whose failures cost nothing: on arrival, and when its burst is answered.
+_MAX_ATTEMPTS = 2
 # Transcription calls one process makes at once (as many as batches a worker answers at once);
 # more wait for a connection.
 _CONCURRENCY = 32
@@ -65,15 +70,23 @@ class Outcome:
     text: str = ""
     error: str = ""  # why there is no transcript, for the job record
     reason: str = ""  # the same as a fixed label, for the metric
+    transient: bool = False  # nothing was paid for and another try may succeed
+    attempts: int = 1
+
+    @property
+    def final(self) -> bool:
+        return not (self.error and self.transient and self.attempts < _MAX_ATTEMPTS)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"text": self.text} if not self.error else
-                            {"error": self.error, "reason": self.reason})
+                            {"error": self.error, "reason": self.reason,
+                             "transient": self.transient, "attempts": self.attempts})
 
     @classmethod
     def from_json(cls, raw: bytes) -> Outcome:
         data = orjson.loads(raw)
-        return cls(data.get("text", ""), data.get("error", ""), data.get("reason", ""))
+        return cls(data.get("text", ""), data.get("error", ""), data.get("reason", ""),
+                   data.get("transient", False), data.get("attempts", 1))
 
 
 Key = tuple[int, int]  # (message id, attachment index)
@@ -152,9 +165,12 @@ class Transcripts:
         keeper = asyncio.create_task(self._keep(claim_key, token, lease_ms))
         try:
             # Recorded while we were not looking: never paid twice.
-            if (raw := await self.redis.get(result_key)) is not None:
-                return Outcome.from_json(raw)
+            earlier = await self.redis.get(result_key)
+            if earlier is not None and (last := Outcome.from_json(earlier)).final:
+                return last
             outcome = await self._transcribe(conv, f"tx:{message_id}:{index}", att)
+            if earlier is not None:
+                outcome = replace(outcome, attempts=last.attempts + 1)
             await self.redis.set(result_key, outcome.to_json(), ex=self.settings.history_ttl_s)
             return outcome
         finally:
@@ -195,14 +211,18 @@ class Transcripts:
         try:
             audio = await self.downloader.fetch(att.url)
         except DownloadError as exc:
-            return Outcome(error=f"download: {exc}", reason=exc.reason)
+            return Outcome(error=f"download: {exc}", reason=exc.reason, transient=exc.transient)
         name = att.file_name or "voice-note.ogg"
         try:
             result = await self._openai().audio.transcriptions.create(
                 model=self.model, file=(name, audio.data, audio.content_type or att.content_type))
         except (openai.APIError, ValueError) as exc:
+            # Refused (5xx, 429) or never reached: not billed. A timeout may have been.
+            unpaid = (isinstance(exc, openai.APIStatusError)
+                      and (exc.status_code >= 500 or exc.status_code == 429)) or (
+                isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError))
             return Outcome(error=f"transcription: {type(exc).__name__}: {str(exc)[:200]}",
-                           reason="transcription_failed")
+                           reason="transcription_failed", transient=unpaid)
         text = (getattr(result, "text", "") or "").strip()
         if not text:
             return Outcome(error="transcription: no speech recognised", reason="transcription_failed")
@@ -224,8 +244,10 @@ class Transcripts:
                          end: float) -> Outcome:
         result_key, _ = self._keys(conv, message_id, index)
         while True:
-            if (raw := await self.redis.get(result_key)) is not None:
-                return Outcome.from_json(raw)
+            raw = await self.redis.get(result_key)
+            recorded = Outcome.from_json(raw) if raw is not None else None
+            if recorded is not None and (recorded.final or not self.settings.transcription):
+                return recorded
             if not self.settings.transcription:
                 TRANSCRIPTIONS.labels("failed", "off").inc()
                 return Outcome(error="transcription is off (TRANSCRIPTION_MODEL=off)", reason="off")

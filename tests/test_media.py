@@ -150,6 +150,19 @@ async def test_a_recorded_transcript_is_not_paid_for_twice(
     assert len(llm.transcriptions) == 1
 
 
+async def test_a_download_that_failed_for_a_passing_reason_is_tried_again_for_the_burst(
+        settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis):
+    svc = await make_service(settings)
+    chatwoot.fail_next(1, 503)  # Chatwoot's storage hiccups when the voice note arrives
+    await svc.webhook(message_payload(message_id=7, conversation_id=36, content=None,
+                                      attachments=[voice(chatwoot, "two pizzas, please")]))
+    await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
+    assert [r.status for r in chatwoot.requests][:2] == [503, 302]
+    assert user_contents(llm.calls[0]) == ["[voice note] two pizzas, please"]
+    assert len(llm.transcriptions) == 1
+    assert "media" not in (await job_records(redis))[0]
+
+
 async def test_chatwoots_own_transcript_is_used_without_a_call(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn):
     svc = await make_service(settings)
@@ -225,8 +238,9 @@ async def test_every_kind_of_failure_still_gets_one_reply(
         42: ([big], "[image: could not be loaded] hello?", "MAX_MEDIA_BYTES"),
         43: ([photo(chatwoot)], "[image: could not be shown] hello?", "image input refused"),
     }
-    # The failing transcription is the only one that reaches the transcription server.
-    llm.fail_transcriptions(1, 500)
+    # The failing transcription is the only one that reaches the transcription server. A 500
+    # is not paid for: it is tried on arrival and once more when the burst is answered.
+    llm.fail_transcriptions(2, 500)
     for conv, (atts, _, _) in cases.items():
         await svc.webhook(message_payload(message_id=conv, conversation_id=conv, content="hello?",
                                           attachments=atts))
@@ -242,9 +256,10 @@ async def test_every_kind_of_failure_still_gets_one_reply(
     for conv, (_, _, why) in cases.items():
         assert records[conv]["state"] == "completed"
         assert why in records[conv]["media"], records[conv]
-    for reason in before:
+    assert [t.status for t in llm.transcriptions] == [500, 500]
+    for reason, attempts in (("http_error", 1), ("transcription_failed", 2)):
         assert metric("buffer_service_transcriptions_total", outcome="failed",
-                      reason=reason) == before[reason] + 1
+                      reason=reason) == before[reason] + attempts
     assert metric("buffer_service_image_input_refused_total") == refused_before + 1
 
 
