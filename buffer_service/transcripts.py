@@ -166,10 +166,11 @@ class Transcripts:
         try:
             # Recorded while we were not looking: never paid twice.
             earlier = await self.redis.get(result_key)
-            if earlier is not None and (last := Outcome.from_json(earlier)).final:
+            last = Outcome.from_json(earlier) if earlier is not None else None
+            if last is not None and last.final:
                 return last
             outcome = await self._transcribe(conv, f"tx:{message_id}:{index}", att)
-            if earlier is not None:
+            if last is not None:  # a failure that cost nothing, tried once more
                 outcome = replace(outcome, attempts=last.attempts + 1)
             await self.redis.set(result_key, outcome.to_json(), ex=self.settings.history_ttl_s)
             return outcome
