@@ -39,13 +39,17 @@ from .auth import (
 )
 from .chatwoot import ChatMessage, PayloadError, classify
 from .config import Settings
+from .downloads import Downloader
 from .flags import Flags
-from .limits import RATE_LIMITED
+from .limits import RATE_LIMITED, Limits
 from .store import BufferStore
+from .transcripts import Transcripts
 
 log = structlog.get_logger("buffer_service.app")
 
 STORE = web.AppKey("store", BufferStore)
+LIMITS = web.AppKey("limits", Limits)
+TRANSCRIPTS = web.AppKey("transcripts", Transcripts)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
 # than refusing connections) would otherwise hold a webhook for the client's retries of 5 s
@@ -134,6 +138,9 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
                 if decision.action == "buffer" and msg is not None:
                     version = decision.handoff.version if decision.handoff else None
                     body = await _buffer(store, msg, request.app[admin.FLAGS], version)
+                    if body["status"] == "buffered":
+                        # Voice notes are transcribed while the window runs (transcripts.py).
+                        request.app[TRANSCRIPTS].start(msg)
                 else:
                     if decision.action == "note":  # not answered, but kept as history
                         await store.note(decision)
@@ -233,11 +240,26 @@ async def _announce_auth(app: web.Application) -> None:
         log.info("admin_api_disabled", note="set ADMIN_TOKEN to enable /admin and buffer-processor")
 
 
+async def _warm_transcripts(app: web.Application) -> None:
+    app[TRANSCRIPTS].warm()
+
+
+async def _stop_transcripts(app: web.Application) -> None:
+    # Running transcriptions get a moment to finish; the rest are redone by the burst's worker.
+    transcripts = app[TRANSCRIPTS]
+    await transcripts.close(grace_s=app[SETTINGS].shutdown_grace_s / 2)
+    await transcripts.downloader.close()
+
+
 def create_app(settings: Settings, store: BufferStore, flags: Flags | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_webhook_bytes, middlewares=[admin_middleware])
     app[STORE] = store
     app[SETTINGS] = settings
+    app[LIMITS] = Limits(store)
+    app[TRANSCRIPTS] = Transcripts(settings, store, app[LIMITS], Downloader(settings))
     app.on_startup.append(_announce_auth)
+    app.on_startup.append(_warm_transcripts)
+    app.on_shutdown.append(_stop_transcripts)
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUESTS)
     webhook = _webhook(None)
     app.router.add_post("/webhooks/chatwoot", webhook)

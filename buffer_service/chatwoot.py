@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .attachments import Attachment, parse
 from .config import Settings
 
 MESSAGE_CREATED = "message_created"
@@ -37,7 +38,7 @@ class ChatMessage:
     conversation_id: int
     message_id: int
     text: str
-    attachments: tuple[str, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
     role: str = "user"
     inbox_id: int | None = None
     sender_name: str = ""
@@ -50,7 +51,7 @@ class ChatMessage:
     def to_json(self) -> bytes:
         entry: dict[str, Any] = {"id": self.message_id, "text": self.text}
         if self.attachments:
-            entry["att"] = list(self.attachments)
+            entry["att"] = [a.to_dict() for a in self.attachments]
         if self.role != "user":
             entry["role"] = self.role
         else:
@@ -128,9 +129,11 @@ def _short(value: Any) -> str:
     return "".join(ch for ch in text[:64] if ch.isprintable())
 
 
-def message_text(content: Any, attachments: tuple[str, ...]) -> str:
-    """The text the LLM sees: the caption or body, with attachments named, e.g. "[image]"."""
-    parts = [f"[{kind}]" for kind in attachments]
+def message_text(content: Any, attachments: tuple[Attachment, ...]) -> str:
+    """The message as text: each attachment described (e.g. "[image]", a location's address and
+    coordinates), then the caption or body. The prompt shows images and voice notes in their
+    place instead (media.py); history and operators read this."""
+    parts = [a.describe() for a in attachments]
     if content:
         parts.append(content)
     return " ".join(parts)
@@ -225,10 +228,7 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     raw_attachments = payload.get("attachments", [])
     if not isinstance(raw_attachments, list):
         raise PayloadError("attachments must be an array")
-    attachments = tuple(
-        _short(a.get("file_type") or "file") if isinstance(a, dict) else "file"
-        for a in raw_attachments[:MAX_ATTACHMENTS]
-    )
+    attachments = parse(raw_attachments, MAX_ATTACHMENTS)
     private = payload.get("private", False)
     if not isinstance(private, bool):
         raise PayloadError("private must be a boolean")

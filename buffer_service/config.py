@@ -23,7 +23,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # Names whose values must never reach a log line or a config dump.
 SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token", "chatwoot_webhook_secret",
-                           "webhook_token", "admin_token"})
+                           "webhook_token", "admin_token", "transcription_api_key"})
 # A shared token is only as strong as its length; `openssl rand -hex 32` gives 64 characters.
 _MIN_TOKEN_CHARS = 16
 
@@ -166,6 +166,19 @@ class Settings:
     rate_limit_window_s: int = 60
     max_llm_calls_per_conversation_per_hour: int = 0  # 0 = off
 
+    # Voice notes and images (media.py, transcripts.py, downloads.py). "" = transcription off.
+    transcription_model: str = "gpt-4o-mini-transcribe"
+    transcription_base_url: str = ""  # "" = the chat model's OPENAI_BASE_URL
+    transcription_api_key: str = field(default="", repr=False)  # "" = OPENAI_API_KEY
+    vision: bool = True
+    image_input: str = "inline"  # or "url": the model fetches data_url itself
+    # OpenAI's limit for an audio file; a photo from WhatsApp is far smaller.
+    max_media_bytes: int = 25 * 1024 * 1024
+    max_images_per_burst: int = 8
+    media_timeout_s: float = 60.0
+    # host:port pairs besides CHATWOOT_BASE_URL's that attachment URLs may name (downloads.py).
+    media_allowed_hosts: frozenset[str] = frozenset()
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -261,6 +274,7 @@ class Settings:
             max_llm_calls_per_conversation_per_hour=_int(
                 env, "MAX_LLM_CALLS_PER_CONVERSATION_PER_HOUR",
                 cls.max_llm_calls_per_conversation_per_hour, minimum=0),
+            **_media_settings(env),
         )
         if settings.max_buffer_age_ms < settings.buffer_duration_ms:
             raise ConfigError(
@@ -270,6 +284,10 @@ class Settings:
         if settings.processing_lease_ms < 3_000:
             raise ConfigError("PROCESSING_LEASE_MS: must be at least 3000 so a lease can be renewed")
         return settings
+
+    @property
+    def transcription(self) -> bool:
+        return bool(self.transcription_model)
 
     def require_worker(self) -> None:
         """A worker talks to the LLM and to Chatwoot; the HTTP side alone needs neither."""
@@ -298,3 +316,52 @@ class Settings:
                 value = sorted(value)
             out[f.name] = value
         return out
+
+
+def host_port(url: str) -> str:
+    """`host:port` of an http(s) URL, the port made explicit: what MEDIA_ALLOWED_HOSTS lists."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"{(parsed.hostname or '').lower()}:{port}"
+
+
+def _allowed_hosts(env: Mapping[str, str]) -> frozenset[str]:
+    hosts: set[str] = set()
+    for item in env.get("MEDIA_ALLOWED_HOSTS", "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        # A bare host means its usual ports; a URL or host:port names exactly one.
+        if "://" in item:
+            urls = [item]
+        elif ":" in item:
+            urls = [f"http://{item}"]
+        else:
+            urls = [f"http://{item}", f"https://{item}"]
+        try:
+            named = {host_port(url) for url in urls}
+        except ValueError:  # a port that is not a number
+            named = {":"}
+        if any(h.startswith(":") for h in named):
+            raise ConfigError(f"MEDIA_ALLOWED_HOSTS: expected host, host:port or a URL, got {item!r}")
+        hosts |= named
+    return frozenset(hosts)
+
+
+def _media_settings(env: Mapping[str, str]) -> dict[str, object]:
+    model = env.get("TRANSCRIPTION_MODEL", "").strip() or Settings.transcription_model
+    image_input = env.get("IMAGE_INPUT", "").strip().lower() or Settings.image_input
+    if image_input not in ("inline", "url"):
+        raise ConfigError(f"IMAGE_INPUT: expected inline or url, got {image_input!r}")
+    return {
+        "transcription_model": "" if model.lower() == "off" else model,
+        "transcription_base_url": _url(env, "TRANSCRIPTION_BASE_URL", ("http", "https")),
+        "transcription_api_key": env.get("TRANSCRIPTION_API_KEY", "").strip(),
+        "vision": _bool(env, "VISION", Settings.vision),
+        "image_input": image_input,
+        "max_media_bytes": _int(env, "MAX_MEDIA_BYTES", Settings.max_media_bytes, minimum=1024),
+        "max_images_per_burst": _int(env, "MAX_IMAGES_PER_BURST", Settings.max_images_per_burst,
+                                     minimum=0),
+        "media_timeout_s": _float(env, "MEDIA_TIMEOUT_S", Settings.media_timeout_s),
+        "media_allowed_hosts": _allowed_hosts(env),
+    }

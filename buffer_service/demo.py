@@ -3,8 +3,10 @@
 Starts a real redis-server with the repo's redis.conf on a free port, local stand-ins for
 Chatwoot and an OpenAI-compatible LLM, and `buffer-service serve` as a real process configured
 by environment variables, exactly as an operator would. Then a customer writes a burst of
-WhatsApp messages, a second customer writes two, and the timeline shows what happened: messages
-in, buffers flushed, one LLM call per burst, one reply each, the bot's own reply echoed back by
+WhatsApp messages (among them a voice note and a photo, served by "Chatwoot" behind its storage
+redirect), a second customer writes two, and the timeline shows what happened: messages in, the
+voice note transcribed while the window runs, buffers flushed, one LLM call per burst with the
+transcript and the photo in place, one reply each, the bot's own reply echoed back by
 "Chatwoot" and ignored.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from .standins import ChatwootStandIn, LLMStandIn, message_payload
+from .standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +69,20 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 2
     raise RuntimeError(f"buffer-service did not become ready at {url}")
 
 
+def _shown(content: object) -> str:
+    """A prompt message for the timeline: image parts as their size, not their bytes."""
+    if not isinstance(content, list):
+        return repr(content)
+    return "[" + ", ".join(
+        repr(p.get("text")) if p.get("type") == "text"
+        else f"<image, {len(p['image_url']['url']) * 3 // 4 // 1024} KB inline>" for p in content) + "]"
+
+
+# A few bytes that say what the stand-in's "transcription" of them returns.
+_VOICE_NOTE = "the box arrived broken, the lid is completely crushed"
+_PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
+
+
 def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server is not installed: run `make redis` (apt-get install redis-server)")
@@ -88,6 +104,7 @@ async def run_demo(window_ms: int) -> int:
     llm, chatwoot = LLMStandIn(api_key="demo-llm-key"), ChatwootStandIn(token="demo-chatwoot-token")
     await llm.start()
     await chatwoot.start()
+    llm.transcription_delay = window_ms / 2000  # a transcription that takes half the window
     port = _free_port()
     service_url = f"http://127.0.0.1:{port}"
     chatwoot.echo_webhook_url = f"{service_url}/webhooks/chatwoot"
@@ -115,13 +132,20 @@ async def run_demo(window_ms: int) -> int:
     try:
         await _wait_http(f"{service_url}/readyz", service)
         timeline.t0 = time.time()
-        burst = [(245, "Oi! I ordered last week"), (245, "order #5521"),
-                 (245, "the box arrived broken"), (312, "hello, do you open on Sunday?"),
-                 (245, "what now?"), (312, "and until what time?")]
+        voice = attachment("audio", data_url=chatwoot.add_file(_VOICE_NOTE.encode(), "voice.ogg",
+                                                               "audio/ogg"))
+        photo = attachment("image", data_url=chatwoot.add_file(_PHOTO, "photo.png", "image/png"))
+        burst = [(245, "Oi! I ordered last week", None), (245, None, voice),
+                 (245, "order #5521, look:", photo), (312, "hello, do you open on Sunday?", None),
+                 (245, "what now?", None), (312, "and until what time?", None)]
         async with aiohttp.ClientSession() as session:
-            for i, (conv, text) in enumerate(burst):
+            for i, (conv, text, media) in enumerate(burst):
                 payload = message_payload(message_id=90_000 + i, conversation_id=conv, content=text,
-                                          sender_name="Maria" if conv == 245 else "João")
+                                          sender_name="Maria" if conv == 245 else "João",
+                                          attachments=[media] if media else None)
+                if media:
+                    kind = {"audio": "voice note", "image": "photo"}[media["file_type"]]
+                    text = f"{text or ''} [{kind}]".strip()
                 sent = time.time()
                 async with session.post(f"{service_url}/webhooks/chatwoot", json=payload) as resp:
                     body = await resp.json()
@@ -147,8 +171,11 @@ async def run_demo(window_ms: int) -> int:
         redis_proc.wait(10)
 
     for call in llm.calls:
-        users = [m["content"] for m in call.messages if m["role"] == "user"]
-        timeline.add(call.at, "llm", f"1 call with {len(users)} user messages: {users}")
+        users = [_shown(m["content"]) for m in call.messages if m["role"] == "user"]
+        timeline.add(call.at, "llm", f"1 call with {len(users)} user messages: {', '.join(users)}")
+    for tx in llm.transcriptions:
+        timeline.add(tx.at, "llm", f"transcription of {tx.filename} ({tx.size} bytes) started")
+        timeline.add(tx.done_at, "llm", f"transcription of {tx.filename} done (HTTP {tx.status})")
     for post in chatwoot.posts:
         timeline.add(post.at, "chatwoot", f"reply posted to conv {post.conversation_id}: "
                      f"{post.body['content']!r} (message id {post.message_id})")

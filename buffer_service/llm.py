@@ -19,10 +19,11 @@ from .outbound import llm_http_client
 
 class LLMError(Exception):
     def __init__(self, message: str, *, retryable: bool = True,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.status = status  # the server's HTTP status, when it answered
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class LLMClient:
                 f"LLM answered HTTP {exc.status_code}: {_brief(exc)}",
                 retryable=retryable,
                 retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
+                status=exc.status_code,
             ) from exc
         except openai.APIError as exc:  # connection errors, timeouts, oversized answers
             # "Connection error." alone does not tell an operator that the answer was too large.

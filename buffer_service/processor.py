@@ -31,6 +31,7 @@ from .config import Settings
 from .flags import Flags
 from .limits import Limits
 from .llm import LLMClient, LLMError
+from .media import Media
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.processor")
@@ -39,15 +40,17 @@ _MAX_BACKOFF_MS = 300_000
 
 
 def build_prompt(system_prompt: str, history: list[dict[str, Any]],
-                 burst: tuple[dict[str, Any], ...], contact_name: str = "") -> list[dict[str, str]]:
-    """System prompt, then earlier turns of the conversation, then the burst in arrival order."""
+                 burst: tuple[dict[str, Any], ...] | list[dict[str, Any]],
+                 contact_name: str = "") -> list[dict[str, Any]]:
+    """System prompt, then earlier turns of the conversation, then the burst in arrival order;
+    a burst entry's `content` (images as content parts, media.py) stands in for its text."""
     if contact_name:
         system_prompt += f"\n\nThe customer's name (from their WhatsApp profile): {contact_name}"
     messages = [{"role": "system", "content": system_prompt}]
     for entry in history:
         messages.append({"role": entry.get("role", "user"), "content": entry.get("text", "")})
     for entry in burst:
-        messages.append({"role": "user", "content": entry.get("text", "")})
+        messages.append({"role": "user", "content": entry.get("content", entry.get("text", ""))})
     return messages
 
 
@@ -73,6 +76,7 @@ class Processor:
         self.chatwoot = chatwoot
         self.limits = Limits(store)
         self.flags = flags or Flags(store.redis, settings)
+        self.media = Media(settings, store, self.limits)
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
@@ -166,10 +170,22 @@ class Processor:
         history = (await self.store.history(batch.conv, self.settings.history_messages)
                    if enhanced else [])
         name = next((m["name"] for m in reversed(batch.messages) if m.get("name")), "")
-        prompt = build_prompt(self.settings.system_prompt, history, batch.messages,
-                              name if enhanced else "")
+        # Waits for voice notes still being transcribed and loads the images (media.py).
+        media = await self.media.render(batch, history)
+        name = name if enhanced else ""
         started = time.monotonic()
-        answer = await self.llm.reply(prompt)
+        try:
+            answer = await self.llm.reply(
+                build_prompt(self.settings.system_prompt, media.history, media.burst, name))
+        except LLMError as exc:
+            # A model without image input: once more with the images named in text.
+            if not self.media.refused(media, exc) or not await self.limits.allow_llm_call(
+                    batch.conv, f"{batch.id}:{batch.attempts}:text"):
+                raise
+            answer = await self.llm.reply(
+                build_prompt(self.settings.system_prompt, media.history, media.text_only, name))
+        finally:
+            await self.media.record(batch, media)
         elapsed = time.monotonic() - started
         metrics.llm_answered(elapsed, answer.prompt_tokens, answer.completion_tokens)
         log.info("llm_answered", messages=len(batch.messages), llm_ms=round(elapsed * 1000),

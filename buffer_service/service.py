@@ -113,6 +113,7 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
             await session.close()
         if llm is not None:
             await llm.close()
+            await processor.media.close()
         if pubsub_redis is not None:
             await pubsub_redis.aclose()
         await redis.aclose()

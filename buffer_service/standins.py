@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -42,6 +42,8 @@ __all__ = [
     "LLMStandIn",
     "Post",
     "RequestRecord",
+    "StoredFile",
+    "Transcription",
     "attachment",
     "default_reply",
     "iso_ms",
@@ -450,6 +452,58 @@ class _StandInServer(abc.ABC):
 # --------------------------------------------------------------------------------------------
 
 
+class _ActiveStorage:
+    """``ActiveStorage::Blobs::RedirectController`` and ``ActiveStorage::DiskController`` of the
+    Chatwoot stand-in (mixed into :class:`ChatwootStandIn`): the two hops a ``data_url`` takes."""
+
+    files: dict[str, StoredFile]
+    file_requests: list[FileRequest]
+    token: str
+
+    def _record_file_request(self, request: web.Request) -> None:
+        self.file_requests.append(FileRequest(
+            at=time.time(), path=request.path,
+            token_sent=request.headers.get("api_access_token") == self.token))
+
+    async def _blob_redirect(self, request: web.Request) -> web.StreamResponse:
+        self._record_file_request(request)
+        stored = self.files.get(request.match_info["signed_id"])
+        if stored is None:
+            return web.Response(status=404, text="Not Found")
+        if stored.redirect_to is not None:
+            raise web.HTTPFound(stored.redirect_to)
+        # Disk service URLs carry the blob key signed with its content type and disposition.
+        raise web.HTTPFound(f"/rails/active_storage/disk/{request.match_info['signed_id']}/"
+                            f"{stored.filename}?content_type={stored.content_type}&disposition=inline")
+
+    async def _disk_file(self, request: web.Request) -> web.StreamResponse:
+        self._record_file_request(request)
+        stored = self.files.get(request.match_info["key"])
+        if stored is None:
+            return web.Response(status=404, text="Not Found")
+        return web.Response(body=stored.data, content_type=stored.content_type, headers={
+            "Content-Disposition": f'inline; filename="{stored.filename}"'})
+
+
+@dataclass
+class StoredFile:
+    """An attachment's file in the Chatwoot stand-in's storage."""
+
+    data: bytes
+    filename: str
+    content_type: str
+    redirect_to: str | None = None
+
+
+@dataclass
+class FileRequest:
+    """One request for an attachment file; ``token_sent``: it carried the API token."""
+
+    at: float
+    path: str
+    token_sent: bool
+
+
 @dataclass
 class Post:
     """One accepted ``POST …/conversations/{cid}/messages`` (what the service replied)."""
@@ -484,7 +538,7 @@ class Echo:
     error: str | None = None
 
 
-class ChatwootStandIn(_StandInServer):
+class ChatwootStandIn(_ActiveStorage, _StandInServer):
     """A Chatwoot account's REST API for sending replies, plus the echo webhook.
 
     Serves ``POST /api/v1/accounts/{account_id}/conversations/{conversation_id}/messages``
@@ -547,6 +601,9 @@ class ChatwootStandIn(_StandInServer):
         self._faults: list[int] = []
         self._echo_tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        #: Attachment files by ActiveStorage signed id (:meth:`add_file`); who fetched them.
+        self.files: dict[str, StoredFile] = {}
+        self.file_requests: list[FileRequest] = []
 
     # -- test knobs ------------------------------------------------------------------------
 
@@ -577,6 +634,21 @@ class ChatwootStandIn(_StandInServer):
         """Accepted posts for one conversation, in arrival order."""
         return [p for p in self.posts if p.conversation_id == conversation_id]
 
+    def add_file(self, data: bytes, filename: str, content_type: str, *,
+                 redirect_to: str | None = None) -> str:
+        """Store an attachment's file as Chatwoot's ActiveStorage does; returns its ``data_url``.
+
+        The URL is the blob *redirect* route of Rails (``/rails/active_storage/blobs/redirect/
+        <signed id>/<filename>``), which answers 302 to the storage service: here the disk
+        service of the same server (``/rails/active_storage/disk/<key>/<filename>``) that
+        serves the bytes, or ``redirect_to`` (an S3-like URL elsewhere, or a hostile target).
+        """
+        signed_id = base64.urlsafe_b64encode(orjson.dumps({"_rails": {"data": len(self.files) + 1,
+                                                                      "pur": "blob_id"}})).decode()
+        signed_id = signed_id.rstrip("=") + "--" + uuid.uuid4().hex[:40]
+        self.files[signed_id] = StoredFile(data, filename, content_type, redirect_to)
+        return f"{self.base_url}/rails/active_storage/blobs/redirect/{signed_id}/{filename}"
+
     async def wait_echoes(self) -> None:
         """Wait until every echo delivery started so far has finished."""
         while self._echo_tasks:
@@ -590,6 +662,9 @@ class ChatwootStandIn(_StandInServer):
         app.router.add_post(conversation + "/messages", self._create_message)
         app.router.add_get(conversation + "/messages", self._list_messages)
         app.router.add_get(conversation, self._show_conversation)
+        app.router.add_get("/rails/active_storage/blobs/redirect/{signed_id}/{filename}",
+                           self._blob_redirect)
+        app.router.add_get("/rails/active_storage/disk/{key}/{filename}", self._disk_file)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -793,6 +868,28 @@ class LLMCall:
     messages: list[dict[str, Any]]
     reply: str | None
     status: int
+    #: The ``image_url`` URLs of the request's content parts, in order (data URIs or URLs).
+    images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Transcription:
+    """One ``POST /v1/audio/transcriptions``; ``done_at`` is 0 while it is being answered."""
+
+    at: float
+    model: str | None
+    filename: str | None
+    content_type: str | None
+    size: int
+    status: int = 0
+    done_at: float = 0.0
+
+
+def _image_urls(messages: list[dict[str, Any]]) -> list[str]:
+    return [str(part.get("image_url", {}).get("url", "")) for m in messages
+            if isinstance(m.get("content"), list) for part in m["content"]
+            if isinstance(part, dict) and part.get("type") == "image_url"
+            and isinstance(part.get("image_url"), dict)]
 
 
 def _text_of(content: Any) -> str:
@@ -863,7 +960,8 @@ def _openai_error(
 
 
 class LLMStandIn(_StandInServer):
-    """An OpenAI-compatible server (``/v1/chat/completions``, ``/v1/models``).
+    """An OpenAI-compatible server (``/v1/chat/completions``, ``/v1/audio/transcriptions``,
+    ``/v1/models``).
 
     Replies are deterministic (:attr:`reply_fn`, replaceable by tests) and every request is
     recorded in :attr:`calls`, so tests see exactly what the service sent to the model.
@@ -882,6 +980,20 @@ class LLMStandIn(_StandInServer):
         self.delay: float = 0.0
         self.calls: list[LLMCall] = []
         self._faults: list[int] = []
+        #: A model without image input: chat requests with image parts get OpenAI's 400.
+        self.refuse_images = False
+        #: Produces a transcript from the audio file's bytes and name; by default the file's
+        #: bytes read as UTF-8 text, so a test's "voice note" says what its bytes say.
+        self.transcribe_fn: Callable[[bytes, str], str] = (
+            lambda data, name: data.decode("utf-8", "replace").strip())
+        #: Seconds a transcription takes.
+        self.transcription_delay: float = 0.0
+        self.transcriptions: list[Transcription] = []
+        self._transcription_faults: list[int] = []
+
+    def fail_transcriptions(self, n: int, status: int = 500) -> None:
+        """Answer the next ``n`` transcriptions with ``status`` in OpenAI's error shape."""
+        self._transcription_faults.extend([status] * n)
 
     def fail_next(self, n: int, status: int = 500) -> None:
         """Answer the next ``n`` chat completions with ``status`` in OpenAI's error shape."""
@@ -896,7 +1008,54 @@ class LLMStandIn(_StandInServer):
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         return app
+
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        """``POST /v1/audio/transcriptions``: multipart/form-data with ``file`` (name and type
+        on the part) and ``model``, as the ``openai`` client sends it; answers ``{"text"}``
+        (``response_format`` json, the default) or the bare text (``text``)."""
+        record = Transcription(at=time.time(), model=None, filename=None, content_type=None, size=0)
+        self.transcriptions.append(record)
+        try:
+            resp = await self._transcribe(request, record)
+        finally:
+            record.done_at = time.time()
+        record.status = resp.status
+        return resp
+
+    async def _transcribe(self, request: web.Request, record: Transcription) -> web.Response:
+        if not self._authorized(request):
+            return _openai_error(401)
+        if not request.content_type.startswith("multipart/form-data"):
+            return _openai_error(400, "Expected multipart/form-data", param="file")
+        fields: dict[str, str] = {}
+        audio = b""
+        async for part in await request.multipart():
+            if not isinstance(part, aiohttp.BodyPartReader):
+                continue
+            if part.name == "file":
+                record.filename = part.filename
+                record.content_type = part.headers.get(aiohttp.hdrs.CONTENT_TYPE)
+                audio = await part.read()
+                record.size = len(audio)
+            elif part.name:
+                fields[part.name] = (await part.read()).decode("utf-8", "replace")
+        record.model = fields.get("model")
+        if self.transcription_delay > 0:
+            await asyncio.sleep(self.transcription_delay)
+        if self._transcription_faults:
+            return _openai_error(self._transcription_faults.pop(0))
+        if not record.model:
+            return _openai_error(400, "you must provide a model parameter", param="model")
+        if not audio or not record.filename:
+            return _openai_error(400, "Audio file might be corrupted or unsupported",
+                                 param="file", code="invalid_value")
+        text = self.transcribe_fn(audio, record.filename)
+        if fields.get("response_format") == "text":
+            return web.Response(text=text + "\n", content_type="text/plain")
+        return _json({"text": text, "usage": {"type": "duration", "seconds": max(1, len(audio) // 4000)}},
+                     headers={"x-request-id": "req_" + uuid.uuid4().hex})
 
     def _authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.api_key}"
@@ -936,10 +1095,14 @@ class LLMStandIn(_StandInServer):
             msgs = body.get("messages")
             if isinstance(msgs, list):
                 call.messages = [m for m in msgs if isinstance(m, dict)]
+                call.images = _image_urls(call.messages)
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         if self._faults:
             return _openai_error(self._faults.pop(0))
+        if self.refuse_images and call.images:
+            return _openai_error(400, "Invalid content type. image_url is only supported by certain "
+                                 "models.", param="messages.[1].content.[1].type")
         if not self._authorized(request):
             return _openai_error(401)
         if not isinstance(body, dict):

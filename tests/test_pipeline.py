@@ -114,13 +114,16 @@ async def test_ignored_events(settings, make_service, llm, chatwoot, store):
 
 
 async def test_attachments_are_named_and_media_without_caption_is_buffered(settings, make_service, llm):
+    # The stand-in payload's data_urls name chatwoot.example.com, not the configured Chatwoot:
+    # never fetched, and said so in the prompt (test_media.py covers what is fetched).
     svc = await make_service(settings)
     await svc.webhook(message_payload(message_id=10, conversation_id=11, content=None,
                                       attachments=[attachment("audio")]))
     await svc.webhook(message_payload(message_id=11, conversation_id=11, content="look",
                                       attachments=[attachment("image")]))
     await wait_for(lambda: len(llm.calls) == 1, timeout=5)
-    assert user_texts(llm.calls[0]) == ["[audio]", "[image] look"]
+    assert user_texts(llm.calls[0]) == ["[voice note: could not be transcribed]",
+                                        "[image: could not be loaded] look"]
 
 
 async def test_duplicate_delivery_is_buffered_once(settings, make_service, llm, chatwoot):
