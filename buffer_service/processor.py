@@ -32,6 +32,7 @@ from .flags import Flags
 from .limits import Limits
 from .llm import LLMClient, LLMError
 from .media import Media
+from .presence import Presence, Typing
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.processor")
@@ -69,7 +70,8 @@ class LeaseLost(Exception):
 
 class Processor:
     def __init__(self, settings: Settings, store: BufferStore, llm: LLMClient,
-                 chatwoot: ChatwootClient, flags: Flags | None = None) -> None:
+                 chatwoot: ChatwootClient, flags: Flags | None = None,
+                 presence: Presence | None = None) -> None:
         self.settings = settings
         self.store = store
         self.llm = llm
@@ -77,6 +79,7 @@ class Processor:
         self.limits = Limits(store)
         self.flags = flags or Flags(store.redis, settings)
         self.media = Media(settings, store, self.limits)
+        self.presence = presence or Presence(settings, chatwoot, None)
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
@@ -84,8 +87,9 @@ class Processor:
         structlog.contextvars.bind_contextvars(
             batch=batch.id, conversation=batch.conv, attempt=batch.attempts)
         keeper = asyncio.create_task(self._keep_lease(batch))
+        typing = self.presence.typing(batch)
         try:
-            return await self._answer(batch)
+            return await self._answer(batch, typing)
         except LeaseLost:
             log.warning("lease_lost")
             return "lost"
@@ -104,12 +108,15 @@ class Processor:
             return await self._failed(batch, f"{type(exc).__name__}: {exc}", True, None)
         finally:
             keeper.cancel()
+            # Whatever the outcome (posted, skipped, superseded, failed, lost, shut down).
+            typing.stop()
 
-    async def _answer(self, batch: Batch) -> str:
+    async def _answer(self, batch: Batch, typing: Typing) -> str:
         reply = batch.reply
         # With a stored reply, before_post decides: an earlier attempt may have posted it.
         if batch.takeover and not reply:
             return await self._skip(batch, batch.takeover)
+        typing.start()
         if reply:
             log.info("reply_reused")
         else:

@@ -529,6 +529,17 @@ class RequestRecord:
 
 
 @dataclass
+class TypingCall:
+    """One accepted ``POST …/conversations/{cid}/toggle_typing_status``."""
+
+    at: float
+    account_id: int
+    conversation_id: int
+    status: str  # on, off, recording
+    private: bool
+
+
+@dataclass
 class Echo:
     """Outcome of one echo webhook delivery; ``status`` is None when it raised."""
 
@@ -583,18 +594,21 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.conversation_status = "pending"
         #: Seconds to wait before answering any request.
         self.delay: float = 0.0
-        #: The token is an agent bot's: listing messages answers 401.
+        #: The token is an agent bot's: listing messages and toggling typing answer 401.
         self.bot_token = False
         #: Share of posts (0..1, drawn from :attr:`rng`) answered only after ``slow_answer_s``,
         #: created all the same, with no echo.
         self.slow_share = 0.0
         self.slow_answer_s = 0.0
+        #: Seconds a typing toggle is held before it is answered (and recorded).
+        self.typing_delay = 0.0
         self.rng = random.Random(0)
         self._slow = 0
         self._late: list[float] = []
         #: Messages created through the API, per conversation, as the REST API renders them.
         self.messages: dict[int, list[dict[str, Any]]] = {}
         self.posts: list[Post] = []
+        self.typing: list[TypingCall] = []
         self.requests: list[RequestRecord] = []
         self.echoes: list[Echo] = []
         self._ids = itertools.count(first_message_id)
@@ -625,6 +639,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
     def reset(self) -> None:
         """Forget recorded posts, requests, echoes and pending faults."""
         self.posts.clear()
+        self.typing.clear()
         self.requests.clear()
         self.echoes.clear()
         self.messages.clear()
@@ -662,6 +677,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         app.router.add_post(conversation + "/messages", self._create_message)
         app.router.add_get(conversation + "/messages", self._list_messages)
         app.router.add_get(conversation, self._show_conversation)
+        app.router.add_post(conversation + "/toggle_typing_status", self._toggle_typing)
         app.router.add_get("/rails/active_storage/blobs/redirect/{signed_id}/{filename}",
                            self._blob_redirect)
         app.router.add_get("/rails/active_storage/disk/{key}/{filename}", self._disk_file)
@@ -811,6 +827,32 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
     def _authorized(self, request: web.Request) -> bool:
         return request.headers.get("api_access_token") == self.token
 
+    async def _toggle_typing(self, request: web.Request) -> web.Response:
+        """``ConversationsController#toggle_typing_status``: ``typing_status`` on, off or
+        recording (``is_private``: shown to agents only); answers an empty 200."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        if self.bot_token:
+            return _json({"error": "Access to this endpoint is not authorized for bots"}, status=401)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        status = body.get("typing_status") if isinstance(body, dict) else None
+        if status not in ("on", "off", "recording"):
+            return _json({"error": "typing_status must be on, off or recording"}, status=422)
+        if self.typing_delay > 0:
+            await asyncio.sleep(self.typing_delay)
+        self.typing.append(TypingCall(
+            at=time.time(), account_id=int(request.match_info["account_id"]),
+            conversation_id=int(request.match_info["conversation_id"]), status=status,
+            private=bool(body.get("is_private", False))))
+        return web.Response(status=200)
+
+    def typing_for(self, conversation_id: int) -> list[str]:
+        """The typing states the bot set in one conversation, in order."""
+        return [t.status for t in self.typing if t.conversation_id == conversation_id]
+
     async def _list_messages(self, request: web.Request) -> web.Response:
         """``MessagesController#index``: ``after`` gives up to 100 newer messages, ascending."""
         if not self._authorized(request):
@@ -852,6 +894,80 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         except Exception as exc:  # Chatwoot logs and drops failed deliveries, never retries
             log.warning("echo webhook to %s failed: %r", url, exc)
             self.echoes.append(Echo(at=at, message_id=payload["id"], status=None, error=repr(exc)))
+
+
+# --------------------------------------------------------------------------------------------
+# Evolution API (the WhatsApp bridge of many self-hosted Chatwoot inboxes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PresenceCall:
+    """One accepted ``POST /chat/sendPresence/{instance}``; ``done_at`` is set once Evolution
+    answered it (after ``delay``), None while held or when the client gave up on it."""
+
+    at: float
+    instance: str
+    number: str
+    presence: str
+    delay: float
+    done_at: float | None = None
+
+
+class EvolutionStandIn(_StandInServer):
+    """Evolution API v2's ``POST /chat/sendPresence/{instance}`` (``apikey`` header; body
+    ``{number, presence, delay}`` validated as its ``presenceSchema``: all three required,
+    presence one of available, unavailable, composing, recording, paused). Like Evolution, the
+    request is answered only after ``delay`` ms, the presence shown to the contact meanwhile;
+    every accepted call is recorded in :attr:`presence`. :meth:`fail_next` injects errors."""
+
+    PRESENCES = ("available", "unavailable", "composing", "recording", "paused")
+
+    def __init__(self, api_key: str = "evolution-test-key", instance: str = "shop") -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.instance = instance
+        self.presence: list[PresenceCall] = []
+        self._faults: list[int] = []
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        self._faults.extend([status] * n)
+
+    def presence_for(self, number: str) -> list[str]:
+        return [p.presence for p in self.presence if p.number == number]
+
+    def _make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/chat/sendPresence/{instance}", self._send_presence)
+        return app
+
+    async def _send_presence(self, request: web.Request) -> web.Response:
+        if request.headers.get("apikey") != self.api_key:
+            return _json({"status": 401, "error": "Unauthorized", "response": {"message": "Unauthorized"}},
+                         status=401)
+        if request.match_info["instance"] != self.instance:
+            return _json({"status": 404, "error": "Not Found", "response": {
+                "message": [f'The "{request.match_info["instance"]}" instance does not exist']}},
+                status=404)
+        if self._faults:
+            status = self._faults.pop(0)
+            return _json({"status": status, "error": "Injected failure"}, status=status)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("number"), str) \
+                or body.get("presence") not in self.PRESENCES \
+                or not isinstance(body.get("delay"), int | float) or isinstance(body.get("delay"), bool):
+            return _json({"status": 400, "error": "Bad Request",
+                          "response": {"message": ["number, presence and delay are required"]}},
+                         status=400)
+        call = PresenceCall(at=time.time(), instance=self.instance, number=body["number"],
+                            presence=body["presence"], delay=body["delay"])
+        self.presence.append(call)
+        await asyncio.sleep(call.delay / 1000)
+        call.done_at = time.time()
+        return _json({"presence": call.presence}, status=201)
 
 
 # --------------------------------------------------------------------------------------------
