@@ -397,6 +397,27 @@ class ChatwootClient:
                          {"typing_status": "on" if on else "off", "is_private": False},
                          aiohttp.ClientTimeout(total=timeout_s))
 
+    async def post_note(self, account_id: int, conversation_id: int, content: str) -> None:
+        """A private note: seen by the agents only, never sent to the customer."""
+        await self._post(f"{self._conversation(account_id, conversation_id)}/messages",
+                         {"content": content, "message_type": "outgoing", "private": True},
+                         self._timeout)
+
+    async def set_status(self, account_id: int, conversation_id: int, status: str) -> None:
+        """`ConversationsController#toggle_status`; `open` is an agent bot's handoff."""
+        await self._post(f"{self._conversation(account_id, conversation_id)}/toggle_status",
+                         {"status": status}, self._timeout)
+
+    async def conversation_version(self, account_id: int, conversation_id: int) -> float | None:
+        """The conversation's `updated_at` (what versions webhook snapshots), or None when
+        Chatwoot does not tell it."""
+        status, body = await self._get(self._conversation(account_id, conversation_id), None)
+        value = body.get("updated_at") if status == 200 and isinstance(body, dict) else None
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def _conversation(self, account_id: int, conversation_id: int) -> str:
+        return f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}"
+
     async def _post(self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Any:
         """A POST whose effect is not a reply (no unsure outcome to settle): its JSON answer, or
         None when it has none; ChatwootError for anything but 2xx."""

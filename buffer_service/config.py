@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .keywords import parse_keywords
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful customer-support assistant answering WhatsApp messages. "
     "The customer may have written several short messages in a row: read them all and "
@@ -186,6 +188,11 @@ class Settings:
     evolution_api_url: str = ""
     evolution_api_key: str = field(default="", repr=False)
     evolution_instance: str = ""
+
+    # Handing a conversation to a human (handoff.py): customer words that ask for one (folded:
+    # lower case, no accents), and what the bot says then ("" = nothing).
+    handoff_keywords: tuple[str, ...] = ()
+    handoff_message: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -388,4 +395,6 @@ def _presence_settings(env: Mapping[str, str]) -> dict[str, object]:
         raise ConfigError(f"{missing}: EVOLUTION_API_URL, EVOLUTION_API_KEY and "
                           "EVOLUTION_INSTANCE are set together or not at all")
     return {"typing_indicator": _bool(env, "TYPING_INDICATOR", Settings.typing_indicator),
-            **evolution}
+            **evolution,
+            "handoff_keywords": parse_keywords(env.get("HANDOFF_KEYWORDS", "")),
+            "handoff_message": env.get("HANDOFF_MESSAGE", "").strip()}

@@ -29,6 +29,7 @@ from . import metrics
 from .chatwoot import ChatwootClient, ChatwootError, earlier_post
 from .config import Settings
 from .flags import Flags
+from .handoff import Handover, burst_keyword
 from .limits import Limits
 from .llm import LLMClient, LLMError
 from .media import Media
@@ -80,6 +81,7 @@ class Processor:
         self.flags = flags or Flags(store.redis, settings)
         self.media = Media(settings, store, self.limits)
         self.presence = presence or Presence(settings, chatwoot, None)
+        self.handover = Handover(settings, store, chatwoot)
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
@@ -116,10 +118,18 @@ class Processor:
         # With a stored reply, before_post decides: an earlier attempt may have posted it.
         if batch.takeover and not reply:
             return await self._skip(batch, batch.takeover)
-        typing.start()
+        # Asked for a human by a keyword: handed over without the LLM (handoff.py).
+        keyword = burst_keyword(batch, self.settings.handoff_keywords)
+        handoff = f"keyword:{keyword}" if keyword else ""
         if reply:
             log.info("reply_reused")
+        elif handoff:
+            reply = self.settings.handoff_message
+            if not reply:
+                await self.handover.hand_over(batch, handoff)
+                return await self._skip(batch, "handoff:keyword")
         else:
+            typing.start()
             if not await self.limits.allow_llm_call(batch.conv, f"{batch.id}:{batch.attempts}"):
                 # Spend guard: the conversation used up its LLM calls of the hour. Skipped for
                 # good (its messages still reach the history), never retried into the same wall.
@@ -146,7 +156,9 @@ class Processor:
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
             metrics.chatwoot_posted(time.monotonic() - started)
         post_ms = round((time.monotonic() - started) * 1000)
-        await self._finish_posted(batch, reply, reply_id)
+        if handoff:
+            await self.handover.hand_over(batch, handoff)
+        await self._finish_posted(batch, reply, reply_id, "handoff:keyword" if handoff else "")
         log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
@@ -205,14 +217,15 @@ class Processor:
         log.info("batch_skipped", reason=reason)
         return "skipped"
 
-    async def _finish_posted(self, batch: Batch, reply: str, reply_id: int) -> None:
+    async def _finish_posted(self, batch: Batch, reply: str, reply_id: int, reason: str) -> None:
         """Record the post. Chatwoot has the reply now, and a retry by another worker would post
         it again, so a Redis outage is waited out for as long as the lease would last."""
         give_up = time.monotonic() + self.settings.processing_lease_ms / 1000
         delay = 0.1
         while True:
             try:
-                finished = await self.store.finish(batch, "completed", reply=reply, reply_id=reply_id)
+                finished = await self.store.finish(batch, "completed", reason=reason, reply=reply,
+                                                   reply_id=reply_id)
                 break
             except RedisError as exc:
                 if time.monotonic() + delay > give_up:

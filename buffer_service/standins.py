@@ -540,6 +540,16 @@ class TypingCall:
 
 
 @dataclass
+class StatusChange:
+    """One accepted ``POST …/conversations/{cid}/toggle_status``."""
+
+    at: float
+    conversation_id: int
+    status: str
+    updated_at: float  # the conversation's `updated_at` after the change
+
+
+@dataclass
 class Echo:
     """Outcome of one echo webhook delivery; ``status`` is None when it raised."""
 
@@ -609,6 +619,10 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.messages: dict[int, list[dict[str, Any]]] = {}
         self.posts: list[Post] = []
         self.typing: list[TypingCall] = []
+        self.status_changes: list[StatusChange] = []
+        #: Per conversation: its status and `updated_at` once the API changed them.
+        self.statuses: dict[int, str] = {}
+        self.updated_at: dict[int, float] = {}
         self.requests: list[RequestRecord] = []
         self.echoes: list[Echo] = []
         self._ids = itertools.count(first_message_id)
@@ -640,6 +654,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         """Forget recorded posts, requests, echoes and pending faults."""
         self.posts.clear()
         self.typing.clear()
+        self.status_changes.clear()
         self.requests.clear()
         self.echoes.clear()
         self.messages.clear()
@@ -678,6 +693,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         app.router.add_get(conversation + "/messages", self._list_messages)
         app.router.add_get(conversation, self._show_conversation)
         app.router.add_post(conversation + "/toggle_typing_status", self._toggle_typing)
+        app.router.add_post(conversation + "/toggle_status", self._toggle_status)
         app.router.add_get("/rails/active_storage/blobs/redirect/{signed_id}/{filename}",
                            self._blob_redirect)
         app.router.add_get("/rails/active_storage/disk/{key}/{filename}", self._disk_file)
@@ -849,6 +865,30 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
             private=bool(body.get("is_private", False))))
         return web.Response(status=200)
 
+    async def _toggle_status(self, request: web.Request) -> web.Response:
+        """``ConversationsController#toggle_status`` with ``status`` (open, resolved, pending,
+        snoozed); an agent bot's token may call it (its handoff is ``open``)."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        status = body.get("status") if isinstance(body, dict) else None
+        if status not in ("open", "resolved", "pending", "snoozed"):
+            return _json({"error": "status must be open, resolved, pending or snoozed"}, status=422)
+        conversation_id = int(request.match_info["conversation_id"])
+        self.statuses[conversation_id] = status
+        self.updated_at[conversation_id] = round(time.time(), 6)  # Rails keeps microseconds
+        self.status_changes.append(StatusChange(time.time(), conversation_id, status,
+                                                self.updated_at[conversation_id]))
+        return _json({"meta": {}, "payload": {"success": True, "current_status": status,
+                                              "conversation_id": conversation_id}})
+
+    def notes_for(self, conversation_id: int) -> list[str]:
+        """Private notes posted in one conversation."""
+        return [p.body["content"] for p in self.posts_for(conversation_id) if p.body.get("private")]
+
     def typing_for(self, conversation_id: int) -> list[str]:
         """The typing states the bot set in one conversation, in order."""
         return [t.status for t in self.typing if t.conversation_id == conversation_id]
@@ -874,7 +914,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         conversation_id = int(request.match_info["conversation_id"])
         messages = self.messages.get(conversation_id, [])
         return _json({"id": conversation_id, "inbox_id": self.inbox_id,
-                      "status": self.conversation_status,
+                      "status": self.statuses.get(conversation_id, self.conversation_status),
+                      "updated_at": self.updated_at.get(conversation_id, 0.0),
                       "last_non_activity_message": messages[-1] if messages else None})
 
     async def _deliver_echo(self, url: str, payload: dict[str, Any]) -> None:

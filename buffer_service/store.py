@@ -192,6 +192,14 @@ class BufferStore:
             results = await pipe.execute()
         return _s(results[-1]) if msg is not None else ""
 
+    async def hand_off(self, conv: str, reason: str, version: float) -> bool:
+        """Put a human in charge of the conversation as of snapshot `version` (handoff.py);
+        False when a newer snapshot already says otherwise."""
+        shard = self.shard_of(conv)
+        return bool(await self._scripts["handoff"](
+            keys=[self.key(shard, f"handoff:{conv}")],
+            args=[reason, _version(version), self.settings.history_ttl_s * 1000]))
+
     # -- worker side ------------------------------------------------------------------------
     async def claim(self, shard: int, limit: int) -> tuple[int, int, list[Batch]]:
         """Claim up to `limit` batches of one shard; returns (redis now, next wake ms, batches)."""
