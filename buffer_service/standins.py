@@ -393,6 +393,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
+async def _object_body(request: web.Request) -> dict[str, Any]:
+    """A JSON object body, or {} for anything else (Rails' params are then simply absent)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 class _StandInServer(abc.ABC):
     """Start/stop of an aiohttp app on an ephemeral localhost port.
 
@@ -850,11 +859,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
             return _json({"error": "Invalid Access Token"}, status=401)
         if self.bot_token:
             return _json({"error": "Access to this endpoint is not authorized for bots"}, status=401)
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            body = None
-        status = body.get("typing_status") if isinstance(body, dict) else None
+        body = await _object_body(request)
+        status = body.get("typing_status")
         if status not in ("on", "off", "recording"):
             return _json({"error": "typing_status must be on, off or recording"}, status=422)
         if self.typing_delay > 0:
@@ -870,11 +876,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         snoozed); an agent bot's token may call it (its handoff is ``open``)."""
         if not self._authorized(request):
             return _json({"error": "Invalid Access Token"}, status=401)
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            body = None
-        status = body.get("status") if isinstance(body, dict) else None
+        status = (await _object_body(request)).get("status")
         if status not in ("open", "resolved", "pending", "snoozed"):
             return _json({"error": "status must be open, resolved, pending or snoozed"}, status=422)
         conversation_id = int(request.match_info["conversation_id"])
