@@ -193,6 +193,8 @@ class Settings:
     # lower case, no accents), and what the bot says then ("" = nothing).
     handoff_keywords: tuple[str, ...] = ()
     handoff_message: str = ""
+    # The model may hand over with the `handoff_to_human` tool.
+    handoff_tool: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -397,4 +399,5 @@ def _presence_settings(env: Mapping[str, str]) -> dict[str, object]:
     return {"typing_indicator": _bool(env, "TYPING_INDICATOR", Settings.typing_indicator),
             **evolution,
             "handoff_keywords": parse_keywords(env.get("HANDOFF_KEYWORDS", "")),
-            "handoff_message": env.get("HANDOFF_MESSAGE", "").strip()}
+            "handoff_message": env.get("HANDOFF_MESSAGE", "").strip(),
+            "handoff_tool": _bool(env, "HANDOFF_TOOL", Settings.handoff_tool)}

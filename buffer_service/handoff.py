@@ -15,11 +15,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import structlog
 
 from .chatwoot import ChatwootClient, ChatwootError
 from .config import Settings
 from .keywords import keyword_in
+from .llm import LLMReply
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.handoff")
@@ -27,6 +29,49 @@ log = structlog.get_logger("buffer_service.handoff")
 # Messages of the conversation quoted in the note for the agents.
 NOTE_MESSAGES = 10
 _NOTE_LINE_CHARS = 300
+
+
+# Offered to the model with every chat request while HANDOFF_TOOL is on.
+TOOL_NAME = "handoff_to_human"
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": (
+            "Hand the conversation to a human agent: when the customer asks for a person, when "
+            "you cannot help (a complaint, a refund, something outside what you know), or when "
+            "the customer is upset. You may still write a short message telling the customer "
+            "that a person will take over."),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "reason": {"type": "string", "description": "Why a human is needed, in one sentence."},
+                "summary": {"type": "string",
+                            "description": "What the customer wants and what was said so far, "
+                                           "for the agent who takes over."},
+            },
+            "required": ["reason", "summary"],
+            "additionalProperties": False,
+        },
+    },
+}
+_REASON_CHARS = 300
+
+
+def model_handoff(answer: LLMReply) -> tuple[str, str] | None:
+    """(reason, summary) when the model called the handoff tool; arguments that are not the
+    JSON asked for still hand over (the model wanted a human), with what could be read."""
+    for call in answer.tool_calls:
+        if call.name != TOOL_NAME:
+            continue
+        try:
+            args = orjson.loads(call.arguments)
+        except orjson.JSONDecodeError:
+            args = {}
+        args = args if isinstance(args, dict) else {}
+        reason, summary = (" ".join(str(args.get(k) or "").split()) for k in ("reason", "summary"))
+        return reason[:_REASON_CHARS] or "the model asked for a human", summary
+    return None
 
 
 def burst_keyword(batch: Batch, keywords: tuple[str, ...]) -> str:

@@ -29,9 +29,9 @@ from . import metrics
 from .chatwoot import ChatwootClient, ChatwootError, earlier_post
 from .config import Settings
 from .flags import Flags
-from .handoff import Handover, burst_keyword
+from .handoff import TOOL, Handover, burst_keyword, model_handoff
 from .limits import Limits
-from .llm import LLMClient, LLMError
+from .llm import LLMClient, LLMError, LLMReply
 from .media import Media
 from .presence import Presence, Typing
 from .store import Batch, BufferStore
@@ -118,16 +118,16 @@ class Processor:
         # With a stored reply, before_post decides: an earlier attempt may have posted it.
         if batch.takeover and not reply:
             return await self._skip(batch, batch.takeover)
-        # Asked for a human by a keyword: handed over without the LLM (handoff.py).
+        # Asked for a human by a keyword: handed over without the LLM; or the model asks for
+        # one with its tool (handoff.py). "kind:reason", "" for a plain reply.
         keyword = burst_keyword(batch, self.settings.handoff_keywords)
-        handoff = f"keyword:{keyword}" if keyword else ""
+        handoff, summary = (f"keyword:{keyword}" if keyword else ""), ""
         if reply:
             log.info("reply_reused")
+            if not handoff:
+                handoff, summary = await self.store.handoff_mark(batch)
         elif handoff:
             reply = self.settings.handoff_message
-            if not reply:
-                await self.handover.hand_over(batch, handoff)
-                return await self._skip(batch, "handoff:keyword")
         else:
             typing.start()
             if not await self.limits.allow_llm_call(batch.conv, f"{batch.id}:{batch.attempts}"):
@@ -135,7 +135,21 @@ class Processor:
                 # good (its messages still reach the history), never retried into the same wall.
                 log.warning("llm_quota_exceeded")
                 return await self._skip(batch, "llm_quota_exceeded")
-            reply = await self._ask_llm(batch)
+            answer = await self._ask_llm(batch)
+            reply = answer.text
+            if asked := model_handoff(answer):
+                handoff, summary = f"model:{asked[0]}", asked[1]
+                reply = reply or self.settings.handoff_message
+            elif not reply:  # only a call of a tool we did not offer
+                raise LLMError("LLM returned no text and no handoff")
+            # A retry reusing this reply must know whether it hands over; a batch this claim
+            # created has no mark of an earlier attempt to overwrite.
+            if (handoff or not metrics.fresh(batch)) and \
+                    not await self.store.mark_handoff(batch, handoff, summary):
+                raise LeaseLost
+        if handoff and not reply:
+            await self.handover.hand_over(batch, handoff, summary)
+            return await self._skip(batch, _handoff_reason(handoff))
 
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
         verdict, detail = await self.store.before_post(batch, reply)
@@ -157,8 +171,8 @@ class Processor:
             metrics.chatwoot_posted(time.monotonic() - started)
         post_ms = round((time.monotonic() - started) * 1000)
         if handoff:
-            await self.handover.hand_over(batch, handoff)
-        await self._finish_posted(batch, reply, reply_id, "handoff:keyword" if handoff else "")
+            await self.handover.hand_over(batch, handoff, summary)
+        await self._finish_posted(batch, reply, reply_id, _handoff_reason(handoff) if handoff else "")
         log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
@@ -182,7 +196,7 @@ class Processor:
         log.info("earlier_post_not_found")
         return await self.store.before_post(batch, reply, absent=True)
 
-    async def _ask_llm(self, batch: Batch) -> str:
+    async def _ask_llm(self, batch: Batch) -> LLMReply:
         # The response_quality_enhancement flag: history and the contact's name, or the burst only.
         enhanced = (await self.flags.current()).response_quality_enhancement
         # The list keeps a burst's worth more than a prompt uses; read only what it uses.
@@ -192,24 +206,25 @@ class Processor:
         # Waits for voice notes still being transcribed and loads the images (media.py).
         media = await self.media.render(batch, history)
         name = name if enhanced else ""
+        tools = [TOOL] if self.settings.handoff_tool else None
         started = time.monotonic()
         try:
             answer = await self.llm.reply(
-                build_prompt(self.settings.system_prompt, media.history, media.burst, name))
+                build_prompt(self.settings.system_prompt, media.history, media.burst, name), tools)
         except LLMError as exc:
             # A model without image input: once more with the images named in text.
             if not self.media.refused(media, exc) or not await self.limits.allow_llm_call(
                     batch.conv, f"{batch.id}:{batch.attempts}:text"):
                 raise
             answer = await self.llm.reply(
-                build_prompt(self.settings.system_prompt, media.history, media.text_only, name))
+                build_prompt(self.settings.system_prompt, media.history, media.text_only, name), tools)
         finally:
             await self.media.record(batch, media)
         elapsed = time.monotonic() - started
         metrics.llm_answered(elapsed, answer.prompt_tokens, answer.completion_tokens)
         log.info("llm_answered", messages=len(batch.messages), llm_ms=round(elapsed * 1000),
                  prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
-        return answer.text
+        return answer
 
     async def _skip(self, batch: Batch, reason: str) -> str:
         if not await self.store.finish(batch, "skipped", reason=reason):
@@ -275,6 +290,11 @@ class Processor:
                     return
             except Exception as exc:  # Redis briefly away: the next renewal may succeed
                 log.warning("lease_renew_error", error=str(exc))
+
+
+def _handoff_reason(handoff: str) -> str:
+    # The job record's reason: the kind (keyword, model), as the handoff record has it.
+    return "handoff:" + handoff.split(":", 1)[0]
 
 
 def _interrupted(exc: RedisError) -> str:

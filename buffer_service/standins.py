@@ -1029,6 +1029,10 @@ class LLMCall:
     status: int
     #: The ``image_url`` URLs of the request's content parts, in order (data URIs or URLs).
     images: list[str] = field(default_factory=list)
+    #: The names of the function tools the request offered.
+    tools: list[str] = field(default_factory=list)
+    #: The tool calls answered: ``{"name", "arguments"}`` (arguments as JSON text).
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -1135,6 +1139,10 @@ class LLMStandIn(_StandInServer):
         self.model = model
         #: Produces the assistant reply from the request's ``messages``.
         self.reply_fn: Callable[[list[dict[str, Any]]], str] = default_reply
+        #: Tool calls the model makes, from the request's messages: ``{"name", "arguments"}``
+        #: (arguments a dict, or a str sent as it is), answered only for tools the request
+        #: offered. With tool calls, an empty reply from :attr:`reply_fn` is no text (null).
+        self.tool_calls_fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda _: []
         #: Seconds to wait before answering a chat completion.
         self.delay: float = 0.0
         self.calls: list[LLMCall] = []
@@ -1255,6 +1263,12 @@ class LLMStandIn(_StandInServer):
             if isinstance(msgs, list):
                 call.messages = [m for m in msgs if isinstance(m, dict)]
                 call.images = _image_urls(call.messages)
+            tools = body.get("tools")
+            call.tools = [t["function"]["name"] for t in tools
+                          if isinstance(t, dict) and t.get("type") == "function"
+                          and isinstance(t.get("function"), dict)
+                          and isinstance(t["function"].get("name"), str)] \
+                if isinstance(tools, list) else []
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         if self._faults:
@@ -1277,8 +1291,21 @@ class LLMStandIn(_StandInServer):
 
         reply = self.reply_fn(call.messages)
         call.reply = reply
+        call.tool_calls = [
+            {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], str)
+             else orjson.dumps(c["arguments"]).decode()}
+            for c in self.tool_calls_fn(call.messages) if c["name"] in call.tools]
         prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in call.messages)
-        completion_tokens = _count_tokens(reply)
+        completion_tokens = _count_tokens(reply) + sum(
+            _count_tokens(c["arguments"]) for c in call.tool_calls)
+        message: dict[str, Any] = {
+            "role": "assistant", "content": (reply or None) if call.tool_calls else reply,
+            "refusal": None, "annotations": []}
+        if call.tool_calls:
+            message["tool_calls"] = [
+                {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in call.tool_calls]
         return _json(
             {
                 "id": "chatcmpl-" + uuid.uuid4().hex[:24],
@@ -1288,13 +1315,8 @@ class LLMStandIn(_StandInServer):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": reply,
-                            "refusal": None,
-                            "annotations": [],
-                        },
-                        "finish_reason": "stop",
+                        "message": message,
+                        "finish_reason": "tool_calls" if call.tool_calls else "stop",
                         "logprobs": None,
                     }
                 ],

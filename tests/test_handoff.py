@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import with_port
 from test_guarantees import eventually, job_in
 from test_pipeline import wait_for
 
@@ -124,3 +125,77 @@ async def test_the_record_is_versioned(store: BufferStore, redis):
     # An equal snapshot keeps the human in charge; a newer one may give it back.
     assert not await store.hand_off("1:35", "", 100.0)
     assert await store.hand_off("1:35", "", 101.0)
+
+
+# -- handoff decided by the model ------------------------------------------------------------
+def _model_hands_over(llm, text: str = "Vou chamar uma pessoa da equipe.") -> None:
+    llm.reply_fn = lambda messages: text
+    llm.tool_calls_fn = lambda messages: [{"name": "handoff_to_human", "arguments": {
+        "reason": "customer wants a refund", "summary": "Box arrived broken; asks for a refund."}}]
+
+
+async def test_the_model_hands_over_with_its_tool(settings, make_service, llm, chatwoot, redis):
+    _model_hands_over(llm)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
+    await svc.webhook(message_payload(message_id=20, conversation_id=40, content="quero reembolso"))
+    job = await eventually(job_in("completed", redis, "1:40"))
+    assert job["reason"] == "handoff:model"
+    assert llm.calls[0].tools == ["handoff_to_human"]
+    assert [p.body["content"] for p in chatwoot.posts_for(40) if not p.body["private"]] == [
+        "Vou chamar uma pessoa da equipe."]
+    (note,) = chatwoot.notes_for(40)
+    assert "model:customer wants a refund" in note
+    assert "Summary: Box arrived broken; asks for a refund." in note
+    assert "customer: quero reembolso" in note
+    assert [c.status for c in chatwoot.status_changes] == ["open"]
+    assert await _typing_ended(chatwoot, 40)
+    # Silence afterwards: a webhook still showing `pending` (same snapshot) does not wake it.
+    handed = datetime.fromtimestamp(chatwoot.status_changes[0].updated_at, UTC)
+    body = await svc.webhook(message_payload(message_id=21, conversation_id=40, content="oi?",
+                                             status="pending", created_at=handed))
+    assert body == {"status": "ignored", "reason": "handoff"}
+    await asyncio.sleep(0.6)
+    assert len(llm.calls) == 1
+
+
+async def _typing_ended(chatwoot, conversation_id: int) -> bool:
+    await wait_for(lambda: chatwoot.typing_for(conversation_id)[-1:] == ["off"])
+    return chatwoot.typing[0].at <= chatwoot.posts[0].at <= chatwoot.typing[-1].at
+
+
+async def test_the_model_hands_over_without_text(settings, make_service, llm, chatwoot, redis):
+    _model_hands_over(llm, text="")
+    svc = await make_service(replace(settings, buffer_duration_ms=200, handoff_message=SORRY))
+    await svc.webhook(message_payload(message_id=22, conversation_id=41, content="hmm"))
+    await eventually(job_in("completed", redis, "1:41"))
+    assert [p.body["content"] for p in chatwoot.posts_for(41) if not p.body["private"]] == [SORRY]
+    # No text and no HANDOFF_MESSAGE: only the note and the status.
+    svc2 = await make_service(replace(with_port(settings), buffer_duration_ms=200))
+    await svc2.webhook(message_payload(message_id=23, conversation_id=42, content="hmm"))
+    job = await eventually(job_in("skipped", redis, "1:42"))
+    assert job["reason"] == "handoff:model"
+    assert [p.body["private"] for p in chatwoot.posts_for(42)] == [True]
+
+
+async def test_the_tool_is_not_offered_when_off(settings, make_service, llm, chatwoot):
+    _model_hands_over(llm)
+    svc = await make_service(replace(settings, buffer_duration_ms=200, handoff_tool=False))
+    await svc.webhook(message_payload(message_id=24, conversation_id=43, content="hi"))
+    await wait_for(lambda: len(chatwoot.posts) == 1)
+    assert llm.calls[0].tools == [] and chatwoot.status_changes == []
+
+
+async def test_a_retry_of_the_models_handoff_completes_it_once(settings, make_service, llm,
+                                                               flaky_chatwoot, redis):
+    chatwoot = flaky_chatwoot
+    _model_hands_over(llm)
+    svc = await make_service(replace(settings, buffer_duration_ms=200,
+                                     chatwoot_base_url=chatwoot.base_url))
+    await svc.webhook(message_payload(message_id=25, conversation_id=44, content="reembolso"))
+    job = await eventually(job_in("completed", redis, "1:44"), timeout=15)
+    assert job["reason"] == "handoff:model" and int(job["attempts"]) == 2
+    # The retry reused the stored reply and knew it hands over: one message, one LLM call.
+    assert len(llm.calls) == 1
+    assert [p.body["content"] for p in chatwoot.posts_for(44) if not p.body["private"]] == [
+        "Vou chamar uma pessoa da equipe."]
+    assert [c.status for c in chatwoot.status_changes] == ["open"]
