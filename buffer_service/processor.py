@@ -2,12 +2,16 @@
 
 Steps, each recorded before the next so that a retry after a crash repeats nothing done:
 1. skip the batch if a human handles the conversation (the claim looked);
-2. ask the LLM, unless an earlier attempt stored its reply;
+2. ask the LLM, unless an earlier attempt stored its reply, or a customer's keyword asks for a
+   human (handoff.py: the reply is HANDOFF_MESSAGE); the typing indicator runs from before
+   the LLM call until the batch ends, whatever the outcome (presence.py); a model that calls
+   its handoff tool has that decision stored with the batch;
 3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
    customer wrote again (old and new are answered together), else store the reply with the
    batch as "posting", unsure until its outcome is known;
 4. post the reply to Chatwoot;
-5. finish the batch with Chatwoot's message id.
+5. a handoff: remember it, note it for the agents, set the conversation open;
+6. finish the batch with Chatwoot's message id.
 A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. A retry
 after a post whose outcome is unknown (a crash, a timeout, a lost connection, a 5xx) first asks
 Chatwoot whether the message exists, and posts only when it does not; such a reply is never
