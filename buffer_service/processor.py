@@ -119,17 +119,20 @@ class Processor:
 
     async def _answer(self, batch: Batch, typing: Typing) -> str:
         reply = batch.reply
-        # With a stored reply, before_post decides: an earlier attempt may have posted it.
-        if batch.takeover and not reply:
-            return await self._skip(batch, batch.takeover)
         # Asked for a human by a keyword: handed over without the LLM; or the model asks for
         # one with its tool (handoff.py). "kind:reason", "" for a plain reply.
         keyword = burst_keyword(batch, self.settings.handoff_keywords)
         handoff, summary = (f"keyword:{keyword}" if keyword else ""), ""
+        own_handoff = batch.takeover.startswith("handoff:")
+        if not handoff and (reply or own_handoff) and not metrics.fresh(batch):
+            # An earlier attempt's model decided (mark.lua).
+            handoff, summary = await self.store.handoff_mark(batch)
+        # With a stored reply, before_post decides: an earlier attempt may have posted it. A
+        # handoff this batch began (its record is written first) is carried through.
+        if batch.takeover and not reply and not (handoff and own_handoff):
+            return await self._skip(batch, batch.takeover)
         if reply:
             log.info("reply_reused")
-            if not handoff:
-                handoff, summary = await self.store.handoff_mark(batch)
         elif handoff:
             reply = self.settings.handoff_message
         else:

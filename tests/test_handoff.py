@@ -199,3 +199,17 @@ async def test_a_retry_of_the_models_handoff_completes_it_once(settings, make_se
     assert [p.body["content"] for p in chatwoot.posts_for(44) if not p.body["private"]] == [
         "Vou chamar uma pessoa da equipe."]
     assert [c.status for c in chatwoot.status_changes] == ["open"]
+
+
+async def test_a_failed_handoff_without_a_message_is_carried_through_on_retry(
+        settings, make_service, llm, flaky_chatwoot, redis):
+    # The first attempt remembered the handoff before Chatwoot refused the status: the retry
+    # sees a human in charge by its own handoff, and completes it instead of skipping.
+    chatwoot = flaky_chatwoot
+    svc = await make_service(_handoff(replace(settings, chatwoot_base_url=chatwoot.base_url),
+                                      handoff_message=""))
+    await svc.webhook(message_payload(message_id=26, conversation_id=45, content="atendente"))
+    job = await eventually(job_in("skipped", redis, "1:45"), timeout=15)
+    assert job["reason"] == "handoff:keyword" and int(job["attempts"]) == 2
+    assert [c.status for c in chatwoot.status_changes] == ["open"]
+    assert llm.calls == []
