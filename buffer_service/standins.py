@@ -621,6 +621,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.slow_answer_s = 0.0
         #: Seconds a typing toggle is held before it is answered (and recorded).
         self.typing_delay = 0.0
+        #: HTTP statuses the next typing toggles answer with (:meth:`fail_next` spares them).
+        self.typing_faults: list[int] = []
         self.rng = random.Random(0)
         self._slow = 0
         self._late: list[float] = []
@@ -734,7 +736,10 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        """Apply delay and injected faults to every request, and record all of them."""
+        """Apply delay and injected faults to every request, and record all of them; typing
+        toggles apart (their own knobs and record), as they run beside the other calls."""
+        if request.path.endswith("/toggle_typing_status"):
+            return await handler(request)
         at = time.time()
         status = 0  # stays 0 if the request is cancelled (client gone, server stopping)
         try:
@@ -859,6 +864,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
             return _json({"error": "Invalid Access Token"}, status=401)
         if self.bot_token:
             return _json({"error": "Access to this endpoint is not authorized for bots"}, status=401)
+        if self.typing_faults:
+            return _json({"error": "Injected failure"}, status=self.typing_faults.pop(0))
         body = await _object_body(request)
         status = body.get("typing_status")
         if status not in ("on", "off", "recording"):

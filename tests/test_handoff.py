@@ -9,7 +9,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import with_port
 from test_guarantees import eventually, job_in
 from test_pipeline import wait_for
 
@@ -169,9 +168,14 @@ async def test_the_model_hands_over_without_text(settings, make_service, llm, ch
     await svc.webhook(message_payload(message_id=22, conversation_id=41, content="hmm"))
     await eventually(job_in("completed", redis, "1:41"))
     assert [p.body["content"] for p in chatwoot.posts_for(41) if not p.body["private"]] == [SORRY]
+
+
+async def test_the_model_hands_over_without_text_or_message(settings, make_service, llm, chatwoot,
+                                                            redis):
     # No text and no HANDOFF_MESSAGE: only the note and the status.
-    svc2 = await make_service(replace(with_port(settings), buffer_duration_ms=200))
-    await svc2.webhook(message_payload(message_id=23, conversation_id=42, content="hmm"))
+    _model_hands_over(llm, text="")
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
+    await svc.webhook(message_payload(message_id=23, conversation_id=42, content="hmm"))
     job = await eventually(job_in("skipped", redis, "1:42"))
     assert job["reason"] == "handoff:model"
     assert [p.body["private"] for p in chatwoot.posts_for(42)] == [True]

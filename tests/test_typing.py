@@ -105,12 +105,10 @@ async def test_off_when_the_worker_shuts_down(settings, make_service, llm, chatw
 
 async def test_a_failing_indicator_never_holds_the_reply_back(settings, make_service, llm, chatwoot):
     before = _errors("chatwoot")
-    chatwoot.fail_next(1, status=500)  # the first request is the typing `on`
+    chatwoot.typing_faults = [500]  # the typing `on`
     svc = await make_service(replace(settings, buffer_duration_ms=200))
     await svc.webhook(message_payload(message_id=9, conversation_id=17, content="hi"))
     await wait_for(lambda: len(chatwoot.posts) == 1)
-    assert chatwoot.requests[0].path.endswith("/toggle_typing_status")
-    assert chatwoot.requests[0].status == 500
     assert await _typing_done(chatwoot, 17) == ["off"]
     assert _errors("chatwoot") == before + 1
 
@@ -203,12 +201,14 @@ def test_settings():
 async def test_an_agent_bot_token_is_not_asked_again(settings, make_service, llm, chatwoot, evolution):
     # Chatwoot lets agent bots post, note and set the status, not toggle typing (401).
     chatwoot.bot_token = True
+    refused = metrics.TYPING_CALLS.labels("chatwoot", "on", "error")._value.get()
     svc = await make_service(_with_evolution(settings, evolution))
     for i, conversation_id in enumerate((23, 24)):
         await svc.webhook(message_payload(message_id=15 + i, conversation_id=conversation_id,
                                           content="hi"))
         await wait_for(lambda n=i + 1: len(chatwoot.posts) == n)
-    typing_requests = [r for r in chatwoot.requests if r.path.endswith("/toggle_typing_status")]
-    assert [r.status for r in typing_requests] == [401]
+    # One refusal, then no more asking: nothing recorded, no error counted after the first.
+    assert chatwoot.typing == []
+    assert metrics.TYPING_CALLS.labels("chatwoot", "on", "error")._value.get() == refused + 1
     # WhatsApp's presence through Evolution goes on regardless.
     await wait_for(lambda: evolution.presence_for(NUMBER) == ["composing", "paused"] * 2)
