@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import orjson
+from aiohttp import web
 import pytest
 from test_guarantees import eventually, job_in
 from test_pipeline import wait_for
@@ -159,3 +160,48 @@ async def test_a_keyword_written_twice_hands_over_once(settings, make_service, l
     assert len(chatwoot.notes_for(54)) == 1, "one handoff, two notes for the agents"
     assert [c.status for c in chatwoot.status_changes] == ["open"]
     assert llm.calls == []
+
+
+# -- (d) a retry of a half-done handoff with an agent-bot token -----------------------------------
+class BotTokenRefusesStatusOnce(ChatwootStandIn):
+    """An agent bot's token (may not list messages; the retry's only witness is the
+    conversation's `last_non_activity_message`, private notes included), and Chatwoot
+    refuses the first toggle_status (a deploy, a 503). No webhook echo reaches the service:
+    it was down when Chatwoot sent it (Chatwoot does not retry webhooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bot_token = True
+        self.refused = False
+
+    async def _toggle_status(self, request):
+        if not self.refused:
+            self.refused = True
+            return web.json_response({"error": "busy"}, status=503)
+        return await super()._toggle_status(request)
+
+
+@pytest.fixture
+async def bot_chatwoot():
+    server = BotTokenRefusesStatusOnce()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_retried_handoff_with_a_bot_token_still_sets_the_conversation_open(
+        settings, make_service, llm, bot_chatwoot, redis):
+    """hand_over posts the private note before toggle_status. When toggle_status fails (or the
+    worker dies after the note), the retry must first confirm the handoff message (the batch is
+    unsure). With a bot token the only witness is `last_non_activity_message`, which is now
+    the bot's own private note: earlier_post cannot tell, raises unsure, and every retry does
+    the same until the batch fails. The customer was told a person comes; the conversation
+    is never set `open`, so it stays in the bot's `pending` queue where no agent looks, and the
+    bot stays silent (its record says handoff): nobody answers."""
+    chatwoot = bot_chatwoot
+    svc = await make_service(_handoff(replace(settings, chatwoot_base_url=chatwoot.base_url)))
+    await svc.webhook(message_payload(message_id=8, conversation_id=55, content="humano"))
+    await eventually(lambda: _settled(redis, "1:55"), timeout=20)
+    assert await job_in("completed", redis, "1:55")(), "the handoff was given up half done"
+    assert [c.status for c in chatwoot.status_changes] == ["open"]
+    assert _public(chatwoot, 55) == [SORRY]
