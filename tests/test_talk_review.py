@@ -205,3 +205,22 @@ async def test_a_retried_handoff_with_a_bot_token_still_sets_the_conversation_op
     assert await job_in("completed", redis, "1:55")(), "the handoff was given up half done"
     assert [c.status for c in chatwoot.status_changes] == ["open"]
     assert _public(chatwoot, 55) == [SORRY]
+
+
+# -- (f) keywords read in what the customer did not write -----------------------------------------
+async def test_a_shared_contact_card_named_like_a_keyword_is_not_a_request_for_a_human(
+        settings, make_service, llm, chatwoot):
+    """HANDOFF_KEYWORDS is matched against the message as text, which includes the service's
+    own description of its attachments: a contact card's name, a file's name, a location's
+    address. A customer who shares the card of their "Agent" (keyword `agent`), a file
+    `human-resources.pdf` or an address on "Rua do Atendente" is handed to a human at once,
+    without the LLM, though they asked for nothing of the kind."""
+    svc = await make_service(_handoff(settings))
+    card = {"id": 9001, "file_type": "contact", "fallback_title": "+5511988887777",
+            "data_url": "", "meta": {"firstName": "Insurance", "lastName": "Agent"}}
+    await svc.webhook(message_payload(message_id=9, conversation_id=56,
+                                      content="this is who sold me the policy",
+                                      attachments=[card]))
+    await wait_for(lambda: llm.calls or chatwoot.status_changes, timeout=5)
+    assert chatwoot.status_changes == [], "a contact card's name handed the conversation over"
+    assert len(llm.calls) == 1
