@@ -224,3 +224,20 @@ async def test_a_shared_contact_card_named_like_a_keyword_is_not_a_request_for_a
     await wait_for(lambda: llm.calls or chatwoot.status_changes, timeout=5)
     assert chatwoot.status_changes == [], "a contact card's name handed the conversation over"
     assert len(llm.calls) == 1
+
+
+# -- (e) typing left on at shutdown -----------------------------------------------------------------
+async def test_typing_is_turned_off_at_shutdown_when_chatwoot_answers_typing_slowly(
+        settings, make_service, llm, chatwoot):
+    """Issue 11: typing is `off` afterwards in every outcome, also when the worker shuts down.
+    A Chatwoot whose toggle_typing_status takes 4 s (under CALL_TIMEOUT_S = 5 s: not an error)
+    during a deploy: the reply is posted, the burst ends, the service is told to stop. The
+    Chatwoot loop still awaits its `on`; Presence.close waits CLOSE_WAIT_S = 3 s, then cancels
+    it, and the `off` is never sent. The `on` lands after that, and the indicator stays on."""
+    chatwoot.typing_delay = 4.0
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
+    await svc.webhook(message_payload(message_id=10, conversation_id=57, content="hi"))
+    await wait_for(lambda: chatwoot.posts_for(57), timeout=5)
+    await svc.close()
+    await asyncio.sleep(1.5)  # the `on` still in Chatwoot's hands lands
+    assert chatwoot.typing_for(57)[-1:] == ["off"], chatwoot.typing_for(57)
