@@ -241,3 +241,20 @@ async def test_typing_is_turned_off_at_shutdown_when_chatwoot_answers_typing_slo
     await svc.close()
     await asyncio.sleep(1.5)  # the `on` still in Chatwoot's hands lands
     assert chatwoot.typing_for(57)[-1:] == ["off"], chatwoot.typing_for(57)
+
+
+async def test_default_statuses_a_customer_repeating_the_keyword_gets_one_handoff_message(
+        settings, make_service, llm, chatwoot):
+    """The same root as the first test, as the customer sees it: after the handoff the
+    customer, still waiting, writes "humano??" again. Its snapshot (`open`, newer) gives the
+    conversation back to the bot under the default statuses, the keyword makes it due at once,
+    and the bot posts HANDOFF_MESSAGE, a note and `open` again: one per insistence."""
+    svc = await make_service(_handoff(settings))
+    await svc.webhook(message_payload(message_id=11, conversation_id=58, content="humano"))
+    await wait_for(lambda: chatwoot.status_changes, timeout=5)
+    handed = datetime.fromtimestamp(chatwoot.status_changes[0].updated_at, UTC)
+    await svc.webhook(message_payload(message_id=12, conversation_id=58, content="humano??",
+                                      status="open", created_at=handed + timedelta(seconds=30)))
+    await asyncio.sleep(1.5)
+    assert _public(chatwoot, 58) == [SORRY]
+    assert len(chatwoot.notes_for(58)) == 1
