@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import orjson
-from aiohttp import web
 import pytest
+from aiohttp import web
 from test_guarantees import eventually, job_in
 from test_pipeline import wait_for
 
