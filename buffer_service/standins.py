@@ -4,7 +4,7 @@ The demo, the tests and the benchmarks run the service against these instead of 
 that the real clients (``openai.AsyncOpenAI`` and the service's aiohttp Chatwoot client)
 exercise their real HTTP code paths: auth headers, JSON (de)serialisation, status-code
 handling and the OpenAI SDK's own retry logic. Both servers speak the wire formats of the
-real products (see ``/work/shared/reference/chatwoot.md`` and Chatwoot's
+real products (see ``docs/chatwoot.md`` and Chatwoot's
 ``app/views/api/v1/models/_message.json.jbuilder``) and record everything they receive so
 tests can assert on what the service actually sent.
 
