@@ -26,18 +26,5 @@ if ARGV[5] ~= '0' then
   local fp = redis.call('HGET', KEYS[1], 'fp')
   if fp then redis.call('ZREM', ARGV[12] .. 'sent:' .. conv, fp .. ':' .. ARGV[1]) end
 end
-local cap = tonumber(ARGV[7])
-if cap > 0 then
-  for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    redis.call('RPUSH', KEYS[3], unstamped(m))
-  end
-  if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[6]) end
-  redis.call('LTRIM', KEYS[3], -cap, -1)
-  redis.call('PEXPIRE', KEYS[3], ARGV[8])
-end
-redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[9])
--- The index forgets what the records' own expiry forgets.
-redis.call('ZADD', KEYS[5], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[9]))
+archive(KEYS[1], ARGV[1], KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5], now)
 return 1

@@ -74,6 +74,26 @@ local function unstamped(json)
   return (string.gsub(json, ',"t":%d+}$', '}'))
 end
 
+-- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
+-- history for later prompts; the record is kept `retention` ms, listed in the `jobs` index of
+-- its state, which forgets what the records' own expiry forgets. (finish.lua; note.lua for a
+-- failed batch that its reply's echo completes.)
+local function archive(bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
+  cap = tonumber(cap)
+  if cap > 0 then
+    for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
+      redis.call('RPUSH', hist, unstamped(m))
+    end
+    if entry ~= '' then redis.call('RPUSH', hist, entry) end
+    redis.call('LTRIM', hist, -cap, -1)
+    redis.call('PEXPIRE', hist, hist_ttl)
+  end
+  redis.call('DEL', msgs)
+  redis.call('PEXPIRE', bkey, retention)
+  redis.call('ZADD', jobs, now, id)
+  redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - tonumber(retention))
+end
+
 -- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
 -- that said so, because webhooks overtake each other. A newer snapshot wins; on a tie the
 -- human view wins, so an ambiguous order never makes the bot talk over a person. A snapshot

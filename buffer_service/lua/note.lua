@@ -32,15 +32,9 @@ if ARGV[6] ~= '' then
         'reply_id', ARGV[5], 'finished_ms', now)
       redis.call('HDEL', bkey, 'reply', 'unsure')
       redis.call('ZREM', P .. 'failed', id)
-      redis.call('ZADD', P .. 'jobs:completed', now, id)
       count(P, now, 'completed', 1)
-      local msgs = P .. 'msgs:' .. id
-      for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
-        remember(KEYS[2], unstamped(m), ARGV[2], ARGV[3])
-      end
-      remember(KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-      redis.call('DEL', msgs)
-      redis.call('PEXPIRE', bkey, ARGV[9])
+      archive(bkey, id, P .. 'msgs:' .. id, KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9],
+        P .. 'jobs:completed', now)
     elseif state and state ~= 'completed' and state ~= 'skipped' and state ~= 'superseded' then
       redis.call('HSET', bkey, 'posted_id', ARGV[5])
     end
