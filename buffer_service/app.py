@@ -41,6 +41,7 @@ from .chatwoot import ChatMessage, PayloadError, classify
 from .config import Settings
 from .downloads import Downloader
 from .flags import Flags
+from .keywords import keyword_in
 from .limits import RATE_LIMITED, Limits
 from .store import BufferStore
 from .transcripts import Transcripts
@@ -158,8 +159,10 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
 
 async def _buffer(store: BufferStore, msg: ChatMessage, flags: Flags,
                   version: float | None) -> dict[str, object]:
-    result = await store.append(msg, buffered=(await flags.current()).buffers(msg.conv, msg.inbox_id),
-                                version=version)
+    # A customer asking for a human (HANDOFF_KEYWORDS) is handed over at once, not after the window.
+    asks_human = bool(keyword_in(msg.text, store.settings.handoff_keywords))
+    buffered = (await flags.current()).buffers(msg.conv, msg.inbox_id) and not asks_human
+    result = await store.append(msg, buffered=buffered, version=version)
     if not result.buffered and not result.duplicate:
         reason, _, scope = result.trigger.partition(":")
         if reason != "rate_limited":

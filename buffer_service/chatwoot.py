@@ -24,6 +24,8 @@ MESSAGE_CREATED = "message_created"
 _ERROR_BODY_CHARS = 300
 # A contact's name in the prompt; Chatwoot does not bound it, one buffered copy per message must be.
 _NAME_CHARS = 100
+# E.164 allows 15 digits; anything longer is not a phone number.
+_PHONE_DIGITS = 15
 
 
 class PayloadError(ValueError):
@@ -42,6 +44,7 @@ class ChatMessage:
     role: str = "user"
     inbox_id: int | None = None
     sender_name: str = ""
+    phone: str = ""  # the contact's number, digits only: WhatsApp presence goes to it (presence.py)
 
     @property
     def conv(self) -> str:
@@ -60,6 +63,8 @@ class ChatMessage:
                 entry["inbox"] = self.inbox_id
             if self.sender_name:
                 entry["name"] = self.sender_name[:_NAME_CHARS]
+            if self.phone:
+                entry["ph"] = self.phone
         return orjson.dumps(entry)
 
 
@@ -158,6 +163,18 @@ def takeover_reason(conversation: dict[str, Any], settings: Settings) -> str:
         return f"conversation_status:{_short(status)}"
     if conversation.get("can_reply") is False:
         return "reply_window_closed"
+    return ""
+
+
+def _phone(sender: Any, conversation: dict[str, Any]) -> str:
+    """The contact's phone number in digits (E.164 without '+'), as Evolution API takes it:
+    from the message's sender, else from the conversation's contact (`meta.sender`)."""
+    meta = conversation.get("meta")
+    for contact in (sender, meta.get("sender") if isinstance(meta, dict) else None):
+        number = contact.get("phone_number") if isinstance(contact, dict) else None
+        digits = "".join(ch for ch in number if ch.isdigit()) if isinstance(number, str) else ""
+        if 6 <= len(digits) <= _PHONE_DIGITS:
+            return digits
     return ""
 
 
@@ -274,6 +291,7 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
             account_id, conversation_id, message_id, text, attachments,
             inbox_id=inbox_id,
             sender_name=sender_name if isinstance(sender_name, str) else "",
+            phone=_phone(sender, conversation),
         ),
         extra=extra,
         handoff=handoff,  # the bot is in charge, as of this snapshot (store.append weighs it)
@@ -369,6 +387,56 @@ class ChatwootClient:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             # The message was created (2xx); only its id is unknown. Posting again would duplicate.
             return 0
+
+    async def toggle_typing(self, account_id: int, conversation_id: int, on: bool, *,
+                            timeout_s: float) -> None:
+        """Show or hide the bot's typing indicator (`ConversationsController#toggle_typing_status`);
+        raises ChatwootError when Chatwoot does not take it."""
+        await self._post(f"{self._base}/api/v1/accounts/{account_id}/conversations/"
+                         f"{conversation_id}/toggle_typing_status",
+                         {"typing_status": "on" if on else "off", "is_private": False},
+                         aiohttp.ClientTimeout(total=timeout_s))
+
+    async def post_note(self, account_id: int, conversation_id: int, content: str) -> None:
+        """A private note: seen by the agents only, never sent to the customer."""
+        await self._post(f"{self._conversation(account_id, conversation_id)}/messages",
+                         {"content": content, "message_type": "outgoing", "private": True},
+                         self._timeout)
+
+    async def set_status(self, account_id: int, conversation_id: int, status: str) -> None:
+        """`ConversationsController#toggle_status`; `open` is an agent bot's handoff."""
+        await self._post(f"{self._conversation(account_id, conversation_id)}/toggle_status",
+                         {"status": status}, self._timeout)
+
+    async def conversation_version(self, account_id: int, conversation_id: int) -> float | None:
+        """The conversation's `updated_at` (what versions webhook snapshots), or None when
+        Chatwoot does not tell it."""
+        status, body = await self._get(self._conversation(account_id, conversation_id), None)
+        value = body.get("updated_at") if status == 200 and isinstance(body, dict) else None
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def _conversation(self, account_id: int, conversation_id: int) -> str:
+        return f"{self._base}/api/v1/accounts/{account_id}/conversations/{conversation_id}"
+
+    async def _post(self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Any:
+        """A POST whose effect is not a reply (no unsure outcome to settle): its JSON answer, or
+        None when it has none; ChatwootError for anything but 2xx."""
+        try:
+            async with self._session.post(url, json=body, headers=self._headers,
+                                          timeout=timeout) as resp:
+                raw = await resp.content.read(1_000_000)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ChatwootError(f"Chatwoot did not answer: {type(exc).__name__}: {exc}") from exc
+        if resp.status >= 300:
+            raise ChatwootError(f"Chatwoot answered HTTP {resp.status}: "
+                                f"{raw[:_ERROR_BODY_CHARS].decode('utf-8', 'replace')}",
+                                status=resp.status,
+                                retryable=resp.status == 429 or resp.status >= 500,
+                                retry_after_s=_retry_after(resp.headers.get("Retry-After")))
+        try:
+            return orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return None
 
     async def messages_after(self, account_id: int, conversation_id: int,
                              after_id: int) -> tuple[list[dict[str, Any]], bool]:

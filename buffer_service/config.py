@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .keywords import parse_keywords
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful customer-support assistant answering WhatsApp messages. "
     "The customer may have written several short messages in a row: read them all and "
@@ -23,7 +25,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # Names whose values must never reach a log line or a config dump.
 SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token", "chatwoot_webhook_secret",
-                           "webhook_token", "admin_token", "transcription_api_key"})
+                           "webhook_token", "admin_token", "transcription_api_key",
+                           "evolution_api_key"})
 # A shared token is only as strong as its length; `openssl rand -hex 32` gives 64 characters.
 _MIN_TOKEN_CHARS = 16
 
@@ -179,6 +182,20 @@ class Settings:
     # host:port pairs besides CHATWOOT_BASE_URL's that attachment URLs may name (downloads.py).
     media_allowed_hosts: frozenset[str] = frozenset()
 
+    # What the customer sees while a reply is written (presence.py): Chatwoot's typing
+    # indicator, and WhatsApp's "typing…" through Evolution API when all three are set.
+    typing_indicator: bool = True
+    evolution_api_url: str = ""
+    evolution_api_key: str = field(default="", repr=False)
+    evolution_instance: str = ""
+
+    # Handing a conversation to a human (handoff.py): customer words that ask for one (folded:
+    # lower case, no accents), and what the bot says then ("" = nothing).
+    handoff_keywords: tuple[str, ...] = ()
+    handoff_message: str = ""
+    # The model may hand over with the `handoff_to_human` tool.
+    handoff_tool: bool = True
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -275,6 +292,7 @@ class Settings:
                 env, "MAX_LLM_CALLS_PER_CONVERSATION_PER_HOUR",
                 cls.max_llm_calls_per_conversation_per_hour, minimum=0),
             **_media_settings(env),
+            **_presence_settings(env),
         )
         if settings.max_buffer_age_ms < settings.buffer_duration_ms:
             raise ConfigError(
@@ -365,3 +383,21 @@ def _media_settings(env: Mapping[str, str]) -> dict[str, object]:
         "media_timeout_s": _float(env, "MEDIA_TIMEOUT_S", Settings.media_timeout_s),
         "media_allowed_hosts": _allowed_hosts(env),
     }
+
+
+def _presence_settings(env: Mapping[str, str]) -> dict[str, object]:
+    evolution = {
+        "evolution_api_url": _url(env, "EVOLUTION_API_URL", ("http", "https")),
+        "evolution_api_key": env.get("EVOLUTION_API_KEY", "").strip(),
+        "evolution_instance": env.get("EVOLUTION_INSTANCE", "").strip(),
+    }
+    # Half of them set is a typo, not a choice: say so rather than silently send no presence.
+    if any(evolution.values()) and not all(evolution.values()):
+        missing = ", ".join(k.upper() for k, v in evolution.items() if not v)
+        raise ConfigError(f"{missing}: EVOLUTION_API_URL, EVOLUTION_API_KEY and "
+                          "EVOLUTION_INSTANCE are set together or not at all")
+    return {"typing_indicator": _bool(env, "TYPING_INDICATOR", Settings.typing_indicator),
+            **evolution,
+            "handoff_keywords": parse_keywords(env.get("HANDOFF_KEYWORDS", "")),
+            "handoff_message": env.get("HANDOFF_MESSAGE", "").strip(),
+            "handoff_tool": _bool(env, "HANDOFF_TOOL", Settings.handoff_tool)}

@@ -27,10 +27,17 @@ class LLMError(Exception):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text as the model wrote it; not necessarily valid
+
+
+@dataclass(frozen=True)
 class LLMReply:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class LLMClient:
@@ -45,10 +52,14 @@ class LLMClient:
             http_client=llm_http_client(settings.llm_timeout_s, settings.worker_concurrency),
         )
 
-    async def reply(self, messages: list[dict[str, Any]]) -> LLMReply:
+    async def reply(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> LLMReply:
+        """One chat completion; `tools`: function tools the model may call instead of, or
+        besides, answering in text."""
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         try:
             completion = await self._client.chat.completions.create(
-                model=self.model, messages=messages)  # type: ignore[arg-type]
+                model=self.model, messages=messages, **extra)  # type: ignore[arg-type]
         except openai.APIStatusError as exc:
             retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code in (408, 409)
             retry_after = exc.response.headers.get("retry-after")
@@ -67,14 +78,18 @@ class LLMClient:
         # The client does not validate the answer's shape; any other shape is the server's fault.
         try:
             choices = completion.choices or []
-            text = (choices[0].message.content or "").strip() if choices else ""
+            message = choices[0].message if choices else None
+            text = (message.content or "").strip() if message else ""
+            calls = tuple(ToolCall(c.function.name, c.function.arguments or "")
+                          for c in (message.tool_calls or []) if c.type == "function") \
+                if message else ()
             usage = completion.usage
             tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
         except (AttributeError, TypeError, IndexError, KeyError) as exc:
             raise LLMError(f"LLM answer is not a chat completion: {_brief(exc)}") from exc
-        if not text:
+        if not text and not calls:
             raise LLMError("LLM returned an empty reply")
-        return LLMReply(text, *tokens)
+        return LLMReply(text, *tokens, tool_calls=calls)
 
     async def close(self) -> None:
         await self._client.close()

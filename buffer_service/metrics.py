@@ -64,6 +64,12 @@ BATCHES = Counter(
     "Processed batch attempts by outcome: completed, skipped, retrying (a retry is scheduled), "
     "failed (kept for an operator), lost (another worker took the lease over)", ["outcome"])
 
+TYPING_CALLS = Counter(
+    "buffer_service_typing_calls",
+    "Typing indicator calls by target (chatwoot, evolution), state (on, off) and outcome (ok, "
+    "error): a failing indicator never holds a reply back, so this is where it shows",
+    ["target", "state", "outcome"])
+
 
 def webhook(outcome: str, reason: str = "", status: int = 200) -> None:
     if outcome == "ignored":

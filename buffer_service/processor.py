@@ -2,12 +2,16 @@
 
 Steps, each recorded before the next so that a retry after a crash repeats nothing done:
 1. skip the batch if a human handles the conversation (the claim looked);
-2. ask the LLM, unless an earlier attempt stored its reply;
+2. ask the LLM, unless an earlier attempt stored its reply, or a customer's keyword asks for a
+   human (handoff.py: the reply is HANDOFF_MESSAGE); the typing indicator runs from before
+   the LLM call until the batch ends, whatever the outcome (presence.py); a model that calls
+   its handoff tool has that decision stored with the batch;
 3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
    customer wrote again (old and new are answered together), else store the reply with the
    batch as "posting", unsure until its outcome is known;
 4. post the reply to Chatwoot;
-5. finish the batch with Chatwoot's message id.
+5. a handoff: remember it, note it for the agents, set the conversation open;
+6. finish the batch with Chatwoot's message id.
 A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. A retry
 after a post whose outcome is unknown (a crash, a timeout, a lost connection, a 5xx) first asks
 Chatwoot whether the message exists, and posts only when it does not; such a reply is never
@@ -29,9 +33,11 @@ from . import metrics
 from .chatwoot import ChatwootClient, ChatwootError, earlier_post
 from .config import Settings
 from .flags import Flags
+from .handoff import TOOL, Handover, burst_keyword, model_handoff
 from .limits import Limits
-from .llm import LLMClient, LLMError
+from .llm import LLMClient, LLMError, LLMReply
 from .media import Media
+from .presence import Presence, Typing
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.processor")
@@ -69,7 +75,8 @@ class LeaseLost(Exception):
 
 class Processor:
     def __init__(self, settings: Settings, store: BufferStore, llm: LLMClient,
-                 chatwoot: ChatwootClient, flags: Flags | None = None) -> None:
+                 chatwoot: ChatwootClient, flags: Flags | None = None,
+                 presence: Presence | None = None) -> None:
         self.settings = settings
         self.store = store
         self.llm = llm
@@ -77,6 +84,8 @@ class Processor:
         self.limits = Limits(store)
         self.flags = flags or Flags(store.redis, settings)
         self.media = Media(settings, store, self.limits)
+        self.presence = presence or Presence(settings, chatwoot, None)
+        self.handover = Handover(settings, store, chatwoot)
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
@@ -84,8 +93,9 @@ class Processor:
         structlog.contextvars.bind_contextvars(
             batch=batch.id, conversation=batch.conv, attempt=batch.attempts)
         keeper = asyncio.create_task(self._keep_lease(batch))
+        typing = self.presence.typing(batch)
         try:
-            return await self._answer(batch)
+            return await self._answer(batch, typing)
         except LeaseLost:
             log.warning("lease_lost")
             return "lost"
@@ -104,21 +114,49 @@ class Processor:
             return await self._failed(batch, f"{type(exc).__name__}: {exc}", True, None)
         finally:
             keeper.cancel()
+            # Whatever the outcome (posted, skipped, superseded, failed, lost, shut down).
+            typing.stop()
 
-    async def _answer(self, batch: Batch) -> str:
+    async def _answer(self, batch: Batch, typing: Typing) -> str:
         reply = batch.reply
-        # With a stored reply, before_post decides: an earlier attempt may have posted it.
-        if batch.takeover and not reply:
+        # Asked for a human by a keyword: handed over without the LLM; or the model asks for
+        # one with its tool (handoff.py). "kind:reason", "" for a plain reply.
+        keyword = burst_keyword(batch, self.settings.handoff_keywords)
+        handoff, summary = (f"keyword:{keyword}" if keyword else ""), ""
+        own_handoff = batch.takeover.startswith("handoff:")
+        if not handoff and (reply or own_handoff) and not metrics.fresh(batch):
+            # An earlier attempt's model decided (mark.lua).
+            handoff, summary = await self.store.handoff_mark(batch)
+        # With a stored reply, before_post decides: an earlier attempt may have posted it. A
+        # handoff this batch began (its record is written first) is carried through.
+        if batch.takeover and not reply and not (handoff and own_handoff):
             return await self._skip(batch, batch.takeover)
         if reply:
             log.info("reply_reused")
+        elif handoff:
+            reply = self.settings.handoff_message
         else:
+            typing.start()
             if not await self.limits.allow_llm_call(batch.conv, f"{batch.id}:{batch.attempts}"):
                 # Spend guard: the conversation used up its LLM calls of the hour. Skipped for
                 # good (its messages still reach the history), never retried into the same wall.
                 log.warning("llm_quota_exceeded")
                 return await self._skip(batch, "llm_quota_exceeded")
-            reply = await self._ask_llm(batch)
+            answer = await self._ask_llm(batch)
+            reply = answer.text
+            if asked := model_handoff(answer):
+                handoff, summary = f"model:{asked[0]}", asked[1]
+                reply = reply or self.settings.handoff_message
+            elif not reply:  # only a call of a tool we did not offer
+                raise LLMError("LLM returned no text and no handoff")
+            # A retry reusing this reply must know whether it hands over; a batch this claim
+            # created has no mark of an earlier attempt to overwrite.
+            if (handoff or not metrics.fresh(batch)) and \
+                    not await self.store.mark_handoff(batch, handoff, summary):
+                raise LeaseLost
+        if handoff and not reply:
+            await self.handover.hand_over(batch, handoff, summary)
+            return await self._skip(batch, _handoff_reason(handoff))
 
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
         verdict, detail = await self.store.before_post(batch, reply)
@@ -139,7 +177,9 @@ class Processor:
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
             metrics.chatwoot_posted(time.monotonic() - started)
         post_ms = round((time.monotonic() - started) * 1000)
-        await self._finish_posted(batch, reply, reply_id)
+        if handoff:
+            await self.handover.hand_over(batch, handoff, summary)
+        await self._finish_posted(batch, reply, reply_id, _handoff_reason(handoff) if handoff else "")
         log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
@@ -163,7 +203,7 @@ class Processor:
         log.info("earlier_post_not_found")
         return await self.store.before_post(batch, reply, absent=True)
 
-    async def _ask_llm(self, batch: Batch) -> str:
+    async def _ask_llm(self, batch: Batch) -> LLMReply:
         # The response_quality_enhancement flag: history and the contact's name, or the burst only.
         enhanced = (await self.flags.current()).response_quality_enhancement
         # The list keeps a burst's worth more than a prompt uses; read only what it uses.
@@ -173,24 +213,25 @@ class Processor:
         # Waits for voice notes still being transcribed and loads the images (media.py).
         media = await self.media.render(batch, history)
         name = name if enhanced else ""
+        tools = [TOOL] if self.settings.handoff_tool else None
         started = time.monotonic()
         try:
             answer = await self.llm.reply(
-                build_prompt(self.settings.system_prompt, media.history, media.burst, name))
+                build_prompt(self.settings.system_prompt, media.history, media.burst, name), tools)
         except LLMError as exc:
             # A model without image input: once more with the images named in text.
             if not self.media.refused(media, exc) or not await self.limits.allow_llm_call(
                     batch.conv, f"{batch.id}:{batch.attempts}:text"):
                 raise
             answer = await self.llm.reply(
-                build_prompt(self.settings.system_prompt, media.history, media.text_only, name))
+                build_prompt(self.settings.system_prompt, media.history, media.text_only, name), tools)
         finally:
             await self.media.record(batch, media)
         elapsed = time.monotonic() - started
         metrics.llm_answered(elapsed, answer.prompt_tokens, answer.completion_tokens)
         log.info("llm_answered", messages=len(batch.messages), llm_ms=round(elapsed * 1000),
                  prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
-        return answer.text
+        return answer
 
     async def _skip(self, batch: Batch, reason: str) -> str:
         if not await self.store.finish(batch, "skipped", reason=reason):
@@ -198,14 +239,15 @@ class Processor:
         log.info("batch_skipped", reason=reason)
         return "skipped"
 
-    async def _finish_posted(self, batch: Batch, reply: str, reply_id: int) -> None:
+    async def _finish_posted(self, batch: Batch, reply: str, reply_id: int, reason: str) -> None:
         """Record the post. Chatwoot has the reply now, and a retry by another worker would post
         it again, so a Redis outage is waited out for as long as the lease would last."""
         give_up = time.monotonic() + self.settings.processing_lease_ms / 1000
         delay = 0.1
         while True:
             try:
-                finished = await self.store.finish(batch, "completed", reply=reply, reply_id=reply_id)
+                finished = await self.store.finish(batch, "completed", reason=reason, reply=reply,
+                                                   reply_id=reply_id)
                 break
             except RedisError as exc:
                 if time.monotonic() + delay > give_up:
@@ -255,6 +297,11 @@ class Processor:
                     return
             except Exception as exc:  # Redis briefly away: the next renewal may succeed
                 log.warning("lease_renew_error", error=str(exc))
+
+
+def _handoff_reason(handoff: str) -> str:
+    # The job record's reason: the kind (keyword, model), as the handoff record has it.
+    return "handoff:" + handoff.split(":", 1)[0]
 
 
 def _interrupted(exc: RedisError) -> str:

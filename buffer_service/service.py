@@ -25,6 +25,7 @@ from .chatwoot import ChatwootClient
 from .config import Settings
 from .flags import Flags
 from .llm import LLMClient
+from .presence import Presence
 from .processor import Processor
 from .scheduler import Worker
 from .store import BufferStore
@@ -89,7 +90,9 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
         session = aiohttp.ClientSession()
         llm = LLMClient(settings)
         pubsub_redis = make_redis(settings, blocking=True)
-        processor = Processor(settings, store, llm, ChatwootClient(settings, session), flags)
+        chatwoot = ChatwootClient(settings, session)
+        processor = Processor(settings, store, llm, chatwoot, flags,
+                              Presence(settings, chatwoot, session))
         worker_task = asyncio.create_task(Worker(store, processor, pubsub_redis).run(stop))
 
     try:
@@ -110,6 +113,7 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
         if worker_task is not None:
             await asyncio.gather(worker_task, return_exceptions=True)
         if session is not None:
+            await processor.presence.close()
             await session.close()
         if llm is not None:
             await llm.close()

@@ -393,6 +393,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
+async def _object_body(request: web.Request) -> dict[str, Any]:
+    """A JSON object body, or {} for anything else (Rails' params are then simply absent)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 class _StandInServer(abc.ABC):
     """Start/stop of an aiohttp app on an ephemeral localhost port.
 
@@ -529,6 +538,27 @@ class RequestRecord:
 
 
 @dataclass
+class TypingCall:
+    """One accepted ``POST …/conversations/{cid}/toggle_typing_status``."""
+
+    at: float
+    account_id: int
+    conversation_id: int
+    status: str  # on, off, recording
+    private: bool
+
+
+@dataclass
+class StatusChange:
+    """One accepted ``POST …/conversations/{cid}/toggle_status``."""
+
+    at: float
+    conversation_id: int
+    status: str
+    updated_at: float  # the conversation's `updated_at` after the change
+
+
+@dataclass
 class Echo:
     """Outcome of one echo webhook delivery; ``status`` is None when it raised."""
 
@@ -583,18 +613,27 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.conversation_status = "pending"
         #: Seconds to wait before answering any request.
         self.delay: float = 0.0
-        #: The token is an agent bot's: listing messages answers 401.
+        #: The token is an agent bot's: listing messages and toggling typing answer 401.
         self.bot_token = False
         #: Share of posts (0..1, drawn from :attr:`rng`) answered only after ``slow_answer_s``,
         #: created all the same, with no echo.
         self.slow_share = 0.0
         self.slow_answer_s = 0.0
+        #: Seconds a typing toggle is held before it is answered (and recorded).
+        self.typing_delay = 0.0
+        #: HTTP statuses the next typing toggles answer with (:meth:`fail_next` spares them).
+        self.typing_faults: list[int] = []
         self.rng = random.Random(0)
         self._slow = 0
         self._late: list[float] = []
         #: Messages created through the API, per conversation, as the REST API renders them.
         self.messages: dict[int, list[dict[str, Any]]] = {}
         self.posts: list[Post] = []
+        self.typing: list[TypingCall] = []
+        self.status_changes: list[StatusChange] = []
+        #: Per conversation: its status and `updated_at` once the API changed them.
+        self.statuses: dict[int, str] = {}
+        self.updated_at: dict[int, float] = {}
         self.requests: list[RequestRecord] = []
         self.echoes: list[Echo] = []
         self._ids = itertools.count(first_message_id)
@@ -625,6 +664,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
     def reset(self) -> None:
         """Forget recorded posts, requests, echoes and pending faults."""
         self.posts.clear()
+        self.typing.clear()
+        self.status_changes.clear()
         self.requests.clear()
         self.echoes.clear()
         self.messages.clear()
@@ -662,6 +703,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         app.router.add_post(conversation + "/messages", self._create_message)
         app.router.add_get(conversation + "/messages", self._list_messages)
         app.router.add_get(conversation, self._show_conversation)
+        app.router.add_post(conversation + "/toggle_typing_status", self._toggle_typing)
+        app.router.add_post(conversation + "/toggle_status", self._toggle_status)
         app.router.add_get("/rails/active_storage/blobs/redirect/{signed_id}/{filename}",
                            self._blob_redirect)
         app.router.add_get("/rails/active_storage/disk/{key}/{filename}", self._disk_file)
@@ -693,7 +736,10 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        """Apply delay and injected faults to every request, and record all of them."""
+        """Apply delay and injected faults to every request, and record all of them; typing
+        toggles apart (their own knobs and record), as they run beside the other calls."""
+        if request.path.endswith("/toggle_typing_status"):
+            return await handler(request)
         at = time.time()
         status = 0  # stays 0 if the request is cancelled (client gone, server stopping)
         try:
@@ -811,6 +857,51 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
     def _authorized(self, request: web.Request) -> bool:
         return request.headers.get("api_access_token") == self.token
 
+    async def _toggle_typing(self, request: web.Request) -> web.Response:
+        """``ConversationsController#toggle_typing_status``: ``typing_status`` on, off or
+        recording (``is_private``: shown to agents only); answers an empty 200."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        if self.bot_token:
+            return _json({"error": "Access to this endpoint is not authorized for bots"}, status=401)
+        if self.typing_faults:
+            return _json({"error": "Injected failure"}, status=self.typing_faults.pop(0))
+        body = await _object_body(request)
+        status = body.get("typing_status")
+        if status not in ("on", "off", "recording"):
+            return _json({"error": "typing_status must be on, off or recording"}, status=422)
+        if self.typing_delay > 0:
+            await asyncio.sleep(self.typing_delay)
+        self.typing.append(TypingCall(
+            at=time.time(), account_id=int(request.match_info["account_id"]),
+            conversation_id=int(request.match_info["conversation_id"]), status=status,
+            private=bool(body.get("is_private", False))))
+        return web.Response(status=200)
+
+    async def _toggle_status(self, request: web.Request) -> web.Response:
+        """``ConversationsController#toggle_status`` with ``status`` (open, resolved, pending,
+        snoozed); an agent bot's token may call it (its handoff is ``open``)."""
+        if not self._authorized(request):
+            return _json({"error": "Invalid Access Token"}, status=401)
+        status = (await _object_body(request)).get("status")
+        if status not in ("open", "resolved", "pending", "snoozed"):
+            return _json({"error": "status must be open, resolved, pending or snoozed"}, status=422)
+        conversation_id = int(request.match_info["conversation_id"])
+        self.statuses[conversation_id] = status
+        self.updated_at[conversation_id] = round(time.time(), 6)  # Rails keeps microseconds
+        self.status_changes.append(StatusChange(time.time(), conversation_id, status,
+                                                self.updated_at[conversation_id]))
+        return _json({"meta": {}, "payload": {"success": True, "current_status": status,
+                                              "conversation_id": conversation_id}})
+
+    def notes_for(self, conversation_id: int) -> list[str]:
+        """Private notes posted in one conversation."""
+        return [p.body["content"] for p in self.posts_for(conversation_id) if p.body.get("private")]
+
+    def typing_for(self, conversation_id: int) -> list[str]:
+        """The typing states the bot set in one conversation, in order."""
+        return [t.status for t in self.typing if t.conversation_id == conversation_id]
+
     async def _list_messages(self, request: web.Request) -> web.Response:
         """``MessagesController#index``: ``after`` gives up to 100 newer messages, ascending."""
         if not self._authorized(request):
@@ -832,7 +923,8 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         conversation_id = int(request.match_info["conversation_id"])
         messages = self.messages.get(conversation_id, [])
         return _json({"id": conversation_id, "inbox_id": self.inbox_id,
-                      "status": self.conversation_status,
+                      "status": self.statuses.get(conversation_id, self.conversation_status),
+                      "updated_at": self.updated_at.get(conversation_id, 0.0),
                       "last_non_activity_message": messages[-1] if messages else None})
 
     async def _deliver_echo(self, url: str, payload: dict[str, Any]) -> None:
@@ -855,6 +947,80 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
 
 
 # --------------------------------------------------------------------------------------------
+# Evolution API (the WhatsApp bridge of many self-hosted Chatwoot inboxes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PresenceCall:
+    """One accepted ``POST /chat/sendPresence/{instance}``; ``done_at`` is set once Evolution
+    answered it (after ``delay``), None while held or when the client gave up on it."""
+
+    at: float
+    instance: str
+    number: str
+    presence: str
+    delay: float
+    done_at: float | None = None
+
+
+class EvolutionStandIn(_StandInServer):
+    """Evolution API v2's ``POST /chat/sendPresence/{instance}`` (``apikey`` header; body
+    ``{number, presence, delay}`` validated as its ``presenceSchema``: all three required,
+    presence one of available, unavailable, composing, recording, paused). Like Evolution, the
+    request is answered only after ``delay`` ms, the presence shown to the contact meanwhile;
+    every accepted call is recorded in :attr:`presence`. :meth:`fail_next` injects errors."""
+
+    PRESENCES = ("available", "unavailable", "composing", "recording", "paused")
+
+    def __init__(self, api_key: str = "evolution-test-key", instance: str = "shop") -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.instance = instance
+        self.presence: list[PresenceCall] = []
+        self._faults: list[int] = []
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        self._faults.extend([status] * n)
+
+    def presence_for(self, number: str) -> list[str]:
+        return [p.presence for p in self.presence if p.number == number]
+
+    def _make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/chat/sendPresence/{instance}", self._send_presence)
+        return app
+
+    async def _send_presence(self, request: web.Request) -> web.Response:
+        if request.headers.get("apikey") != self.api_key:
+            return _json({"status": 401, "error": "Unauthorized", "response": {"message": "Unauthorized"}},
+                         status=401)
+        if request.match_info["instance"] != self.instance:
+            return _json({"status": 404, "error": "Not Found", "response": {
+                "message": [f'The "{request.match_info["instance"]}" instance does not exist']}},
+                status=404)
+        if self._faults:
+            status = self._faults.pop(0)
+            return _json({"status": status, "error": "Injected failure"}, status=status)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("number"), str) \
+                or body.get("presence") not in self.PRESENCES \
+                or not isinstance(body.get("delay"), int | float) or isinstance(body.get("delay"), bool):
+            return _json({"status": 400, "error": "Bad Request",
+                          "response": {"message": ["number, presence and delay are required"]}},
+                         status=400)
+        call = PresenceCall(at=time.time(), instance=self.instance, number=body["number"],
+                            presence=body["presence"], delay=body["delay"])
+        self.presence.append(call)
+        await asyncio.sleep(call.delay / 1000)
+        call.done_at = time.time()
+        return _json({"presence": call.presence}, status=201)
+
+
+# --------------------------------------------------------------------------------------------
 # OpenAI-compatible LLM
 # --------------------------------------------------------------------------------------------
 
@@ -870,6 +1036,10 @@ class LLMCall:
     status: int
     #: The ``image_url`` URLs of the request's content parts, in order (data URIs or URLs).
     images: list[str] = field(default_factory=list)
+    #: The names of the function tools the request offered.
+    tools: list[str] = field(default_factory=list)
+    #: The tool calls answered: ``{"name", "arguments"}`` (arguments as JSON text).
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -976,6 +1146,10 @@ class LLMStandIn(_StandInServer):
         self.model = model
         #: Produces the assistant reply from the request's ``messages``.
         self.reply_fn: Callable[[list[dict[str, Any]]], str] = default_reply
+        #: Tool calls the model makes, from the request's messages: ``{"name", "arguments"}``
+        #: (arguments a dict, or a str sent as it is), answered only for tools the request
+        #: offered. With tool calls, an empty reply from :attr:`reply_fn` is no text (null).
+        self.tool_calls_fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda _: []
         #: Seconds to wait before answering a chat completion.
         self.delay: float = 0.0
         self.calls: list[LLMCall] = []
@@ -1096,6 +1270,12 @@ class LLMStandIn(_StandInServer):
             if isinstance(msgs, list):
                 call.messages = [m for m in msgs if isinstance(m, dict)]
                 call.images = _image_urls(call.messages)
+            tools = body.get("tools")
+            call.tools = [t["function"]["name"] for t in tools
+                          if isinstance(t, dict) and t.get("type") == "function"
+                          and isinstance(t.get("function"), dict)
+                          and isinstance(t["function"].get("name"), str)] \
+                if isinstance(tools, list) else []
         if self.delay > 0:
             await asyncio.sleep(self.delay)
         if self._faults:
@@ -1118,8 +1298,21 @@ class LLMStandIn(_StandInServer):
 
         reply = self.reply_fn(call.messages)
         call.reply = reply
+        call.tool_calls = [
+            {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], str)
+             else orjson.dumps(c["arguments"]).decode()}
+            for c in self.tool_calls_fn(call.messages) if c["name"] in call.tools]
         prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in call.messages)
-        completion_tokens = _count_tokens(reply)
+        completion_tokens = _count_tokens(reply) + sum(
+            _count_tokens(c["arguments"]) for c in call.tool_calls)
+        message: dict[str, Any] = {
+            "role": "assistant", "content": (reply or None) if call.tool_calls else reply,
+            "refusal": None, "annotations": []}
+        if call.tool_calls:
+            message["tool_calls"] = [
+                {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in call.tool_calls]
         return _json(
             {
                 "id": "chatcmpl-" + uuid.uuid4().hex[:24],
@@ -1129,13 +1322,8 @@ class LLMStandIn(_StandInServer):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": reply,
-                            "refusal": None,
-                            "annotations": [],
-                        },
-                        "finish_reason": "stop",
+                        "message": message,
+                        "finish_reason": "tool_calls" if call.tool_calls else "stop",
                         "logprobs": None,
                     }
                 ],

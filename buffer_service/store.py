@@ -118,7 +118,7 @@ class BufferStore:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load(name))
             for name in ("append", "claim", "renew", "before_post", "finish", "fail", "release",
-                         "requeue", "note", "handoff")
+                         "requeue", "note", "handoff", "mark")
         }
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
@@ -192,6 +192,14 @@ class BufferStore:
             results = await pipe.execute()
         return _s(results[-1]) if msg is not None else ""
 
+    async def hand_off(self, conv: str, reason: str, version: float) -> bool:
+        """Put a human in charge of the conversation as of snapshot `version` (handoff.py);
+        False when a newer snapshot already says otherwise."""
+        shard = self.shard_of(conv)
+        return bool(await self._scripts["handoff"](
+            keys=[self.key(shard, f"handoff:{conv}")],
+            args=[reason, _version(version), self.settings.history_ttl_s * 1000]))
+
     # -- worker side ------------------------------------------------------------------------
     async def claim(self, shard: int, limit: int) -> tuple[int, int, list[Batch]]:
         """Claim up to `limit` batches of one shard; returns (redis now, next wake ms, batches)."""
@@ -217,6 +225,18 @@ class BufferStore:
             keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, "inflight")],
             args=[batch.id, batch.token, self.settings.processing_lease_ms],
         ))
+
+    async def mark_handoff(self, batch: Batch, reason: str, summary: str) -> bool:
+        """Store with the batch whether its reply hands over (mark.lua); False: lease lost."""
+        return bool(await self._scripts["mark"](
+            keys=[self.key(batch.shard, f"batch:{batch.id}")],
+            args=[batch.token, reason, summary[:2000]]))
+
+    async def handoff_mark(self, batch: Batch) -> tuple[str, str]:
+        """(reason, summary) an earlier attempt stored with its reply; reason '' for none."""
+        reason, summary = await self.redis.hmget(self.key(batch.shard, f"batch:{batch.id}"),
+                                                 "handoff", "handoff_summary")
+        return _s(reason or ""), _s(summary or "")
 
     async def before_post(self, batch: Batch, reply: str, *, absent: bool = False) -> tuple[str, str]:
         """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
