@@ -37,7 +37,7 @@ from .auth import (
     webhook_auth_error,
     webhook_auth_mode,
 )
-from .chatwoot import ChatMessage, PayloadError, classify
+from .chatwoot import ChatMessage, Handoff, PayloadError, classify
 from .config import Settings
 from .downloads import Downloader
 from .flags import Flags
@@ -137,8 +137,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         try:
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
-                    version = decision.handoff.version if decision.handoff else None
-                    body = await _buffer(store, msg, request.app[admin.FLAGS], version)
+                    body = await _buffer(store, msg, request.app[admin.FLAGS], decision.handoff)
                     if body["status"] == "buffered":
                         # Voice notes are transcribed while the window runs (transcripts.py).
                         request.app[TRANSCRIPTS].start(msg)
@@ -158,11 +157,11 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
 
 
 async def _buffer(store: BufferStore, msg: ChatMessage, flags: Flags,
-                  version: float | None) -> dict[str, object]:
+                  snapshot: Handoff | None) -> dict[str, object]:
     # A customer asking for a human (HANDOFF_KEYWORDS) is handed over at once, not after the window.
-    asks_human = bool(keyword_in(msg.text, store.settings.handoff_keywords))
+    asks_human = bool(keyword_in(msg.typed, store.settings.handoff_keywords))
     buffered = (await flags.current()).buffers(msg.conv, msg.inbox_id) and not asks_human
-    result = await store.append(msg, buffered=buffered, version=version)
+    result = await store.append(msg, buffered=buffered, snapshot=snapshot)
     if not result.buffered and not result.duplicate:
         reason, _, scope = result.trigger.partition(":")
         if reason != "rate_limited":

@@ -45,6 +45,13 @@ class ChatMessage:
     inbox_id: int | None = None
     sender_name: str = ""
     phone: str = ""  # the contact's number, digits only: WhatsApp presence goes to it (presence.py)
+    # What the customer typed, when `text` also describes attachments (a contact card's name, a
+    # file's name, an address): HANDOFF_KEYWORDS are looked for in this only.
+    content: str | None = None
+
+    @property
+    def typed(self) -> str:
+        return self.text if self.content is None else self.content
 
     @property
     def conv(self) -> str:
@@ -65,7 +72,14 @@ class ChatMessage:
                 entry["name"] = self.sender_name[:_NAME_CHARS]
             if self.phone:
                 entry["ph"] = self.phone
+            if self.content is not None:
+                entry["typed"] = self.content
         return orjson.dumps(entry)
+
+
+def typed_text(entry: dict[str, Any]) -> str:
+    """What the customer typed in a stored message (ChatMessage.typed)."""
+    return str(entry.get("typed", entry.get("text", "")))
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,9 @@ class Handoff:
     conversation_id: int
     reason: str  # why the bot must stay out; "" when the bot may answer
     version: float | None  # the conversation's `updated_at`: orders webhooks that overtake
+    # Shown `pending`: the only snapshot that gives the bot back a conversation it handed over
+    # (lib.lua take_charge).
+    pending: bool = False
 
     @property
     def conv(self) -> str:
@@ -203,7 +220,7 @@ def _conversation_event(payload: dict[str, Any], event: str, settings: Settings)
     if not _is_id(conversation.get("id")) or not isinstance(conversation.get("status"), str):
         return ignored
     handoff = Handoff(account_id, conversation["id"], takeover_reason(conversation, settings),
-                      _version(conversation))
+                      _version(conversation), conversation["status"] == "pending")
     return Decision("note", ignored.reason, handoff=handoff)
 
 
@@ -261,7 +278,7 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     extra = {"truncated": True} if truncated else {}
 
     handoff = Handoff(account_id, conversation_id, takeover_reason(conversation, settings),
-                      _version(conversation))
+                      _version(conversation), conversation.get("status") == "pending")
 
     message_type = _optional_str(payload.get("message_type"), "message_type")
     if message_type == "outgoing" and not private and text:
@@ -292,6 +309,7 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
             inbox_id=inbox_id,
             sender_name=sender_name if isinstance(sender_name, str) else "",
             phone=_phone(sender, conversation),
+            content=truncate(content or "", settings.max_message_chars)[0] if attachments else None,
         ),
         extra=extra,
         handoff=handoff,  # the bot is in charge, as of this snapshot (store.append weighs it)

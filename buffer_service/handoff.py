@@ -12,13 +12,12 @@ does not wake the bot; a newer snapshot back in the bot's statuses does.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
 import structlog
 
-from .chatwoot import ChatwootClient, ChatwootError
+from .chatwoot import ChatwootClient, ChatwootError, typed_text
 from .config import Settings
 from .keywords import keyword_in
 from .llm import LLMReply
@@ -75,7 +74,7 @@ def model_handoff(answer: LLMReply) -> tuple[str, str] | None:
 
 
 def burst_keyword(batch: Batch, keywords: tuple[str, ...]) -> str:
-    return next((k for m in batch.messages if (k := keyword_in(m.get("text", ""), keywords))), "")
+    return next((k for m in batch.messages if (k := keyword_in(typed_text(m), keywords))), "")
 
 
 def note_text(reason: str, summary: str, history: list[dict[str, Any]],
@@ -104,8 +103,10 @@ class Handover:
         same again; the note may be written twice). Chatwoot's errors raise as unsure, so that
         a handoff message already posted is confirmed, not posted again, on the retry."""
         record = f"handoff:{reason.split(':', 1)[0]}"
-        # Remembered first: even while Chatwoot refuses the rest, the bot stays out.
-        await self.store.hand_off(batch.conv, record, time.time())
+        # Remembered first: even while Chatwoot refuses the rest, the bot stays out. Versioned
+        # as the record already is (the snapshot that let the bot answer), which a tie gives
+        # the human: never by this host's clock, which no Chatwoot snapshot has to agree with.
+        await self.store.hand_off(batch.conv, record, None)
         history = await self.store.history(batch.conv, NOTE_MESSAGES)
         known = {m.get("id") for m in history}
         burst = tuple(m for m in batch.messages if m.get("id") not in known)

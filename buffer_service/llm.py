@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+import structlog
 
 from .config import Settings
 from .outbound import llm_http_client
+
+log = structlog.get_logger("buffer_service.llm")
 
 
 class LLMError(Exception):
@@ -43,6 +46,9 @@ class LLMReply:
 class LLMClient:
     def __init__(self, settings: Settings) -> None:
         self.model = settings.openai_model
+        # The server turned a request down for its `tools` (a model without tool support):
+        # asked without them from then on, for the life of the process.
+        self.tools_refused = False
         self._client = openai.AsyncOpenAI(
             # Local OpenAI-compatible servers often need no key, but the client insists on one.
             api_key=settings.openai_api_key or "unused",
@@ -55,8 +61,22 @@ class LLMClient:
     async def reply(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> LLMReply:
         """One chat completion; `tools`: function tools the model may call instead of, or
-        besides, answering in text."""
-        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        besides, answering in text. A server that refuses them (HTTP 400 naming tools: Ollama's
+        "does not support tools", vLLM without auto tool choice) is asked once more without,
+        as media.py does for images, and not offered them again."""
+        if not tools or self.tools_refused:
+            return await self._complete(messages, {})
+        try:
+            return await self._complete(messages, {"tools": tools})
+        except LLMError as exc:
+            if exc.status != 400 or "tool" not in str(exc).lower():
+                raise
+            answer = await self._complete(messages, {})
+            self.tools_refused = True
+            log.warning("llm_tools_refused", error=str(exc))
+            return answer
+
+    async def _complete(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> LLMReply:
         try:
             completion = await self._client.chat.completions.create(
                 model=self.model, messages=messages, **extra)  # type: ignore[arg-type]

@@ -69,26 +69,31 @@ class Typing:
         """On, renewed every RENEW_S, then off. `holds`: the target keeps an `on` request open
         while it shows the indicator (Evolution, for `delay`), so a stop cancels that request
         instead of waiting for it. Otherwise the `on` is awaited (bounded), so that the `off`
-        cannot overtake it."""
+        cannot overtake it; only shutdown (Presence.close) cuts that wait short, and the `off`
+        still goes then, bounded by its own call's timeout."""
         loop = asyncio.get_running_loop()
-        while not self._stopped.is_set():
-            began = loop.time()
-            on = asyncio.ensure_future(self._call(target, call, True))
-            if holds:
-                stopped = asyncio.ensure_future(self._stopped.wait())
-                await asyncio.wait([on, stopped], return_when=asyncio.FIRST_COMPLETED)
-                stopped.cancel()
-                on.cancel()
-                await asyncio.gather(on, stopped, return_exceptions=True)
-            else:
-                await on
-            if target in self._presence.refused:
-                return
-            # Renewed on a fixed period from the last `on`, so a target that answers errors at
-            # once is not called in a tight loop.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), max(0.0, RENEW_S - (loop.time() - began)))
-        await self._call(target, call, False)
+        try:
+            while not self._stopped.is_set():
+                began = loop.time()
+                on = asyncio.ensure_future(self._call(target, call, True))
+                if holds:
+                    stopped = asyncio.ensure_future(self._stopped.wait())
+                    await asyncio.wait([on, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    on.cancel()
+                    await asyncio.gather(on, stopped, return_exceptions=True)
+                else:
+                    await on
+                if target in self._presence.refused:
+                    return
+                # Renewed on a fixed period from the last `on`, so a target that answers errors
+                # at once is not called in a tight loop.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(),
+                                           max(0.0, RENEW_S - (loop.time() - began)))
+        finally:
+            if target not in self._presence.refused:
+                await self._call(target, call, False)
 
     async def _call(self, target: str, call: Callable[[bool], Awaitable[None]], on: bool) -> None:
         state = "on" if on else "off"
@@ -158,7 +163,9 @@ class Presence:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Let the last `off` calls go out (bounded) before the HTTP session closes."""
+        """Let the last `off` calls go out before the HTTP session closes: CLOSE_WAIT_S for the
+        indicators to end on their own, then those still waiting on a slow `on` are cancelled,
+        which sends their `off` at once (CALL_TIMEOUT_S at most)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=CLOSE_WAIT_S)
         for task in list(self._tasks):

@@ -123,13 +123,15 @@ class Processor:
         # one with its tool (handoff.py). "kind:reason", "" for a plain reply.
         keyword = burst_keyword(batch, self.settings.handoff_keywords)
         handoff, summary = (f"keyword:{keyword}" if keyword else ""), ""
-        own_handoff = batch.takeover.startswith("handoff:")
-        if not handoff and (reply or own_handoff) and not metrics.fresh(batch):
-            # An earlier attempt's model decided (mark.lua).
-            handoff, summary = await self.store.handoff_mark(batch)
-        # With a stored reply, before_post decides: an earlier attempt may have posted it. A
-        # handoff this batch began (its record is written first) is carried through.
-        if batch.takeover and not reply and not (handoff and own_handoff):
+        # A handoff an earlier attempt of this batch decided is stored with the batch (mark.lua)
+        # before any of its effects, so that the handoff record a retry finds is known for its
+        # own and carried through; a later batch (the customer insisting) finds another's.
+        marked, marked_summary = ("", "") if metrics.fresh(batch) else \
+            await self.store.handoff_mark(batch)
+        if marked:
+            handoff, summary = marked, marked_summary
+        # With a stored reply, before_post decides: an earlier attempt may have posted it.
+        if batch.takeover and not reply and not marked:
             return await self._skip(batch, batch.takeover)
         if reply:
             log.info("reply_reused")
@@ -149,11 +151,9 @@ class Processor:
                 reply = reply or self.settings.handoff_message
             elif not reply:  # only a call of a tool we did not offer
                 raise LLMError("LLM returned no text and no handoff")
-            # A retry reusing this reply must know whether it hands over; a batch this claim
-            # created has no mark of an earlier attempt to overwrite.
-            if (handoff or not metrics.fresh(batch)) and \
-                    not await self.store.mark_handoff(batch, handoff, summary):
-                raise LeaseLost
+        # A retry reusing the reply must know whether it hands over.
+        if handoff != marked and not await self.store.mark_handoff(batch, handoff, summary):
+            raise LeaseLost
         if handoff and not reply:
             await self.handover.hand_over(batch, handoff, summary)
             return await self._skip(batch, _handoff_reason(handoff))
@@ -176,6 +176,8 @@ class Processor:
         else:
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
             metrics.chatwoot_posted(time.monotonic() - started)
+            if not await self.store.part_out(batch, 1, reply_id, ""):
+                raise LeaseLost
         post_ms = round((time.monotonic() - started) * 1000)
         if handoff:
             await self.handover.hand_over(batch, handoff, summary)

@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from .batcher import ScriptBatcher
-from .chatwoot import ChatMessage, Decision
+from .chatwoot import ChatMessage, Decision, Handoff
 from .config import Settings
 
 # How long, and how many, fingerprints of posted replies are kept for their webhook echo: it
@@ -118,7 +118,7 @@ class BufferStore:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(_load(name))
             for name in ("append", "claim", "renew", "before_post", "finish", "fail", "release",
-                         "requeue", "note", "handoff", "mark")
+                         "requeue", "note", "handoff", "mark", "part")
         }
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
@@ -139,9 +139,9 @@ class BufferStore:
 
     # -- webhook side -----------------------------------------------------------------------
     async def append(self, msg: ChatMessage, *, buffered: bool = True,
-                     version: float | None = None) -> AppendResult:
-        """Take a customer message in (append.lua). `version`: the `updated_at` of the
-        conversation snapshot it came with.
+                     snapshot: Handoff | None = None) -> AppendResult:
+        """Take a customer message in (append.lua). `snapshot`: the conversation as the
+        message's webhook showed it (its `updated_at` versions who is in charge).
         buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
         s = self.settings
         shard = self.shard_of(msg.conv)
@@ -155,8 +155,9 @@ class BufferStore:
              *([self.global_rate_key] if s.rate_limit_global else [])],
             [msg.conv, msg.to_json(), s.buffer_duration_ms if buffered else 0, s.max_buffer_age_ms,
              s.max_buffer_size, s.dedup_ttl_s * 1000, self.wake_channel, s.max_buffer_bytes,
-             _version(version), s.rate_limit_per_conversation, s.rate_limit_window_s * 1000,
-             s.rate_limit_global, self._history_cap(), s.history_ttl_s * 1000, self.prefix(shard)],
+             _version(snapshot.version if snapshot else None), s.rate_limit_per_conversation,
+             s.rate_limit_window_s * 1000, s.rate_limit_global, self._history_cap(),
+             s.history_ttl_s * 1000, self.prefix(shard), int(bool(snapshot and snapshot.pending))],
         )
         return AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), _s(raw[3]), int(raw[4]))
 
@@ -176,7 +177,8 @@ class BufferStore:
             if handoff is not None:
                 await self._scripts["handoff"](
                     keys=[self.key(shard, f"handoff:{conv}")],
-                    args=[handoff.reason, _version(handoff.version), s.history_ttl_s * 1000],
+                    args=[handoff.reason, _version(handoff.version), s.history_ttl_s * 1000,
+                          int(handoff.pending)],
                     client=pipe)
             if msg is not None:
                 outgoing = msg.role == "assistant"
@@ -192,13 +194,16 @@ class BufferStore:
             results = await pipe.execute()
         return _s(results[-1]) if msg is not None else ""
 
-    async def hand_off(self, conv: str, reason: str, version: float) -> bool:
-        """Put a human in charge of the conversation as of snapshot `version` (handoff.py);
-        False when a newer snapshot already says otherwise."""
+    async def hand_off(self, conv: str, reason: str, version: float | None, *,
+                       pending: bool = False) -> bool:
+        """Put a human in charge of the conversation as of snapshot `version` (handoff.py; None:
+        as of the record's own version, which a tie keeps); False when a newer snapshot already
+        says otherwise. `pending`: the snapshot shows the conversation `pending`."""
         shard = self.shard_of(conv)
         return bool(await self._scripts["handoff"](
             keys=[self.key(shard, f"handoff:{conv}")],
-            args=[reason, _version(version), self.settings.history_ttl_s * 1000]))
+            args=[reason, "" if version is None else _version(version),
+                  self.settings.history_ttl_s * 1000, int(pending)]))
 
     # -- worker side ------------------------------------------------------------------------
     async def claim(self, shard: int, limit: int) -> tuple[int, int, list[Batch]]:
@@ -258,6 +263,17 @@ class BufferStore:
                   self.prefix(shard)],
         )
         return _s(verdict), _s(detail)
+
+    async def part_out(self, batch: Batch, parts_out: int, message_id: int, next_part: str) -> bool:
+        """Record that the reply's first `parts_out` parts are out, the last as `message_id`, and
+        that `next_part` ('' after the last) is now in flight (part.lua); False: lease lost."""
+        s = self.settings
+        shard = batch.shard
+        return bool(await self._scripts["part"](
+            keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, f"sent:{batch.conv}"),
+                  self.key(shard, f"seen:{batch.account_id}:{message_id}"), self.key(shard, "inflight")],
+            args=[batch.id, batch.token, parts_out, message_id, next_part, _OWN_REPLY_MEMORY_MS,
+                  _OWN_REPLIES_KEPT, s.processing_lease_ms, s.dedup_ttl_s * 1000]))
 
     async def release(self, batch: Batch) -> bool:
         """Hand a batch back for any worker to take at once, its attempt not counted (shutdown)."""

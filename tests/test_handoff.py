@@ -121,9 +121,20 @@ async def test_a_failed_handoff_step_is_retried_without_a_second_message(
 
 async def test_the_record_is_versioned(store: BufferStore, redis):
     assert await store.hand_off("1:35", "handoff:keyword", 100.0)
-    # An equal snapshot keeps the human in charge; a newer one may give it back.
-    assert not await store.hand_off("1:35", "", 100.0)
-    assert await store.hand_off("1:35", "", 101.0)
+    # An equal snapshot keeps the human in charge; a newer one gives the bot's handoff back
+    # only when it shows the conversation `pending` (an agent returned it to the bot).
+    assert not await store.hand_off("1:35", "", 100.0, pending=True)
+    assert not await store.hand_off("1:35", "", 101.0)
+    assert await store.hand_off("1:35", "", 101.0, pending=True)
+
+
+async def test_the_first_record_of_a_handoff_takes_the_records_own_version(store: BufferStore):
+    """Versioned by the snapshot that let the bot answer, not by the service's clock: an equal
+    snapshot keeps the human, a newer `pending` one gives the conversation back."""
+    assert await store.hand_off("1:36", "", 100.0, pending=True)
+    assert await store.hand_off("1:36", "handoff:keyword", None)
+    assert not await store.hand_off("1:36", "", 100.0, pending=True)
+    assert await store.hand_off("1:36", "", 100.5, pending=True)
 
 
 # -- handoff decided by the model ------------------------------------------------------------

@@ -66,7 +66,9 @@ async def test_a_service_clock_ahead_of_chatwoot_does_not_keep_the_bot_out_after
     whole skew: the customer gets no answer."""
     real = time.time
     # Only the service's clock (handoff.py's), not the stand-in's (Chatwoot's).
-    monkeypatch.setattr(handoff_module, "time", SimpleNamespace(time=lambda: real() + 3600))
+    # raising=False: the fixed handoff.py reads no clock at all (nothing left to patch).
+    monkeypatch.setattr(handoff_module, "time", SimpleNamespace(time=lambda: real() + 3600),
+                        raising=False)
     svc = await make_service(_handoff(settings, bot_conversation_statuses=frozenset({"pending"})))
     await svc.webhook(message_payload(message_id=3, conversation_id=52, content="humano"))
     await wait_for(lambda: chatwoot.status_changes, timeout=5)

@@ -15,7 +15,8 @@
 --       7 wake channel, 8 max buffer bytes (0: no cap), 9 version of the conversation snapshot
 --       the message came with (0: none), 10 messages per period per conversation (0: no limit),
 --       11 period ms, 12 messages per period of all conversations together (0: no limit),
---       13 history cap, 14 history ttl ms, 15 shard key prefix
+--       13 history cap, 14 history ttl ms, 15 shard key prefix, 16 the snapshot shows the
+--       conversation `pending` (1|0: lib.lua take_charge)
 -- Returns {status, count, deadline ms, detail, now ms}: status 1 buffered (detail: what set the
 --   deadline: deadline, age, size), 0 duplicate, -1 kept in the history only (detail: why:
 --   rate_limited:conversation, rate_limited:global, buffer_full, or the reason a human is in
@@ -33,7 +34,7 @@ local function kept(why, counted)
   return {-1, redis.call('LLEN', KEYS[3]), 0, why, now}
 end
 
-if not take_charge(KEYS[6], '', tonumber(ARGV[9]) or 0, ARGV[14]) then
+if not take_charge(KEYS[6], '', tonumber(ARGV[9]) or 0, ARGV[14], ARGV[16] == '1') then
   return kept(redis.call('HGET', KEYS[6], 'reason'), nil)
 end
 -- A buffer that nobody flushes (workers down, processing off) must not grow without bound.

@@ -98,13 +98,20 @@ end
 -- that said so, because webhooks overtake each other. A newer snapshot wins; on a tie the
 -- human view wins, so an ambiguous order never makes the bot talk over a person. A snapshot
 -- without a version counts as 0, older than any versioned one.
+-- The bot's own handoff ('handoff:...') is given back only by a newer snapshot that shows the
+-- conversation `pending` (`back`: an agent returned it to the bot): the customer's next message
+-- comes with a newer snapshot too, still `open` with nobody assigned yet, which must not wake
+-- the bot in the conversation it just handed to a person.
 -- Returns true when `reason` ('' = the bot) is now the record.
-local function take_charge(key, reason, v, ttl)
+local function take_charge(key, reason, v, ttl, back)
   local rec = redis.call('HMGET', key, 'reason', 'v')
   local known = tonumber(rec[2])
   if known then
     if v < known or (v == known and (reason == '' or rec[1] == reason)) then
       return rec[1] == reason
+    end
+    if reason == '' and not back and string.sub(rec[1] or '', 1, 8) == 'handoff:' then
+      return false
     end
   end
   redis.call('HSET', key, 'reason', reason, 'v', v)
