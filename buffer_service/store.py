@@ -104,6 +104,12 @@ class Batch:
     def shard(self) -> int:
         return int(self.id.split("-", 1)[0])
 
+    @property
+    def inbox_id(self) -> int | None:
+        """The conversation's inbox, as its messages name it (the last that does, like the job
+        record, claim.lua): its settings answer the batch (Settings.for_inbox)."""
+        return next((int(m["inbox"]) for m in reversed(self.messages) if m.get("inbox")), None)
+
 
 class BufferStore:
     """All reads and writes of buffer state; nothing else in the service builds a key."""
@@ -122,6 +128,13 @@ class BufferStore:
         }
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
+        # Inboxes whose window, size or age differ (INBOX_SETTINGS_FILE), for claim.lua.
+        self._inbox_limits = orjson.dumps({
+            str(inbox): [own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms]
+            for inbox, own in settings.inboxes.items()
+            if (own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms) !=
+            (settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms)
+        }) if settings.inboxes else b""
 
     # -- keys -------------------------------------------------------------------------------
     def shard_of(self, conv: str) -> int:
@@ -143,7 +156,7 @@ class BufferStore:
         """Take a customer message in (append.lua). `version`: the `updated_at` of the
         conversation snapshot it came with.
         buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
-        s = self.settings
+        s = self.settings.for_inbox(msg.inbox_id)
         shard = self.shard_of(msg.conv)
         k = self.shard_keys(shard)
         raw = await self._append(
@@ -208,7 +221,7 @@ class BufferStore:
         raw = await self._scripts["claim"](
             keys=[k["due"], k["first"], k["inflight"], k["active"], k["seq"], k["failed"]],
             args=[self.prefix(shard), shard, limit, s.processing_lease_ms, s.buffer_duration_ms,
-                  s.max_buffer_size, s.max_buffer_age_ms, s.max_attempts],
+                  s.max_buffer_size, s.max_buffer_age_ms, s.max_attempts, self._inbox_limits],
         )
         batches = [
             Batch(id=_s(b[0]), token=_s(b[1]), attempts=int(b[2]), conv=_s(b[3]),
@@ -244,7 +257,7 @@ class BufferStore:
         have gone through: ask Chatwoot, then call again with absent=True if it has no such
         message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
         'lost'."""
-        s = self.settings
+        s = self.settings.for_inbox(batch.inbox_id)
         shard = batch.shard
         k = self.shard_keys(shard)
         verdict, detail = await self._scripts["before_post"](
@@ -340,9 +353,10 @@ class BufferStore:
 
     def _history_cap(self) -> int:
         # Room for a whole burst on top of the history a prompt uses, so that one long burst
-        # does not push out every earlier turn.
+        # does not push out every earlier turn (of any inbox: one cap for every conversation).
         s = self.settings
-        return s.history_messages + s.max_buffer_size if s.history_messages else 0
+        largest = max(own.max_buffer_size for own in (s, *s.inboxes.values()))
+        return s.history_messages + largest if s.history_messages else 0
 
 
 def _version(version: float | None) -> str:
