@@ -435,7 +435,8 @@ class Settings:
 
     def with_inbox_file(self, path: str) -> Settings:
         """These settings with the overrides of an INBOX_SETTINGS_FILE, checked by the same
-        declarations as the environment. Read once: a changed file takes a restart."""
+        declarations as the environment. Read once: a changed file takes a restart. Each inbox
+        copies these settings as they are now, so a test's `replace()` comes before this."""
         return dataclasses.replace(self, inbox_settings_file=path,
                                    inboxes=_inbox_settings(dataclasses.replace(self, inboxes={}), path))
 

@@ -129,12 +129,11 @@ class BufferStore:
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
         # Inboxes whose window, size or age differ (INBOX_SETTINGS_FILE), for claim.lua.
-        self._inbox_limits = orjson.dumps({
-            str(inbox): [own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms]
-            for inbox, own in settings.inboxes.items()
-            if (own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms) !=
-            (settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms)
-        }) if settings.inboxes else b""
+        limits = {str(inbox): [own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms]
+                  for inbox, own in settings.inboxes.items()}
+        own_limits = {inbox: limit for inbox, limit in limits.items() if limit != [
+            settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms]}
+        self._inbox_limits = orjson.dumps(own_limits) if own_limits else b""
 
     # -- keys -------------------------------------------------------------------------------
     def shard_of(self, conv: str) -> int:
