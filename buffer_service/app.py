@@ -159,7 +159,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
 async def _buffer(store: BufferStore, msg: ChatMessage, flags: Flags,
                   snapshot: Handoff | None) -> dict[str, object]:
     # A customer asking for a human (HANDOFF_KEYWORDS) is handed over at once, not after the window.
-    asks_human = bool(keyword_in(msg.typed, store.settings.handoff_keywords))
+    asks_human = bool(keyword_in(msg.typed, store.settings.for_inbox(msg.inbox_id).handoff_keywords))
     buffered = (await flags.current()).buffers(msg.conv, msg.inbox_id) and not asks_human
     result = await store.append(msg, buffered=buffered, snapshot=snapshot)
     if not result.buffered and not result.duplicate:

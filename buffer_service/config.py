@@ -1,17 +1,22 @@
-"""Settings: one object, read once from the environment.
+"""Settings: one object, read once from the environment, and per inbox from INBOX_SETTINGS_FILE.
 
-The variable names are the operators' (several come from the Supabase design this service
-replaces), so they are kept exactly. Every problem is reported as one line naming the
-variable, because that line is often all an operator sees of a container that will not start.
+Every setting is declared once, as a field of `Settings`: its variable, default, accepted values
+and the line README.md's configuration table gives it (`python -m buffer_service.config` prints
+that table; a test keeps README.md equal to it). The variable names are the operators' (several
+come from the Supabase design this service replaces), so they are kept exactly. Every problem is
+reported as one line naming the variable (or the inbox and key), because that line is often all
+an operator sees of a container that will not start.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from .keywords import parse_keywords
@@ -23,285 +28,422 @@ DEFAULT_SYSTEM_PROMPT = (
     "If you cannot help, say that a human agent will follow up."
 )
 
-# Names whose values must never reach a log line or a config dump.
-SECRET_FIELDS = frozenset({"openai_api_key", "chatwoot_api_token", "chatwoot_webhook_secret",
-                           "webhook_token", "admin_token", "transcription_api_key",
-                           "evolution_api_key"})
 # A shared token is only as strong as its length; `openssl rand -hex 32` gives 64 characters.
 _MIN_TOKEN_CHARS = 16
-
-
 # A burst is moved and read whole inside Lua scripts, whose unpack() takes at most ~8000 values;
 # no WhatsApp burst comes near this, and a prompt of more messages would not help anyone.
 MAX_BUFFER_SIZE_LIMIT = 1000
+
+_INBOX_FILE = "INBOX_SETTINGS_FILE"
+_DECLARATION = "setting"
 
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; str() is the single line shown to the operator."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1,
-         maximum: int | None = None) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}: must be at most {maximum}, got {value}")
-    return value
+class _Invalid(ValueError):
+    """Why a value is refused; the loader puts the variable's (or the inbox key's) name first."""
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name}: must be greater than 0, got {raw}")
-    return value
+Parse = Callable[[str], Any]
 
 
-def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return ""
-    parsed = urlparse(raw)
-    if parsed.scheme not in schemes or not parsed.netloc:
-        raise ConfigError(f"{name}: expected a {'/'.join(schemes)} URL, got {raw!r}")
-    return raw.rstrip("/")
+@dataclass(frozen=True)
+class Declaration:
+    """How one setting is read and what README.md says of it."""
+
+    env: str
+    parse: Parse
+    help: str
+    shown: str = ""  # the README's default, where the value itself would not say it
+    secret: bool = False  # never logged: only whether it is set
+    per_inbox: bool = False  # an [inbox.<id>] table may override it, under `key`
+    file_variant: bool = False  # <env>_FILE may name a file that holds the value instead
+
+    @property
+    def key(self) -> str:
+        return self.env.lower()
+
+    def value(self, raw: str, default: Any) -> Any:
+        # Empty is the default, as docker compose passes a variable it has no value for.
+        return self.parse(raw) if raw else default
 
 
-def _token(env: Mapping[str, str], name: str) -> str:
-    raw = env.get(name, "").strip()
-    if raw and (len(raw) < _MIN_TOKEN_CHARS or not all("!" <= ch <= "~" for ch in raw)):
-        # Printable ASCII without spaces: it travels in a header or a URL query and must survive both.
-        raise ConfigError(f"{name}: use at least {_MIN_TOKEN_CHARS} printable ASCII characters without "
-                          "spaces, e.g. the output of `openssl rand -hex 32`")
+def _setting(env: str, default: Any, help: str, parse: Parse | None = None, *, shown: str = "",
+             secret: bool = False, per_inbox: bool = False, file_variant: bool = False) -> Any:
+    declaration = Declaration(env, parse or _text, help, shown, secret, per_inbox, file_variant)
+    return field(default=default, repr=not secret, metadata={_DECLARATION: declaration})
+
+
+# -- parsers: raw text (stripped, never empty) in, value out, _Invalid for a refused value -----
+def _text(raw: str) -> str:
     return raw
 
 
-def _hide_password(url: str) -> str:
-    # Managed Redis puts its password in REDIS_URL (redis://:password@host): the start-up line
-    # that dumps the settings must not carry it.
-    password = urlparse(url).password
-    return url.replace(f":{password}@", ":<set>@", 1) if password else url
+def _whole(minimum: int = 1, maximum: int | None = None) -> Parse:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _Invalid(f"expected a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise _Invalid(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise _Invalid(f"must be at most {maximum}, got {value}")
+        return value
+    return parse
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
+def _positive(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid(f"expected a number, got {raw!r}") from None
+    if value <= 0:
+        raise _Invalid(f"must be greater than 0, got {raw}")
+    return value
+
+
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off"):
+    if value in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+    raise _Invalid(f"expected true or false, got {value!r}")
+
+
+def _either(words: tuple[str, ...]) -> str:
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
+def _one_of(*choices: str) -> Parse:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise _Invalid(f"expected {_either(choices)}, got {value!r}")
+        return value
+    return parse
+
+
+def _some_of(*choices: str) -> Parse:
+    def parse(raw: str) -> frozenset[str]:
+        values = frozenset(s.strip() for s in raw.split(",") if s.strip())
+        if not values or values - set(choices):
+            raise _Invalid(f"expected a comma list of {', '.join(choices)}; got {raw!r}")
+        return values
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _Invalid(f"expected a http/https URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _redis_url(raw: str) -> str:
+    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(f"expected redis://, rediss:// or unix://, got {raw!r}")
+    return raw
+
+
+def _token(raw: str) -> str:
+    if len(raw) < _MIN_TOKEN_CHARS or not all("!" <= ch <= "~" for ch in raw):
+        # Printable ASCII without spaces: it travels in a header or a URL query and must survive both.
+        raise _Invalid(f"use at least {_MIN_TOKEN_CHARS} printable ASCII characters without "
+                       "spaces, e.g. the output of `openssl rand -hex 32`")
+    return raw
+
+
+def _key_prefix(raw: str) -> str:
+    if not raw.replace("_", "").replace("-", "").isalnum():
+        raise _Invalid(f"letters, digits, '-' and '_' only, got {raw!r}")
+    return raw
+
+
+def _model_or_off(raw: str) -> str:
+    return "" if raw.lower() == "off" else raw
+
+
+def host_port(url: str) -> str:
+    """`host:port` of an http(s) URL, the port made explicit: what MEDIA_ALLOWED_HOSTS lists."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"{(parsed.hostname or '').lower()}:{port}"
+
+
+def _hosts(raw: str) -> frozenset[str]:
+    hosts: set[str] = set()
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        # A bare host means its usual ports; a URL or host:port names exactly one.
+        if "://" in item:
+            urls = [item]
+        elif ":" in item:
+            urls = [f"http://{item}"]
+        else:
+            urls = [f"http://{item}", f"https://{item}"]
+        try:
+            named = {host_port(url) for url in urls}
+        except ValueError:  # a port that is not a number
+            named = {":"}
+        if any(h.startswith(":") for h in named):
+            raise _Invalid(f"expected host, host:port or a URL, got {item!r}")
+        hosts |= named
+    return frozenset(hosts)
+
+
+_STATUSES = ("open", "pending", "resolved", "snoozed")
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    host: str = "0.0.0.0"
-    port: int = 8080
+    # -- where things are --
+    redis_url: str = _setting("REDIS_URL", "redis://127.0.0.1:6379/0",
+                              "Redis to use (`rediss://` for TLS)", _redis_url)
+    host: str = _setting("HOST", "0.0.0.0", "HTTP listen address")
+    port: int = _setting("PORT", 8080, "HTTP listen port", _whole(minimum=0))
+    # /metrics of a worker-only process, which has no HTTP server otherwise (0 = none).
+    metrics_port: int = _setting(
+        "METRICS_PORT", 0, "`/metrics` port of a worker-only process; `PROMETHEUS_MULTIPROC_DIR` "
+        "for multiprocess mode", _whole(minimum=0), shown="off")
 
-    openai_api_key: str = field(default="", repr=False)
-    openai_base_url: str = ""
-    openai_model: str = "gpt-4o-mini"
-    llm_timeout_s: float = 60.0
-    llm_max_retries: int = 2
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # -- the LLM --
+    openai_api_key: str = _setting(
+        "OPENAI_API_KEY", "", "required for a worker unless `OPENAI_BASE_URL` points at a server "
+        "that needs none", secret=True)
+    openai_base_url: str = _setting(
+        "OPENAI_BASE_URL", "", "any OpenAI-compatible server, e.g. `http://ollama:11434/v1`",
+        _http_url, shown="OpenAI")
+    openai_model: str = _setting("OPENAI_MODEL", "gpt-4o-mini", "model name", per_inbox=True)
+    llm_timeout_s: float = _setting("LLM_TIMEOUT_S", 60.0, "timeout of one LLM request in seconds",
+                                    _positive)
+    llm_max_retries: int = _setting(
+        "LLM_MAX_RETRIES", 2, "how often the `openai` client retries 429/5xx itself, with backoff",
+        _whole(minimum=0))
+    system_prompt: str = _setting(
+        "SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, "the system prompt, or the file that holds it "
+        "(not both)", shown="a short support prompt", per_inbox=True, file_variant=True)
 
-    chatwoot_base_url: str = ""
-    chatwoot_api_token: str = field(default="", repr=False)
-    chatwoot_account_id: int | None = None
-    chatwoot_timeout_s: float = 15.0
+    # -- Chatwoot --
+    chatwoot_base_url: str = _setting("CHATWOOT_BASE_URL", "", "required for a worker", _http_url)
+    chatwoot_api_token: str = _setting(
+        "CHATWOOT_API_TOKEN", "", "required for a worker; sent as `api_access_token`", secret=True)
+    chatwoot_account_id: int | None = _setting(
+        "CHATWOOT_ACCOUNT_ID", None, "used when a payload carries no `account`", _whole())
+    chatwoot_timeout_s: float = _setting(
+        "CHATWOOT_TIMEOUT_S", 15.0, "timeout of a call to Chatwoot in seconds; a reply post left "
+        "unanswered (or answered `5xx`) is retried no sooner than twice this after it was sent, "
+        "asking Chatwoot first", _positive)
+    bot_conversation_statuses: frozenset[str] = _setting(
+        "BOT_CONVERSATION_STATUSES", frozenset({"pending", "open"}),
+        "conversation statuses the bot answers (comma list of open, pending, resolved, snoozed)",
+        _some_of(*_STATUSES), shown="`pending,open`")
 
-    buffer_duration_ms: int = 30_000
-    processing_interval_ms: int = 10_000
-    max_buffer_size: int = 50
-    max_buffer_age_ms: int = 300_000
-    bot_conversation_statuses: frozenset[str] = frozenset({"pending", "open"})
+    # -- who may call the service (docs/security.md); neither secret nor token: webhooks are open --
+    chatwoot_webhook_secret: str = _setting(
+        "CHATWOOT_WEBHOOK_SECRET", "", "verify Chatwoot's `X-Chatwoot-Signature` (Chatwoot 4.12+); "
+        "see [docs/security.md](docs/security.md)", secret=True)
+    webhook_token: str = _setting(
+        "WEBHOOK_TOKEN", "", "token for older Chatwoot (`?token=`), 16+ printable characters",
+        _token, secret=True)
+    webhook_max_skew_s: int = _setting("WEBHOOK_MAX_SKEW_S", 300,
+                                       "allowed signature clock skew in seconds", _whole())
+    admin_token: str = _setting(
+        "ADMIN_TOKEN", "", "bearer token of `/admin/*` and `buffer-processor`, and the operator "
+        "page's sign-in; unset: they answer 403", _token, secret=True)
 
-    # The shard count is part of the key layout: every process sharing one Redis must agree.
-    shards: int = 16
-    key_prefix: str = "bs"
-    processing_lease_ms: int = 60_000
-    max_attempts: int = 3
+    # -- buffering --
+    buffer_duration_ms: int = _setting(
+        "MESSAGE_BUFFER_DURATION_MS", 30_000,
+        "the sliding window: a burst is answered this long after its last message", _whole(),
+        per_inbox=True)
+    max_buffer_size: int = _setting(
+        "MAX_BUFFER_SIZE", 50, "a burst never holds more (at most 1000); the message that fills "
+        "it flushes at once", _whole(maximum=MAX_BUFFER_SIZE_LIMIT), per_inbox=True)
+    max_buffer_age_ms: int = _setting(
+        "MAX_BUFFER_AGE_MS", 300_000, "a burst is flushed this long after its first message at "
+        "the latest (at least `MESSAGE_BUFFER_DURATION_MS`)", _whole(), per_inbox=True)
+    processing_interval_ms: int = _setting(
+        "BUFFER_PROCESSING_INTERVAL_MS", 10_000, "period of the safety sweep that catches a "
+        "missed wake-up", _whole())
     # A reply is dropped when newer messages arrived while it was written; old and new are then
     # answered together (up to MAX_BUFFER_AGE_MS after the first message).
-    supersede_stale_replies: bool = True
+    supersede_stale_replies: bool = _setting(
+        "SUPERSEDE_STALE_REPLIES", True, "a reply is not posted when new messages arrived "
+        "meanwhile; old and new are answered together", _switch)
     # A human agent's message in a conversation keeps the bot quiet this long (0 = never).
-    human_pause_ms: int = 1_800_000
-    retry_base_ms: int = 2_000
-    worker_concurrency: int = 32
-    history_messages: int = 20
-    history_ttl_s: int = 7 * 86_400
-    dedup_ttl_s: int = 86_400
-    job_retention_days: int = 30
-    shutdown_grace_s: float = 25.0
+    human_pause_ms: int = _setting(
+        "HUMAN_PAUSE_MS", 1_800_000, "the bot stays silent this long after a human agent wrote in "
+        "the conversation (0 = never)", _whole(minimum=0))
 
-    log_format: str = "json"
-    log_level: str = "info"
-    # /metrics of a worker-only process, which has no HTTP server otherwise (0 = none).
-    metrics_port: int = 0
+    # -- processing --
+    processing_lease_ms: int = _setting(
+        "PROCESSING_LEASE_MS", 60_000, "lease of a claimed batch, renewed while it is processed "
+        "(at least 3000, so that it can be renewed)", _whole(minimum=3_000))
+    max_attempts: int = _setting("MAX_ATTEMPTS", 3, "attempts per batch", _whole())
+    retry_base_ms: int = _setting("RETRY_BASE_MS", 2_000,
+                                  "base of the exponential backoff between attempts", _whole())
+    worker_concurrency: int = _setting("WORKER_CONCURRENCY", 32,
+                                       "batches one worker process handles at once", _whole())
+    shutdown_grace_s: float = _setting(
+        "SHUTDOWN_GRACE_S", 25.0, "how long SIGTERM waits for in-flight batches, in seconds",
+        _positive)
 
-    # Who may call us (docs/security.md). Neither webhook secret nor token: webhooks are open.
-    chatwoot_webhook_secret: str = field(default="", repr=False)
-    webhook_token: str = field(default="", repr=False)
-    webhook_max_skew_s: int = 300
-    admin_token: str = field(default="", repr=False)
-    # Hostile input and abuse; 0 turns a limit off where noted.
-    max_webhook_bytes: int = 1024 * 1024
-    max_message_chars: int = 4000
-    max_buffer_bytes: int = 1024 * 1024  # 0 = off
+    # -- what is kept in Redis --
+    history_messages: int = _setting("HISTORY_MESSAGES", 20,
+                                     "messages of prompt history per conversation", _whole(minimum=0))
+    history_ttl_s: int = _setting("HISTORY_TTL_S", 7 * 86_400,
+                                  "how long a conversation's history is kept, in seconds", _whole())
+    dedup_ttl_s: int = _setting("DEDUP_TTL_S", 86_400, "how long a delivered message id is "
+                                "remembered against duplicates, in seconds", _whole())
+    job_retention_days: int = _setting("JOB_RETENTION_DAYS", 30,
+                                       "how long completed job records are kept, in days", _whole())
+    # The shard count is part of the key layout: every process sharing one Redis must agree.
+    shards: int = _setting("BUFFER_SHARDS", 16,
+                           "shard count of the key layout (the same for every process)", _whole())
+    key_prefix: str = _setting("REDIS_KEY_PREFIX", "bs", "prefix of every key", _key_prefix)
+
+    # -- voice notes and images (media.py, transcripts.py, downloads.py) --
+    transcription_model: str = _setting(
+        "TRANSCRIPTION_MODEL", "gpt-4o-mini-transcribe", "model that transcribes voice notes; "
+        "`off` disables transcription ([docs/media.md](docs/media.md))", _model_or_off)
+    transcription_base_url: str = _setting(
+        "TRANSCRIPTION_BASE_URL", "", "another OpenAI-compatible server for transcription, e.g. a "
+        "local Whisper server", _http_url, shown="the chat model's")
+    transcription_api_key: str = _setting("TRANSCRIPTION_API_KEY", "", "its API key",
+                                          shown="`OPENAI_API_KEY`", secret=True)
+    vision: bool = _setting("VISION", True, "images reach the model as images; `off` names them "
+                            "in text", _switch, per_inbox=True)
+    image_input: str = _setting(
+        "IMAGE_INPUT", "inline", "`inline`: images downloaded and sent as data URIs; `url`: the "
+        "LLM provider fetches `data_url`", _one_of("inline", "url"))
+    # OpenAI's limit for an audio file; a photo from WhatsApp is far smaller.
+    max_media_bytes: int = _setting("MAX_MEDIA_BYTES", 25 * 1024 * 1024,
+                                    "largest attachment downloaded, in bytes", _whole(minimum=1024))
+    max_images_per_burst: int = _setting("MAX_IMAGES_PER_BURST", 8, "images shown per burst (the "
+                                         "rest are named)", _whole(minimum=0))
+    media_timeout_s: float = _setting(
+        "MEDIA_TIMEOUT_S", 60.0, "each download and transcription, and how long a burst waits for "
+        "transcripts still running, in seconds", _positive)
+    media_allowed_hosts: frozenset[str] = _setting(
+        "MEDIA_ALLOWED_HOSTS", frozenset(), "hosts (`host`, `host:port` or URL, comma list) "
+        "besides `CHATWOOT_BASE_URL`'s that attachment URLs may name, e.g. Chatwoot's "
+        "`FRONTEND_URL`", _hosts)
+
+    # -- what the customer sees while a reply is written (presence.py) --
+    typing_indicator: bool = _setting(
+        "TYPING_INDICATOR", True, "Chatwoot's typing indicator (`toggle_typing_status`) from the "
+        "start of a reply's generation until it is posted, skipped or given up; renewed every "
+        "10 s; a failing call never delays the reply; `off` also turns off Evolution's presence "
+        "below ([docs/chatwoot.md](docs/chatwoot.md))", _switch, per_inbox=True)
+    evolution_api_url: str = _setting(
+        "EVOLUTION_API_URL", "", "with `EVOLUTION_API_KEY` and `EVOLUTION_INSTANCE` (all three or "
+        "none): WhatsApp's \"typing…\" to the customer through Evolution API's `sendPresence` as "
+        "well (an inbox bridged by Evolution)", _http_url)
+    evolution_api_key: str = _setting("EVOLUTION_API_KEY", "", "Evolution API's key", secret=True)
+    evolution_instance: str = _setting("EVOLUTION_INSTANCE", "", "Evolution API's instance name")
+
+    # -- how a reply is sent --
+    reply_split: str = _setting(
+        "REPLY_SPLIT", "paragraphs", "`paragraphs`: a long reply is posted as several messages, "
+        "split between paragraphs; `off`: as one message", _one_of("paragraphs", "off"),
+        per_inbox=True)
+    reply_max_parts: int = _setting("REPLY_MAX_PARTS", 4, "most messages one split reply becomes",
+                                    _whole(maximum=20))
+    reply_pacing_ms_per_char: int = _setting(
+        "REPLY_PACING_MS_PER_CHAR", 20, "pause before each further part of a split reply, per "
+        "character, at most 4 s", _whole(minimum=0, maximum=1000))
+
+    # -- handing a conversation to a human (handoff.py) --
+    handoff_keywords: tuple[str, ...] = _setting(
+        "HANDOFF_KEYWORDS", (), "comma list of words or phrases (whole words, any case, accents "
+        "ignored, e.g. `atendente,humano,human,agent`): a customer message with one hands the "
+        "conversation to a human at once, without the LLM ([docs/chatwoot.md](docs/chatwoot.md))",
+        parse_keywords, per_inbox=True)
+    handoff_message: str = _setting("HANDOFF_MESSAGE", "", "what the bot tells the customer when "
+                                    "it hands over; unset: nothing")
+    handoff_tool: bool = _setting(
+        "HANDOFF_TOOL", True, "the chat request offers the model a `handoff_to_human(reason, "
+        "summary)` tool; when it calls it, the conversation is handed to a human (its text, else "
+        "`HANDOFF_MESSAGE`, a private note with reason and summary, status `open`)", _switch,
+        per_inbox=True)
+
+    # -- hostile input and abuse (docs/security.md); 0 turns a limit off where noted --
+    max_webhook_bytes: int = _setting("MAX_WEBHOOK_BYTES", 1024 * 1024,
+                                      "largest webhook body in bytes (413 above it)", _whole(minimum=1024))
+    max_message_chars: int = _setting("MAX_MESSAGE_CHARS", 4000,
+                                      "longer message text is truncated and marked", _whole(minimum=100))
+    max_buffer_bytes: int = _setting("MAX_BUFFER_BYTES", 1024 * 1024, "a buffer holding this many "
+                                     "bytes ignores further messages (0 = off)", _whole(minimum=0))
     # A burst of up to N accepted messages, refilled at N per window: a WhatsApp album of 30
     # photos arrives as 30 webhooks at once and must pass.
-    rate_limit_per_conversation: int = 120  # 0 = off
-    rate_limit_global: int = 0  # 0 = off
-    rate_limit_window_s: int = 60
-    max_llm_calls_per_conversation_per_hour: int = 0  # 0 = off
+    rate_limit_per_conversation: int = _setting(
+        "RATE_LIMIT_PER_CONVERSATION", 120, "accepted messages per conversation per window, "
+        "shared by all replicas (0 = off)", _whole(minimum=0))
+    rate_limit_global: int = _setting(
+        "RATE_LIMIT_GLOBAL", 0, "accepted messages of all conversations together per window "
+        "(0 = off)", _whole(minimum=0), shown="off")
+    rate_limit_window_s: int = _setting("RATE_LIMIT_WINDOW_S", 60,
+                                        "the rate limits' window, in seconds", _whole())
+    max_llm_calls_per_conversation_per_hour: int = _setting(
+        "MAX_LLM_CALLS_PER_CONVERSATION_PER_HOUR", 0, "LLM spend guard (0 = off)",
+        _whole(minimum=0), shown="off")
 
-    # Voice notes and images (media.py, transcripts.py, downloads.py). "" = transcription off.
-    transcription_model: str = "gpt-4o-mini-transcribe"
-    transcription_base_url: str = ""  # "" = the chat model's OPENAI_BASE_URL
-    transcription_api_key: str = field(default="", repr=False)  # "" = OPENAI_API_KEY
-    vision: bool = True
-    image_input: str = "inline"  # or "url": the model fetches data_url itself
-    # OpenAI's limit for an audio file; a photo from WhatsApp is far smaller.
-    max_media_bytes: int = 25 * 1024 * 1024
-    max_images_per_burst: int = 8
-    media_timeout_s: float = 60.0
-    # host:port pairs besides CHATWOOT_BASE_URL's that attachment URLs may name (downloads.py).
-    media_allowed_hosts: frozenset[str] = frozenset()
+    # -- logs --
+    log_format: str = _setting("LOG_FORMAT", "json",
+                               "`json` for log collectors, `console` for a human-readable view",
+                               _one_of("json", "console"))
+    log_level: str = _setting("LOG_LEVEL", "info", "debug, info, warning or error",
+                              _one_of("debug", "info", "warning", "error"))
 
-    # What the customer sees while a reply is written (presence.py): Chatwoot's typing
-    # indicator, and WhatsApp's "typing…" through Evolution API when all three are set.
-    typing_indicator: bool = True
-    evolution_api_url: str = ""
-    evolution_api_key: str = field(default="", repr=False)
-    evolution_instance: str = ""
-
-    # Handing a conversation to a human (handoff.py): customer words that ask for one (folded:
-    # lower case, no accents), and what the bot says then ("" = nothing).
-    handoff_keywords: tuple[str, ...] = ()
-    handoff_message: str = ""
-    # The model may hand over with the `handoff_to_human` tool.
-    handoff_tool: bool = True
+    # -- per inbox --
+    inbox_settings_file: str = _setting(
+        _INBOX_FILE, "", "a TOML file whose `[inbox.<id>]` tables override the settings marked "
+        "per inbox for one Chatwoot inbox ([Settings per inbox](#settings-per-inbox)); read at "
+        "start-up")
+    # INBOX_SETTINGS_FILE's inboxes, each with its overrides applied (for_inbox).
+    inboxes: Mapping[int, Settings] = field(default_factory=dict, repr=False, hash=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        redis_url = env.get("REDIS_URL", "").strip() or cls.redis_url
-        if urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {redis_url!r}")
-
-        prompt = env.get("SYSTEM_PROMPT", "").strip()
-        prompt_file = env.get("SYSTEM_PROMPT_FILE", "").strip()
-        if prompt and prompt_file:
-            raise ConfigError("SYSTEM_PROMPT_FILE: set either SYSTEM_PROMPT or SYSTEM_PROMPT_FILE, not both")
-        if prompt_file:
+        values: dict[str, Any] = {}
+        for name, declared in DECLARED.items():
+            raw = env.get(declared.env, "").strip()
+            if declared.file_variant:
+                raw = _from_file(declared.env, raw, env)
             try:
-                prompt = Path(prompt_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"SYSTEM_PROMPT_FILE: cannot read {prompt_file!r}: {exc.strerror}") from None
-            if not prompt:
-                raise ConfigError(f"SYSTEM_PROMPT_FILE: {prompt_file!r} is empty")
-
-        account_raw = env.get("CHATWOOT_ACCOUNT_ID", "").strip()
-        account_id = _int(env, "CHATWOOT_ACCOUNT_ID", 0) if account_raw else None
-
-        statuses = frozenset(
-            s.strip() for s in env.get("BOT_CONVERSATION_STATUSES", "pending,open").split(",") if s.strip()
-        )
-        unknown = statuses - {"open", "pending", "resolved", "snoozed"}
-        if not statuses or unknown:
-            raise ConfigError(
-                "BOT_CONVERSATION_STATUSES: expected a comma list of open, pending, resolved, snoozed; "
-                f"got {env.get('BOT_CONVERSATION_STATUSES')!r}"
-            )
-
-        log_format = env.get("LOG_FORMAT", "json").strip().lower() or "json"
-        if log_format not in ("json", "console"):
-            raise ConfigError(f"LOG_FORMAT: expected json or console, got {log_format!r}")
-        log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
-        if log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"LOG_LEVEL: expected debug, info, warning or error, got {log_level!r}")
-
-        prefix = env.get("REDIS_KEY_PREFIX", "bs").strip() or "bs"
-        if not prefix.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"REDIS_KEY_PREFIX: letters, digits, '-' and '_' only, got {prefix!r}")
-
-        settings = cls(
-            redis_url=redis_url,
-            host=env.get("HOST", "").strip() or cls.host,
-            port=_int(env, "PORT", cls.port, minimum=0),
-            openai_api_key=env.get("OPENAI_API_KEY", "").strip(),
-            openai_base_url=_url(env, "OPENAI_BASE_URL", ("http", "https")),
-            openai_model=env.get("OPENAI_MODEL", "").strip() or cls.openai_model,
-            llm_timeout_s=_float(env, "LLM_TIMEOUT_S", cls.llm_timeout_s),
-            llm_max_retries=_int(env, "LLM_MAX_RETRIES", cls.llm_max_retries, minimum=0),
-            system_prompt=prompt or DEFAULT_SYSTEM_PROMPT,
-            chatwoot_base_url=_url(env, "CHATWOOT_BASE_URL", ("http", "https")),
-            chatwoot_api_token=env.get("CHATWOOT_API_TOKEN", "").strip(),
-            chatwoot_account_id=account_id,
-            chatwoot_timeout_s=_float(env, "CHATWOOT_TIMEOUT_S", cls.chatwoot_timeout_s),
-            buffer_duration_ms=_int(env, "MESSAGE_BUFFER_DURATION_MS", cls.buffer_duration_ms),
-            processing_interval_ms=_int(env, "BUFFER_PROCESSING_INTERVAL_MS",
-                                        cls.processing_interval_ms),
-            max_buffer_size=_int(env, "MAX_BUFFER_SIZE", cls.max_buffer_size,
-                                 maximum=MAX_BUFFER_SIZE_LIMIT),
-            max_buffer_age_ms=_int(env, "MAX_BUFFER_AGE_MS", cls.max_buffer_age_ms),
-            bot_conversation_statuses=statuses,
-            shards=_int(env, "BUFFER_SHARDS", cls.shards),
-            key_prefix=prefix,
-            processing_lease_ms=_int(env, "PROCESSING_LEASE_MS", cls.processing_lease_ms),
-            max_attempts=_int(env, "MAX_ATTEMPTS", cls.max_attempts),
-            supersede_stale_replies=_bool(env, "SUPERSEDE_STALE_REPLIES", cls.supersede_stale_replies),
-            human_pause_ms=_int(env, "HUMAN_PAUSE_MS", cls.human_pause_ms, minimum=0),
-            retry_base_ms=_int(env, "RETRY_BASE_MS", cls.retry_base_ms),
-            worker_concurrency=_int(env, "WORKER_CONCURRENCY", cls.worker_concurrency),
-            history_messages=_int(env, "HISTORY_MESSAGES", cls.history_messages, minimum=0),
-            history_ttl_s=_int(env, "HISTORY_TTL_S", cls.history_ttl_s),
-            dedup_ttl_s=_int(env, "DEDUP_TTL_S", cls.dedup_ttl_s),
-            job_retention_days=_int(env, "JOB_RETENTION_DAYS", cls.job_retention_days),
-            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
-            log_format=log_format,
-            log_level=log_level,
-            metrics_port=_int(env, "METRICS_PORT", cls.metrics_port, minimum=0),
-            chatwoot_webhook_secret=env.get("CHATWOOT_WEBHOOK_SECRET", "").strip(),
-            webhook_token=_token(env, "WEBHOOK_TOKEN"),
-            webhook_max_skew_s=_int(env, "WEBHOOK_MAX_SKEW_S", cls.webhook_max_skew_s),
-            admin_token=_token(env, "ADMIN_TOKEN"),
-            max_webhook_bytes=_int(env, "MAX_WEBHOOK_BYTES", cls.max_webhook_bytes, minimum=1024),
-            max_message_chars=_int(env, "MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=100),
-            max_buffer_bytes=_int(env, "MAX_BUFFER_BYTES", cls.max_buffer_bytes, minimum=0),
-            rate_limit_per_conversation=_int(env, "RATE_LIMIT_PER_CONVERSATION",
-                                             cls.rate_limit_per_conversation, minimum=0),
-            rate_limit_global=_int(env, "RATE_LIMIT_GLOBAL", cls.rate_limit_global, minimum=0),
-            rate_limit_window_s=_int(env, "RATE_LIMIT_WINDOW_S", cls.rate_limit_window_s),
-            max_llm_calls_per_conversation_per_hour=_int(
-                env, "MAX_LLM_CALLS_PER_CONVERSATION_PER_HOUR",
-                cls.max_llm_calls_per_conversation_per_hour, minimum=0),
-            **_media_settings(env),
-            **_presence_settings(env),
-        )
-        if settings.max_buffer_age_ms < settings.buffer_duration_ms:
-            raise ConfigError(
-                f"MAX_BUFFER_AGE_MS: must be at least MESSAGE_BUFFER_DURATION_MS "
-                f"({settings.buffer_duration_ms}), got {settings.max_buffer_age_ms}"
-            )
-        if settings.processing_lease_ms < 3_000:
-            raise ConfigError("PROCESSING_LEASE_MS: must be at least 3000 so a lease can be renewed")
+                values[name] = declared.value(raw, SETTINGS_DEFAULTS[name])
+            except _Invalid as exc:
+                raise ConfigError(f"{declared.env}: {exc}") from None
+        settings = cls(**values)
+        _check_age(settings, "", lambda attr: DECLARED[attr].env)
+        evolution = {d.env: getattr(settings, name) for name, d in DECLARED.items()
+                     if d.env.startswith("EVOLUTION_")}
+        # Half of them set is a typo, not a choice: say so rather than silently send no presence.
+        if any(evolution.values()) and not all(evolution.values()):
+            missing = ", ".join(k for k, v in evolution.items() if not v)
+            raise ConfigError(f"{missing}: EVOLUTION_API_URL, EVOLUTION_API_KEY and "
+                              "EVOLUTION_INSTANCE are set together or not at all")
+        if settings.inbox_settings_file:
+            settings = settings.with_inbox_file(settings.inbox_settings_file)
         return settings
+
+    def with_inbox_file(self, path: str) -> Settings:
+        """These settings with the overrides of an INBOX_SETTINGS_FILE, checked by the same
+        declarations as the environment. Read once: a changed file takes a restart. Each inbox
+        copies these settings as they are now, so a test's `replace()` comes before this."""
+        return dataclasses.replace(self, inbox_settings_file=path,
+                                   inboxes=_inbox_settings(dataclasses.replace(self, inboxes={}), path))
+
+    def for_inbox(self, inbox_id: int | None) -> Settings:
+        """The settings of a conversation in this Chatwoot inbox: its [inbox.<id>] table of
+        INBOX_SETTINGS_FILE over the environment's; the environment's for any other inbox."""
+        return self if inbox_id is None else self.inboxes.get(inbox_id, self)
 
     @property
     def transcription(self) -> bool:
@@ -320,84 +462,138 @@ class Settings:
             raise ConfigError("CHATWOOT_API_TOKEN: required to run a worker (agent bot or user access token)")
 
     def redacted(self) -> dict[str, object]:
-        """The settings as a dict safe to log: secrets show only whether they are set."""
-        out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in SECRET_FIELDS:
-                value = "<set>" if value else "<unset>"
-            elif f.name == "system_prompt":
-                value = f"<{len(value)} chars>"
-            elif f.name.endswith("_url"):
-                value = _hide_password(value)
-            elif isinstance(value, frozenset):
-                value = sorted(value)
-            out[f.name] = value
+        """The settings as a dict safe to log: secrets show only whether they are set; each
+        inbox of INBOX_SETTINGS_FILE shows what it overrides."""
+        out = {name: _redact(name, getattr(self, name)) for name in DECLARED}
+        if self.inboxes:
+            out["inboxes"] = {
+                str(inbox): {DECLARED[name].key: _redact(name, getattr(own, name))
+                             for name in INBOX_KEYS.values() if getattr(own, name) != getattr(self, name)}
+                for inbox, own in self.inboxes.items()}
         return out
 
 
-def host_port(url: str) -> str:
-    """`host:port` of an http(s) URL, the port made explicit: what MEDIA_ALLOWED_HOSTS lists."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    return f"{(parsed.hostname or '').lower()}:{port}"
+DECLARED: dict[str, Declaration] = {
+    f.name: f.metadata[_DECLARATION] for f in dataclasses.fields(Settings) if _DECLARATION in f.metadata}
+SETTINGS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)
+                                     if f.name in DECLARED}
+# Names whose values must never reach a log line or a config dump.
+SECRET_FIELDS = frozenset(name for name, d in DECLARED.items() if d.secret)
+# What an [inbox.<id>] table may set: key (the variable in lower case) -> Settings attribute.
+INBOX_KEYS = {d.key: name for name, d in DECLARED.items() if d.per_inbox}
 
 
-def _allowed_hosts(env: Mapping[str, str]) -> frozenset[str]:
-    hosts: set[str] = set()
-    for item in env.get("MEDIA_ALLOWED_HOSTS", "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        # A bare host means its usual ports; a URL or host:port names exactly one.
-        if "://" in item:
-            urls = [item]
-        elif ":" in item:
-            urls = [f"http://{item}"]
-        else:
-            urls = [f"http://{item}", f"https://{item}"]
-        try:
-            named = {host_port(url) for url in urls}
-        except ValueError:  # a port that is not a number
-            named = {":"}
-        if any(h.startswith(":") for h in named):
-            raise ConfigError(f"MEDIA_ALLOWED_HOSTS: expected host, host:port or a URL, got {item!r}")
-        hosts |= named
-    return frozenset(hosts)
+def _from_file(name: str, raw: str, env: Mapping[str, str]) -> str:
+    variable = f"{name}_FILE"
+    path = env.get(variable, "").strip()
+    if not path:
+        return raw
+    if raw:
+        raise ConfigError(f"{variable}: set either {name} or {variable}, not both")
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path!r}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{variable}: {path!r} is empty")
+    return text
 
 
-def _media_settings(env: Mapping[str, str]) -> dict[str, object]:
-    model = env.get("TRANSCRIPTION_MODEL", "").strip() or Settings.transcription_model
-    image_input = env.get("IMAGE_INPUT", "").strip().lower() or Settings.image_input
-    if image_input not in ("inline", "url"):
-        raise ConfigError(f"IMAGE_INPUT: expected inline or url, got {image_input!r}")
-    return {
-        "transcription_model": "" if model.lower() == "off" else model,
-        "transcription_base_url": _url(env, "TRANSCRIPTION_BASE_URL", ("http", "https")),
-        "transcription_api_key": env.get("TRANSCRIPTION_API_KEY", "").strip(),
-        "vision": _bool(env, "VISION", Settings.vision),
-        "image_input": image_input,
-        "max_media_bytes": _int(env, "MAX_MEDIA_BYTES", Settings.max_media_bytes, minimum=1024),
-        "max_images_per_burst": _int(env, "MAX_IMAGES_PER_BURST", Settings.max_images_per_burst,
-                                     minimum=0),
-        "media_timeout_s": _float(env, "MEDIA_TIMEOUT_S", Settings.media_timeout_s),
-        "media_allowed_hosts": _allowed_hosts(env),
-    }
+def _check_age(s: Settings, where: str, name: Callable[[str], str]) -> None:
+    if s.max_buffer_age_ms < s.buffer_duration_ms:
+        raise ConfigError(f"{where}{name('max_buffer_age_ms')}: must be at least "
+                          f"{name('buffer_duration_ms')} ({s.buffer_duration_ms}), got {s.max_buffer_age_ms}")
 
 
-def _presence_settings(env: Mapping[str, str]) -> dict[str, object]:
-    evolution = {
-        "evolution_api_url": _url(env, "EVOLUTION_API_URL", ("http", "https")),
-        "evolution_api_key": env.get("EVOLUTION_API_KEY", "").strip(),
-        "evolution_instance": env.get("EVOLUTION_INSTANCE", "").strip(),
-    }
-    # Half of them set is a typo, not a choice: say so rather than silently send no presence.
-    if any(evolution.values()) and not all(evolution.values()):
-        missing = ", ".join(k.upper() for k, v in evolution.items() if not v)
-        raise ConfigError(f"{missing}: EVOLUTION_API_URL, EVOLUTION_API_KEY and "
-                          "EVOLUTION_INSTANCE are set together or not at all")
-    return {"typing_indicator": _bool(env, "TYPING_INDICATOR", Settings.typing_indicator),
-            **evolution,
-            "handoff_keywords": parse_keywords(env.get("HANDOFF_KEYWORDS", "")),
-            "handoff_message": env.get("HANDOFF_MESSAGE", "").strip(),
-            "handoff_tool": _bool(env, "HANDOFF_TOOL", Settings.handoff_tool)}
+def _as_text(value: object) -> str:
+    """A TOML value as the environment would spell it, so that one parser checks both."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, str | int | float):
+        return str(value).strip()
+    raise _Invalid(f"expected a string, a number, true or false, or a list of strings, "
+                   f"got {type(value).__name__}")
+
+
+def _inbox_settings(base: Settings, path: str) -> dict[int, Settings]:
+    """INBOX_SETTINGS_FILE's [inbox.<id>] tables, each as `base` with its overrides."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{_INBOX_FILE}: cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{_INBOX_FILE}: {path!r} is not valid TOML: {reason}") from None
+    tables = data.get("inbox", {})
+    if set(data) - {"inbox"} or not isinstance(tables, dict):
+        other = next(iter(sorted(set(data) - {"inbox"})), "inbox")
+        raise ConfigError(f"{_INBOX_FILE}: unexpected {other!r}; every setting goes in an "
+                          "[inbox.<id>] table")
+    inboxes: dict[int, Settings] = {}
+    for inbox, table in tables.items():
+        where = f"{_INBOX_FILE}: [inbox.{inbox}]"
+        if not inbox.isdigit() or int(inbox) < 1:
+            raise ConfigError(f"{where}: an inbox is named by its Chatwoot id, a whole number")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table of settings")
+        overrides: dict[str, Any] = {}
+        for key, value in table.items():
+            name = INBOX_KEYS.get(key)
+            if name is None:
+                raise ConfigError(f"{where} {key}: not a setting an inbox can override; those are "
+                                  f"{', '.join(INBOX_KEYS)}")
+            try:
+                overrides[name] = DECLARED[name].value(_as_text(value), SETTINGS_DEFAULTS[name])
+            except _Invalid as exc:
+                raise ConfigError(f"{where} {key}: {exc}") from None
+        own = dataclasses.replace(base, **overrides)
+        _check_age(own, f"{where} ", lambda attr: DECLARED[attr].key)
+        inboxes[int(inbox)] = own
+    return inboxes
+
+
+def _hide_password(url: str) -> str:
+    # Managed Redis puts its password in REDIS_URL (redis://:password@host): the start-up line
+    # that dumps the settings must not carry it.
+    password = urlparse(url).password
+    return url.replace(f":{password}@", ":<set>@", 1) if password else url
+
+
+def _redact(name: str, value: Any) -> object:
+    if name in SECRET_FIELDS:
+        return "<set>" if value else "<unset>"
+    if name == "system_prompt":
+        return f"<{len(value)} chars>"
+    if name.endswith("_url"):
+        return _hide_password(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    return value
+
+
+def _shown(name: str) -> str:
+    declared, default = DECLARED[name], SETTINGS_DEFAULTS[name]
+    if declared.shown:
+        return declared.shown
+    if isinstance(default, bool):
+        return "`on`" if default else "`off`"
+    if default is None or (isinstance(default, str | tuple | frozenset) and not default):
+        return "—"
+    return f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+
+
+def markdown_table() -> str:
+    """README.md's configuration table: every setting, its default and what it does."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, declared in DECLARED.items():
+        variable = f"`{declared.env}`" + (f" or `{declared.env}_FILE`" if declared.file_variant else "")
+        per_inbox = " (per inbox)" if declared.per_inbox else ""
+        rows.append(f"| {variable} | {_shown(name)} | {declared.help}{per_inbox} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -22,9 +22,10 @@ in docs/delivery-guarantees.md.
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from redis.exceptions import RedisError
@@ -43,6 +44,8 @@ from .store import Batch, BufferStore
 log = structlog.get_logger("buffer_service.processor")
 
 _MAX_BACKOFF_MS = 300_000
+
+T = TypeVar("T")
 
 
 def build_prompt(system_prompt: str, history: list[dict[str, Any]],
@@ -86,10 +89,27 @@ class Processor:
         self.media = Media(settings, store, self.limits)
         self.presence = presence or Presence(settings, chatwoot, None)
         self.handover = Handover(settings, store, chatwoot)
+        self._inboxes: dict[int, Processor] = {}
+
+    def for_inbox(self, inbox_id: int | None) -> Processor:
+        """This processor as a batch's inbox has it (INBOX_SETTINGS_FILE): the same clients and
+        state, the inbox's settings. A part that keeps a per-inbox setting of its own (the
+        model, typing, vision) is swapped here; everything else reads `self.settings`."""
+        settings = self.settings.for_inbox(inbox_id)
+        if inbox_id is None or settings is self.settings:
+            return self
+        if inbox_id not in self._inboxes:
+            self._inboxes[inbox_id] = _with(
+                self, settings=settings, llm=_with(self.llm, model=settings.openai_model),
+                presence=_with(self.presence, enabled=settings.typing_indicator),
+                media=_with(self.media, settings=settings))
+        return self._inboxes[inbox_id]
 
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
         failed, lost, interrupted). Cancelled (shutdown), it hands the batch back first."""
+        if (inbox := self.for_inbox(batch.inbox_id)) is not self:
+            return await inbox.process(batch)  # with its inbox's prompt, model, ...
         structlog.contextvars.bind_contextvars(
             batch=batch.id, conversation=batch.conv, attempt=batch.attempts)
         keeper = asyncio.create_task(self._keep_lease(batch))
@@ -299,6 +319,14 @@ class Processor:
                     return
             except Exception as exc:  # Redis briefly away: the next renewal may succeed
                 log.warning("lease_renew_error", error=str(exc))
+
+
+def _with(part: T, **attributes: object) -> T:
+    """A shallow copy of `part` (sharing its clients, tasks and state) with other `attributes`."""
+    view = copy.copy(part)
+    for name, value in attributes.items():
+        setattr(view, name, value)
+    return view
 
 
 def _handoff_reason(handoff: str) -> str:

@@ -104,6 +104,12 @@ class Batch:
     def shard(self) -> int:
         return int(self.id.split("-", 1)[0])
 
+    @property
+    def inbox_id(self) -> int | None:
+        """The conversation's inbox, as its messages name it (the last that does, like the job
+        record, claim.lua): its settings answer the batch (Settings.for_inbox)."""
+        return next((int(m["inbox"]) for m in reversed(self.messages) if m.get("inbox")), None)
+
 
 class BufferStore:
     """All reads and writes of buffer state; nothing else in the service builds a key."""
@@ -122,6 +128,12 @@ class BufferStore:
         }
         # Webhooks arrive concurrently: their appends share one round trip (see batcher.py).
         self._append = ScriptBatcher(redis, self._scripts["append"])
+        # Inboxes whose window, size or age differ (INBOX_SETTINGS_FILE), for claim.lua.
+        limits = {str(inbox): [own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms]
+                  for inbox, own in settings.inboxes.items()}
+        own_limits = {inbox: limit for inbox, limit in limits.items() if limit != [
+            settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms]}
+        self._inbox_limits = orjson.dumps(own_limits) if own_limits else b""
 
     # -- keys -------------------------------------------------------------------------------
     def shard_of(self, conv: str) -> int:
@@ -143,7 +155,7 @@ class BufferStore:
         """Take a customer message in (append.lua). `snapshot`: the conversation as the
         message's webhook showed it (its `updated_at` versions who is in charge).
         buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
-        s = self.settings
+        s = self.settings.for_inbox(msg.inbox_id)
         shard = self.shard_of(msg.conv)
         k = self.shard_keys(shard)
         raw = await self._append(
@@ -213,7 +225,7 @@ class BufferStore:
         raw = await self._scripts["claim"](
             keys=[k["due"], k["first"], k["inflight"], k["active"], k["seq"], k["failed"]],
             args=[self.prefix(shard), shard, limit, s.processing_lease_ms, s.buffer_duration_ms,
-                  s.max_buffer_size, s.max_buffer_age_ms, s.max_attempts],
+                  s.max_buffer_size, s.max_buffer_age_ms, s.max_attempts, self._inbox_limits],
         )
         batches = [
             Batch(id=_s(b[0]), token=_s(b[1]), attempts=int(b[2]), conv=_s(b[3]),
@@ -249,7 +261,7 @@ class BufferStore:
         have gone through: ask Chatwoot, then call again with absent=True if it has no such
         message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
         'lost'."""
-        s = self.settings
+        s = self.settings.for_inbox(batch.inbox_id)
         shard = batch.shard
         k = self.shard_keys(shard)
         verdict, detail = await self._scripts["before_post"](
@@ -356,9 +368,10 @@ class BufferStore:
 
     def _history_cap(self) -> int:
         # Room for a whole burst on top of the history a prompt uses, so that one long burst
-        # does not push out every earlier turn.
+        # does not push out every earlier turn (of any inbox: one cap for every conversation).
         s = self.settings
-        return s.history_messages + s.max_buffer_size if s.history_messages else 0
+        largest = max(own.max_buffer_size for own in (s, *s.inboxes.values()))
+        return s.history_messages + largest if s.history_messages else 0
 
 
 def _version(version: float | None) -> str:

@@ -5,7 +5,8 @@
 -- KEYS: 1 due, 2 first, 3 inflight (zset batch id -> lease expiry or retry time),
 --       4 active (hash conv -> batch id: at most one batch per conversation), 5 seq, 6 failed
 -- ARGV: 1 key prefix of this shard ("bs:{s3}:"), 2 shard number, 3 limit, 4 lease ms,
---       5 window ms, 6 max size, 7 max age ms, 8 max attempts
+--       5 window ms, 6 max size, 7 max age ms, 8 max attempts, 9 inboxes with a window, size
+--       or age of their own (INBOX_SETTINGS_FILE), JSON {"<inbox id>": [window, size, age]} or ''
 -- Returns {now, next wake ms or -1, batch...}; a batch is
 --   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages},
 --    takeover reason or ''}
@@ -19,7 +20,19 @@ local window = tonumber(ARGV[5])
 local max_size = tonumber(ARGV[6])
 local max_age = tonumber(ARGV[7])
 local max_attempts = tonumber(ARGV[8])
+local inboxes = ARGV[9] ~= '' and cjson.decode(ARGV[9]) or nil
 local out = {now, -1}
+
+-- A burst's window, size and age: its inbox's, which rides on each message (the last names it,
+-- as in the job record), else the service's.
+local function limits_of(buf)
+  if inboxes then
+    local ok, last = pcall(cjson.decode, redis.call('LINDEX', buf, -1))
+    local own = ok and type(last) == 'table' and last.inbox and inboxes[tostring(last.inbox)]
+    if own then return own[1], own[2], own[3] end
+  end
+  return window, max_size, max_age
+end
 
 local function reason_for(conv)
   return takeover_reason(P .. 'handoff:' .. conv, P .. 'pause:' .. conv) or ''
@@ -79,6 +92,7 @@ if taken < limit then
       redis.call('ZREM', KEYS[1], conv)
       redis.call('HDEL', KEYS[2], conv)
     else
+      local window, max_size, max_age = limits_of(buf)
       local seq = redis.call('INCR', KEYS[5])
       local id = ARGV[2] .. '-' .. seq
       local token = redis.call('INCR', KEYS[5])
