@@ -3,7 +3,8 @@
 -- the bot (reason ''). Webhooks overtake each other, so Chatwoot's `updated_at` of the
 -- conversation versions the record (lib.lua: take_charge); a buffered customer message counts
 -- as a snapshot too (append.lua).
--- KEYS: 1 handoff:<conv> (hash reason, v)
--- ARGV: 1 reason ('' = the bot may answer), 2 version (0 when the payload had none), 3 ttl ms
+-- KEYS: handoff
+-- ARGV: reason version ttl_ms
+-- handoff: hash reason, v; reason '' = the bot may answer; version 0 when the payload had none.
 -- Returns 1 when the record now says `reason`, 0 when a newer snapshot says otherwise.
 return take_charge(KEYS[1], ARGV[1], tonumber(ARGV[2]) or 0, ARGV[3]) and 1 or 0
