@@ -15,6 +15,7 @@ cannot drift apart by position. tests/test_scripts.py checks every call site aga
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ _BATCHED = frozenset({"append"})
 
 
 class ScriptCallError(TypeError):
-    """A script was called with names its header does not declare, or without one it needs."""
+    """A script's header is malformed, or a call names what it does not declare or omits what
+    it needs."""
 
 
 @dataclass(frozen=True)
@@ -128,21 +130,25 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         sources = sources_by_name()
-        declared = set(self.__annotations__)
+        declared = set(Scripts.__annotations__)
         if set(sources) != declared:
             raise ScriptCallError(f"lua/ and Scripts disagree: files {sorted(set(sources) - declared)} "
                                   f"not declared, declared {sorted(declared - set(sources))} missing")
-        lib = _lua().joinpath("lib.lua").read_text(encoding="utf-8")
-        self.all = {name: Script(redis, name, source, lib, batched=name in _BATCHED)
-                    for name, source in sources.items()}
-        for name, script in self.all.items():
-            setattr(self, name, script)
+        lib = _lib()
+        for name, source in sources.items():
+            setattr(self, name, Script(redis, name, source, lib, batched=name in _BATCHED))
 
 
 def _lua() -> Any:
     return resources.files(__package__).joinpath("lua")
 
 
+@functools.cache
+def _lib() -> str:
+    return _lua().joinpath("lib.lua").read_text(encoding="utf-8")
+
+
+@functools.cache
 def sources_by_name() -> dict[str, str]:
     """Every script's own text (without lib.lua), by name."""
     return {path.name.removesuffix(".lua"): path.read_text(encoding="utf-8")

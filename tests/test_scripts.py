@@ -7,14 +7,18 @@ these checks make it an error before anything runs.
 from __future__ import annotations
 
 import ast
+import asyncio
 import re
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from buffer_service.chatwoot import ChatMessage, Decision, Handoff
 from buffer_service.keys import Keys
 from buffer_service.scripts import ScriptCallError, Scripts, Signature, sources_by_name
+from buffer_service.store import BufferStore
 
 SOURCES = sources_by_name()
 PACKAGE = Path(str(resources.files("buffer_service")))
@@ -126,3 +130,21 @@ def test_scripts_build_key_names_only_from_the_prefix_they_are_passed(settings):
                 assert word in names, f"{name}.lua uses a key name keys.py does not know: {word}"
             else:
                 assert word not in names, f"{name}.lua builds {word!r} from {base}, not the prefix"
+
+
+async def test_every_way_of_calling_a_script_reloads_it_after_a_script_flush(redis, settings):
+    """A restarted Redis has no scripts: the batched call (append), a pipelined one (note with
+    its handoff) and a plain one (claim) each load theirs again and run once."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
+    assert (await store.append(ChatMessage(1, 901, 1, "hi"))).buffered
+    await redis.script_flush()
+    assert (await store.append(ChatMessage(1, 901, 2, "again"))).count == 2
+    await redis.script_flush()
+    agent = ChatMessage(1, 901, 3, "I take it", role="assistant")
+    assert await store.note(Decision("note", message=agent, handoff=Handoff(1, 901, "assignee", 5.0),
+                                     from_agent=True)) == "paused"
+    await redis.script_flush()
+    await asyncio.sleep(0.01)
+    _, _, batches = await store.claim(store.keys.shard_of("1:901"), 10)
+    assert [m["text"] for b in batches for m in b.messages] == ["hi", "again"]
+    assert batches[0].takeover == "assignee"
