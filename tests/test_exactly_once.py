@@ -155,7 +155,7 @@ async def test_fingerprints_are_bounded_in_count(redis, settings):
         assert (await store.before_post(batch, f"answer number {i}"))[0] == "post"
         # Chatwoot answered no id: only the fingerprint can recognise the echo.
         assert await store.finish(batch, "completed", reply=f"answer number {i}", reply_id=0)
-    own = store.key(store.shard_of("1:205"), "sent:1:205")
+    own = store.keys.sent("1:205")
     assert await redis.zcard(own) == 16
     assert 0 < await redis.pttl(own) <= 3_600_000
     # The newest are kept: an echo of the last reply is still recognised.

@@ -228,9 +228,9 @@ async def test_a_lease_that_lapses_at_every_attempt_ends_failed_with_its_message
     job = await store.job(batch.id)
     assert job["state"] == "failed" and job["attempts"] == "3"
     assert job["error"] == "lease expired while processing (attempt 3)"
-    assert await redis.lrange(store.key(batch.shard, f"msgs:{batch.id}"), 0, -1)
-    assert await redis.zscore(store.key(batch.shard, "failed"), batch.id)
-    assert await redis.hget(store.key(batch.shard, "active"), batch.conv) is None
+    assert await redis.lrange(store.keys.messages(batch.id), 0, -1)
+    assert await redis.zscore(store.keys.failed(batch.shard), batch.id)
+    assert await redis.hget(store.keys.active(batch.shard), batch.conv) is None
 
 
 # -- retries --------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ async def test_llm_failing_always_fails_the_batch_and_a_requeue_answers_it_once(
         await svc.webhook(message_payload(message_id=70 + i, conversation_id=70, content=f"q{i}"))
     failed = await eventually(job_in("failed", redis, "1:70"), timeout=15)
     assert failed["attempts"] == "3" and "HTTP 500" in failed["error"]
-    kept = await redis.lrange(store.key(int(failed["id"].split("-")[0]), f"msgs:{failed['id']}"), 0, -1)
+    kept = await redis.lrange(store.keys.messages(failed["id"]), 0, -1)
     assert len(kept) == 2
     assert chatwoot.posts == []  # never an error text to the customer
 
@@ -376,7 +376,7 @@ async def test_a_human_agents_message_pauses_the_bot(settings, make_service, llm
     assert skipped["reason"] == "human_agent_replied"
     assert llm.calls == [] and chatwoot.posts == []
     # HUMAN_PAUSE_MS later the bot answers again, with the human's turn in the prompt.
-    pause = store.key(store.shard_of("1:130"), "pause:1:130")
+    pause = store.keys.pause("1:130")
     await eventually(lambda: _missing(redis, pause), timeout=10)
     await svc.webhook(message_payload(message_id=132, conversation_id=130, content="one more thing"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
@@ -698,10 +698,10 @@ async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make
     await asyncio.sleep(2.0)  # the worker swept once, found nothing, sleeps for a minute
     # A due burst whose wake-up the worker never heard (written without the append's PUBLISH).
     conv = "1:190"
-    shard = store.shard_of(conv)
-    await redis.rpush(store.key(shard, f"buf:{conv}"), ChatMessage(1, 190, 1, "anyone?").to_json())
-    await redis.hset(store.key(shard, "first"), conv, int(time.time() * 1000))
-    await redis.zadd(store.key(shard, "due"), {conv: int(time.time() * 1000)})
+    shard = store.keys.shard_of(conv)
+    await redis.rpush(store.keys.buffer(conv), ChatMessage(1, 190, 1, "anyone?").to_json())
+    await redis.hset(store.keys.first(shard), conv, int(time.time() * 1000))
+    await redis.zadd(store.keys.due(shard), {conv: int(time.time() * 1000)})
     await asyncio.sleep(0.5)
     assert chatwoot.posts == []
     await redis.client_kill_filter(_type="pubsub")

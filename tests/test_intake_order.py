@@ -81,8 +81,7 @@ async def test_redeliveries_do_not_use_up_the_rate_limit_and_refused_messages_ar
                                           "limit": "conversation"}
     assert (await svc.webhook(refused))["status"] == "duplicate"
     # Not buffered, but in the history the next prompt reads, and counted for operators.
-    shard = store.shard_of("1:302")
-    assert await redis.llen(store.key(shard, "buf:1:302")) == 3
+    assert await redis.llen(store.keys.buffer("1:302")) == 3
     assert await _history(redis, settings, "1:302") == ["m4"]
     stats = await Operations(store, Flags(redis, settings)).stats(hours=1)
     assert stats["totals"]["refused_messages"] == {"rate_limited": 1}
@@ -94,7 +93,7 @@ async def test_a_full_buffer_keeps_the_refused_message_in_the_history(settings, 
                for i in range(1, 6)]
     assert answers[-1] == {"status": "ignored", "reason": "buffer_full"}
     kept = await _history(redis, settings, "1:303")
-    assert kept and len(kept) + await redis.llen(store.key(store.shard_of("1:303"), "buf:1:303")) == 5
+    assert kept and len(kept) + await redis.llen(store.keys.buffer("1:303")) == 5
 
 
 # -- point 4: a size split keeps the leftovers' age ----------------------------------------------------
@@ -105,10 +104,10 @@ async def test_messages_left_by_a_size_split_keep_their_arrival_time(redis, sett
     await asyncio.sleep(1.0)  # the split happens a second after the third message arrived
     batch = await _claim_one(store)
     assert [m["text"] for m in batch.messages] == ["m0", "m1"]
-    shard = store.shard_of("1:304")
+    shard = store.keys.shard_of("1:304")
     arrived = results[2].now_ms
-    assert int(await redis.hget(store.key(shard, "first"), "1:304")) == arrived
-    assert int(await redis.zscore(store.key(shard, "due"), "1:304")) == arrived + 3000
+    assert int(await redis.hget(store.keys.first(shard), "1:304")) == arrived
+    assert int(await redis.zscore(store.keys.due(shard), "1:304")) == arrived + 3000
 
 
 # -- point 5: bounds ---------------------------------------------------------------------------------------
@@ -120,9 +119,9 @@ def test_a_buffer_size_beyond_what_a_script_can_move_stops_start_up():
 async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis, settings, llm, chatwoot):
     s = replace(settings, buffer_duration_ms=1)
     store = BufferStore(redis, s)
-    conv_shard = store.shard_of("1:305")
+    conv_shard = store.keys.shard_of("1:305")
     broken = (conv_shard - 1) % s.shards
-    await redis.set(store.key(broken, "due"), "not a sorted set")  # every claim there fails
+    await redis.set(store.keys.due(broken), "not a sorted set")  # every claim there fails
     await store.append(ChatMessage(1, 305, 50, "hi"))
     await asyncio.sleep(0.05)
     worker = Worker(store, Processor(s, store, None, None), redis)  # type: ignore[arg-type]

@@ -87,7 +87,7 @@ async def test_a_conversation_answered_just_before_the_upgrade_still_works_after
     in before_post at every attempt until the batch is failed."""
     store = BufferStore(redis, settings)
     conv = "1:402"
-    own = store.key(store.shard_of(conv), f"own:{conv}")
+    own = store.keys.prefix(store.keys.shard_of(conv)) + f"own:{conv}"  # a key of old releases
     await redis.hset(own, "0123456789abcdef0123456789abcdef01234567", 1)  # as c4c6250 left it
     await redis.pexpire(own, 3_600_000)
     svc = await make_service(replace(settings, buffer_duration_ms=300, max_attempts=2,
@@ -97,7 +97,7 @@ async def test_a_conversation_answered_just_before_the_upgrade_still_works_after
         sender_type="user", sender_name="Ana Agent"))
     human_status = status  # a human agent's message must pause the bot, not answer 503
 
-    await redis.delete(store.key(store.shard_of(conv), f"pause:{conv}"))
+    await redis.delete(store.keys.pause(conv))
     await svc.webhook(message_payload(message_id=61, conversation_id=402, content="hello"))
 
     async def settled() -> dict[str, str] | None:

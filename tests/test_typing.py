@@ -152,7 +152,7 @@ async def test_whatsapp_presence_through_evolution(settings, make_service, llm, 
     svc = await make_service(_with_evolution(settings, evolution))
     await svc.webhook(message_payload(message_id=12, conversation_id=20, content="hi"))
     # The buffered message carries the contact's number for the presence.
-    buffered = await redis.lrange(store.key(store.shard_of("1:20"), "buf:1:20"), 0, -1)
+    buffered = await redis.lrange(store.keys.buffer("1:20"), 0, -1)
     assert orjson.loads(buffered[0])["ph"] == NUMBER
     await wait_for(lambda: len(chatwoot.posts) == 1)
     await wait_for(lambda: evolution.presence_for(NUMBER)[-1:] == ["paused"])
