@@ -50,7 +50,7 @@ from common import (
 )
 from redis.asyncio import Redis
 
-from buffer_service.standins import message_payload
+from devtools.chatwoot_standin import message_payload
 
 # Realistic Brazilian WhatsApp text (the product's users), about 100 characters.
 TEXT = "Oi, boa tarde! Fiz o pedido 48213 na semana passada e ainda não chegou. Vocês conseguem ver o status?"

@@ -1,6 +1,6 @@
 """Benchmark 4: LLM calls saved. A seeded synthetic trace (bench/chat_trace.py) replayed through the
 whole pipeline: `buffer-service serve --no-worker` and `buffer-service worker` as processes,
-the LLM and Chatwoot stand-ins (buffer_service.standins) as the outside world, a redis-server
+the LLM and Chatwoot stand-ins (devtools.chatwoot_standin) as the outside world, a redis-server
 of our own. Time runs --scale times faster than the trace, and so does the service's window
 (MESSAGE_BUFFER_DURATION_MS = 30 s / scale) and age cap (300 s / scale). The default scale (20)
 keeps the compressed load (about 30 bursts/s for 2000 conversations) within what one worker
@@ -41,7 +41,7 @@ from common import (
 )
 from redis.asyncio import Redis
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, message_payload
 
 WINDOW_S, MAX_AGE_S = 30.0, 300.0
 

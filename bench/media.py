@@ -32,7 +32,7 @@ from common import (
     workdir,
 )
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, attachment, message_payload
 
 TRANSCRIPTION_S = 3.0
 _ids = iter(range(1, 10**9))

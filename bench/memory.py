@@ -42,8 +42,8 @@ from redis.asyncio import Redis
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.service import make_redis
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import message_payload
 
 # ~100 characters of text, like a WhatsApp message (the target's "3 messages of ~100 chars").
 TEXT = "Oi! Comprei um tênis na sexta e veio o tamanho errado, 41 em vez de 42. Como faço a troca, por favor?"

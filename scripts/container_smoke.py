@@ -42,7 +42,16 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
+# The stand-ins run on this host, from the checkout: devtools is not installed (nor in the image).
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from devtools.chatwoot_standin import (
+    ChatwootStandIn,
+    LLMStandIn,
+    message_payload,
+    webhook_headers,
+)
 
 WINDOW_MS = 1000
 BURST = ["oi, bom dia", "meu pedido 5521 chegou quebrado", "a caixa estava amassada", "o que faço?"]

@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 
 from buffer_service import logs, service
 from buffer_service.config import Settings
-from buffer_service.standins import ChatwootStandIn, LLMStandIn
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_CONF = ROOT / "redis.conf"

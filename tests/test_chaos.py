@@ -26,7 +26,7 @@ from conftest import service_env, spawn, with_port
 from redis.asyncio import Redis
 from test_pipeline import wait_for
 
-from buffer_service.standins import ChatwootStandIn, LLMCall, LLMStandIn, Post, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, LLMCall, LLMStandIn, Post, message_payload
 
 CONVERSATIONS = 1000
 WORKERS = 3

@@ -18,7 +18,7 @@ from test_pipeline import wait_for
 
 from buffer_service.config import Settings
 from buffer_service.flags import MAX_AGE_S, Flags
-from buffer_service.standins import message_payload
+from devtools.chatwoot_standin import message_payload
 
 SCRIPTS = ROOT / "scripts"
 

@@ -16,8 +16,8 @@ from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.config import Settings
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, message_payload
 
 
 async def _history(redis: Redis, settings: Settings, conv: str) -> list[str]:

@@ -29,7 +29,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from test_pipeline import wait_for
 
-from buffer_service.standins import message_payload, webhook_headers
+from devtools.chatwoot_standin import message_payload, webhook_headers
 
 ADMIN = "admin-token-0123456789abcdef"
 PATHS = ["/webhooks/chatwoot", "/functions/v1/chatwoot-webhook-v2",

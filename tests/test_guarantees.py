@@ -27,8 +27,8 @@ from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.config import Settings
-from buffer_service.standins import ChatwootStandIn, message_payload
 from buffer_service.store import Batch, BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn, message_payload
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from buffer_service.flags import Flags
 from buffer_service.ops import Operations
 from buffer_service.processor import Processor
 from buffer_service.scheduler import Worker
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import message_payload
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

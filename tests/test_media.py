@@ -26,7 +26,7 @@ from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import classify
 from buffer_service.config import ConfigError, Settings
 from buffer_service.downloads import Downloader, DownloadError, is_public
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, attachment, message_payload
 
 PNG_1 = b"\x89PNG\r\n\x1a\n" + b"first photo" * 20
 PNG_2 = b"\x89PNG\r\n\x1a\n" + b"second photo" * 20

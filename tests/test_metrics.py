@@ -15,8 +15,8 @@ from test_pipeline import wait_for
 
 from buffer_service.flags import MAX_AGE_S, Flags
 from buffer_service.ops import Operations
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import message_payload
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -17,8 +17,8 @@ from test_pipeline import user_texts, wait_for
 from buffer_service import admin
 from buffer_service.flags import MAX_AGE_S, Flags, _percent_bucket
 from buffer_service.ops import Operations
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import message_payload
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -17,7 +17,7 @@ from conftest import with_port
 from test_pipeline import wait_for
 
 from buffer_service import sessions
-from buffer_service.standins import message_payload
+from devtools.chatwoot_standin import message_payload
 
 TOKEN = "admin-token-for-page-tests-0123456789"
 

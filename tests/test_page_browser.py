@@ -21,7 +21,7 @@ from test_pipeline import wait_for
 
 from buffer_service import sessions
 from buffer_service.flags import Flags
-from buffer_service.standins import message_payload
+from devtools.chatwoot_standin import message_payload
 
 TOKEN = "admin-token-for-browser-tests-0123456789"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import structlog.testing
 
-from buffer_service.standins import attachment, message_payload
+from devtools.chatwoot_standin import attachment, message_payload
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:

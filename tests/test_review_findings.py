@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from test_guarantees import _claim_one, eventually, job_in, jobs
 
 from buffer_service.chatwoot import ChatMessage, Decision
-from buffer_service.standins import ChatwootStandIn, message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn, message_payload
 
 
 # -- finding 1: the confirm step takes an earlier reply with the same text for this one --------

@@ -28,8 +28,8 @@ from buffer_service.app import create_app
 from buffer_service.auth import signature_error
 from buffer_service.chatwoot import TRUNCATION_MARK
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
 
 SECRET = "chatwoot-webhook-secret-from-the-ui"
 TOKEN = "webhook-token-0123456789abcdef"

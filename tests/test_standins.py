@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from buffer_service.standins import (
+from devtools.chatwoot_standin import (
     ChatwootStandIn,
     LLMStandIn,
     attachment,

@@ -19,7 +19,7 @@ from test_pipeline import wait_for
 
 from buffer_service import handoff as handoff_module
 from buffer_service.keywords import parse_keywords
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, _openai_error, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, _openai_error, message_payload
 
 KEYWORDS = parse_keywords("atendente,humano,human,agent")
 SORRY = "Um momento, vou chamar um atendente."

@@ -13,7 +13,7 @@ from test_pipeline import wait_for
 
 from buffer_service import metrics, presence
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import EvolutionStandIn, message_payload
+from devtools.chatwoot_standin import EvolutionStandIn, message_payload
 
 # _phone_for(contact 1) in the stand-in's payloads, digits only.
 NUMBER = "5511900000001"

@@ -14,7 +14,7 @@ import orjson
 from conftest import service_env, spawn, wait_http_ok, with_port
 from test_pipeline import wait_for
 
-from buffer_service.standins import message_payload
+from devtools.chatwoot_standin import message_payload
 
 
 async def test_two_worker_processes_never_answer_a_burst_twice(settings, llm, chatwoot, tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from .standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from .chatwoot_standin import ChatwootStandIn, LLMStandIn, attachment, message_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 
