@@ -25,23 +25,24 @@ import aiohttp
 import chat_trace as trace_mod
 from common import (
     cpu_seconds,
-    free_port,
     median,
     parser,
     percentile,
-    redis_server,
     repeats,
     save,
     service_env,
     spawn_service,
     stop,
     table,
-    wait_port,
     workdir,
 )
 from redis.asyncio import Redis
 
-from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_port
+from devtools.payloads import message_payload
+from devtools.redis_server import running_redis
 
 WINDOW_S, MAX_AGE_S = 30.0, 300.0
 
@@ -98,7 +99,7 @@ async def run_once(tmp: Path, conversations: int, scale: float, seed: int) -> di
     await chatwoot.start()
     procs = []
     try:
-        with redis_server(tmp) as redis:
+        with running_redis(tmp) as redis:
             port = free_port()
             env = service_env(
                 redis.url, port, OPENAI_API_KEY=llm.api_key, OPENAI_BASE_URL=f"{llm.base_url}/v1",

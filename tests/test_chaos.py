@@ -22,11 +22,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import service_env, spawn, with_port
+from helpers import service_env, spawn, wait_for, with_port
 from redis.asyncio import Redis
-from test_pipeline import wait_for
 
-from devtools.chatwoot_standin import ChatwootStandIn, LLMCall, LLMStandIn, Post, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, Post
+from devtools.llm_standin import LLMCall, LLMStandIn
+from devtools.payloads import message_payload
 
 CONVERSATIONS = 1000
 WORKERS = 3

@@ -23,13 +23,12 @@ from typing import Any
 
 import aiohttp
 import orjson
-from conftest import service_env, spawn, with_port
+from helpers import service_env, spawn, wait_for, with_port
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from test_pipeline import wait_for
 
-from devtools.chatwoot_standin import message_payload, webhook_headers
+from devtools.payloads import message_payload, webhook_headers
 
 ADMIN = "admin-token-0123456789abcdef"
 PATHS = ["/webhooks/chatwoot", "/functions/v1/chatwoot-webhook-v2",

@@ -17,16 +17,18 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from conftest import free_port, service_env, spawn, wait_http_ok
+from helpers import service_env, spawn, wait_for
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
-from test_pipeline import wait_for
 
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import classify
 from buffer_service.config import ConfigError, Settings
 from buffer_service.downloads import Downloader, DownloadError, is_public
-from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_http
+from devtools.payloads import attachment, message_payload
 
 PNG_1 = b"\x89PNG\r\n\x1a\n" + b"first photo" * 20
 PNG_2 = b"\x89PNG\r\n\x1a\n" + b"second photo" * 20
@@ -181,7 +183,7 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
     try:
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{settings.port}"
-            await wait_http_ok(session, url + "/healthz")
+            await wait_http(url + "/healthz")
             payload = message_payload(message_id=5, conversation_id=34, content=None,
                                       attachments=[voice(chatwoot, "is the store open today?")])
             async with session.post(url + "/webhooks/chatwoot", json=payload) as resp:

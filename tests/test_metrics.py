@@ -8,15 +8,14 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
-from conftest import free_port, service_env, spawn, wait_http_ok, with_port
+from helpers import eventually, service_env, spawn, wait_for, with_port
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import eventually
-from test_pipeline import wait_for
 
 from buffer_service.flags import MAX_AGE_S, Flags
 from buffer_service.ops import Operations
 from buffer_service.store import BufferStore
-from devtools.chatwoot_standin import message_payload
+from devtools.net import free_port, wait_http
+from devtools.payloads import message_payload
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -125,7 +124,7 @@ async def _two_processes(settings, tmp_path, **extra: str):
 
 
 async def _run_two_bursts(session, server_url: str, chatwoot) -> None:
-    await wait_http_ok(session, server_url + "/healthz")
+    await wait_http(server_url + "/healthz")
     for conv in (1, 2):
         async with session.post(server_url + "/webhooks/chatwoot",
                                 json=message_payload(message_id=conv, conversation_id=conv)) as resp:

@@ -20,16 +20,17 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import service_env, spawn, with_port
+from helpers import service_env, spawn, user_texts, wait_for, with_port
 from prometheus_client import REGISTRY
-from test_pipeline import user_texts, wait_for
 
 from buffer_service.app import create_app
 from buffer_service.auth import signature_error
 from buffer_service.chatwoot import TRUNCATION_MARK
 from buffer_service.config import ConfigError, Settings
 from buffer_service.store import BufferStore
-from devtools.chatwoot_standin import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.payloads import message_payload, webhook_headers
 
 SECRET = "chatwoot-webhook-secret-from-the-ui"
 TOKEN = "webhook-token-0123456789abcdef"

@@ -11,10 +11,10 @@ import collections
 
 import aiohttp
 import orjson
-from conftest import service_env, spawn, wait_http_ok, with_port
-from test_pipeline import wait_for
+from helpers import service_env, spawn, wait_for, with_port
 
-from devtools.chatwoot_standin import message_payload
+from devtools.net import wait_http
+from devtools.payloads import message_payload
 
 
 async def test_two_worker_processes_never_answer_a_burst_twice(settings, llm, chatwoot, tmp_path):
@@ -27,7 +27,7 @@ async def test_two_worker_processes_never_answer_a_burst_twice(settings, llm, ch
     url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_http_ok(session, url + "/readyz")
+            await wait_http(url + "/readyz")
             await asyncio.sleep(0.5)  # workers subscribed
 
             async def converse(conv: int) -> None:
