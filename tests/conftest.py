@@ -4,7 +4,6 @@ local stand-ins for Chatwoot and the LLM, and the service itself in-process or a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from buffer_service.config import Settings
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
-from devtools.net import free_port
+from devtools.net import free_port, wait_http
 from devtools.redis_server import RedisServer
 
 logs.configure("console", os.environ.get("TEST_LOG_LEVEL", "warning"))
@@ -95,15 +94,12 @@ class Service:
         self.session = aiohttp.ClientSession()
 
     async def wait_ready(self) -> None:
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with self.session.get(self.url + "/healthz") as resp:
-                    if resp.status == 200:
-                        return
+        async def running() -> None:
             if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.02)
-        raise RuntimeError("service did not start")
+                self._task.result()  # the service's own error, if it failed to start
+                raise RuntimeError("service stopped before it answered")
+
+        await wait_http(self.url + "/healthz", timeout=10, interval=0.02, alive=running)
 
     async def post(self, path: str, payload: object) -> tuple[int, dict]:
         async with self.session.post(self.url + path, json=payload) as resp:
