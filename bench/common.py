@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:  # `python bench/x.py`: devtools (and buffer_servi
     sys.path.insert(1, str(ROOT))
 
 from buffer_service import logs  # noqa: E402 - needs the path above
+from devtools.processes import operator_env  # noqa: E402
 
 # The service code that runs inside a benchmark process (worker, stores) logs only problems.
 logs.configure("console", "warning")
@@ -41,17 +42,6 @@ logs.configure("console", "warning")
 # Stopped with SIGTERM (e.g. by run_all's caller): unwind, so that the redis-server and service
 # processes a benchmark started are stopped by its `finally` blocks rather than orphaned.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager
@@ -64,22 +54,9 @@ def workdir(name: str) -> Iterator[Path]:
 
 
 def service_env(redis_url: str, port: int, **extra: str | int) -> dict[str, str]:
-    """The environment an operator sets for `buffer-service serve` (cf. tests/helpers.py)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI", "CHATWOOT", "REDIS_", "MESSAGE_BUFFER", "BUFFER_"))}
-    env.update({"REDIS_URL": redis_url, "HOST": "127.0.0.1", "PORT": str(port),
-                "LOG_LEVEL": "info", "LOG_FORMAT": "json"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def spawn_service(args: Sequence[str], env: dict[str, str], log: Path,
-                  code_dir: Path = ROOT) -> subprocess.Popen[bytes]:
-    """`buffer-service <args>` as its own process; `code_dir` picks which checkout runs."""
-    env = dict(env, PYTHONPATH=str(code_dir))
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "buffer_service.cli", *args], env=env,
-                                cwd=code_dir, stdout=out, stderr=subprocess.STDOUT)
+    """The environment an operator sets for `buffer-service serve`."""
+    return operator_env(**{"REDIS_URL": redis_url, "HOST": "127.0.0.1", "PORT": port, "LOG_LEVEL": "info",
+                           "LOG_FORMAT": "json", **extra})
 
 
 def checkout(ref: str, dest: Path) -> Path | None:

@@ -39,8 +39,6 @@ from common import (
     repeats,
     save,
     service_env,
-    spawn_service,
-    stop,
     table,
     workdir,
     wrk,
@@ -49,6 +47,7 @@ from redis.asyncio import Redis
 
 from devtools.net import free_port, wait_port
 from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
 from devtools.redis_server import running_redis
 
 # Realistic Brazilian WhatsApp text (the product's users), about 100 characters.

@@ -23,25 +23,14 @@ from typing import Any
 
 import aiohttp
 import chat_trace as trace_mod
-from common import (
-    cpu_seconds,
-    median,
-    parser,
-    percentile,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    workdir,
-)
+from common import cpu_seconds, median, parser, percentile, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_port
 from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
 from devtools.redis_server import running_redis
 
 WINDOW_S, MAX_AGE_S = 30.0, 300.0

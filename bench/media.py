@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import median, parser, percentile, repeats, save, service_env, spawn_service, stop, table, workdir
+from common import median, parser, percentile, repeats, save, service_env, table, workdir
 
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_port
 from devtools.payloads import attachment, message_payload
+from devtools.processes import spawn_service, stop
 from devtools.redis_server import running_redis
 
 TRANSCRIPTION_S = 3.0

@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from common import median, parser, repeats, save, service_env, spawn_service, stop, table, workdir
+from common import median, parser, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
@@ -32,6 +32,7 @@ from buffer_service.service import make_redis
 from buffer_service.store import BufferStore
 from devtools.net import free_port, wait_port
 from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
 from devtools.redis_server import running_redis
 
 # ~100 characters of text, like a WhatsApp message (the target's "3 messages of ~100 chars").

@@ -20,19 +20,7 @@ from typing import Any
 
 import flush
 import ingest
-from common import (
-    cpu_seconds,
-    median,
-    parser,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    workdir,
-    wrk,
-)
+from common import cpu_seconds, median, parser, repeats, save, service_env, table, workdir, wrk
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
@@ -40,6 +28,7 @@ from buffer_service.config import Settings
 from buffer_service.service import make_redis
 from buffer_service.store import BufferStore
 from devtools.net import free_port, wait_port
+from devtools.processes import spawn_service, stop
 from devtools.redis_server import running_redis
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from .chatwoot_standin import ChatwootStandIn
 from .llm_standin import LLMStandIn
 from .net import free_port, wait_http
 from .payloads import attachment, message_payload
+from .processes import operator_env, spawn_service, stop
 from .redis_server import RedisServer
 
 
@@ -73,26 +72,23 @@ async def run_demo(window_ms: int) -> int:
     port = free_port()
     service_url = f"http://127.0.0.1:{port}"
     chatwoot.echo_webhook_url = f"{service_url}/webhooks/chatwoot"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATWOOT_"))},
-        "REDIS_URL": redis.url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "OPENAI_API_KEY": "demo-llm-key",
-        "OPENAI_BASE_URL": f"{llm.base_url}/v1",
-        "CHATWOOT_BASE_URL": chatwoot.base_url,
-        "CHATWOOT_API_TOKEN": "demo-chatwoot-token",
-        "MESSAGE_BUFFER_DURATION_MS": str(window_ms),
-        "BUFFER_PROCESSING_INTERVAL_MS": "10000",
-        "LOG_FORMAT": "json",
-    }
+    env = operator_env(
+        REDIS_URL=redis.url,
+        HOST="127.0.0.1",
+        PORT=port,
+        OPENAI_API_KEY="demo-llm-key",
+        OPENAI_BASE_URL=f"{llm.base_url}/v1",
+        CHATWOOT_BASE_URL=chatwoot.base_url,
+        CHATWOOT_API_TOKEN="demo-chatwoot-token",
+        MESSAGE_BUFFER_DURATION_MS=window_ms,
+        BUFFER_PROCESSING_INTERVAL_MS=10000,
+        LOG_FORMAT="json",
+    )
     log_path = workdir / "service.log"
     print(f"redis-server on 127.0.0.1:{redis.port} (repo redis.conf, data in {workdir})")
     print(f"LLM stand-in at {llm.base_url}/v1, Chatwoot stand-in at {chatwoot.base_url}")
     print(f"buffer-service serve on {service_url}, MESSAGE_BUFFER_DURATION_MS={window_ms}")
-    with log_path.open("wb") as log_file:
-        service = subprocess.Popen([sys.executable, "-m", "buffer_service.cli", "serve"], env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+    service = spawn_service(["serve"], env, log_path)
     timeline = Timeline()
     try:
         async def service_alive() -> None:
@@ -129,11 +125,7 @@ async def run_demo(window_ms: int) -> int:
         await asyncio.sleep(1.0)  # let the echoes of the replies arrive
         await chatwoot.wait_echoes()
     finally:
-        service.terminate()
-        try:
-            service.wait(15)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        stop(service, 15)
         await llm.stop()
         await chatwoot.stop()
         redis.stop()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Self
 
 from .net import free_port
+from .processes import stop
 
 REDIS_CONF = Path(__file__).resolve().parent.parent / "redis.conf"
 
@@ -59,14 +60,9 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM (Redis saves and exits), SIGKILL if that takes longer than `timeout`."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def stop(self) -> None:
+        """SIGTERM (Redis saves and exits), SIGKILL if that takes too long."""
+        stop(self.proc)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,11 @@
 """What test modules share besides fixtures: waiting for a condition or a job state, claiming a
-batch, webhook events, and running the service and its command line as real processes with the
-environment an operator would set."""
+batch, webhook events, and the environment an operator would set for the service and its command line,
+run as real processes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from buffer_service.store import Batch, BufferStore
 from devtools.llm_standin import LLMCall
 from devtools.net import free_port
 from devtools.payloads import message_payload
+from devtools.processes import operator_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,8 +42,7 @@ def user_texts(call: LLMCall) -> list[str]:
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment an operator would set, for running the service as a real process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "CHATWOOT"))}
-    env.update({
+    return operator_env(**{
         "REDIS_URL": settings.redis_url,
         "HOST": settings.host,
         "PORT": str(settings.port),
@@ -60,15 +59,8 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "RETRY_BASE_MS": str(settings.retry_base_ms),
         "LLM_MAX_RETRIES": str(settings.llm_max_retries),
         "LOG_LEVEL": "info",
+        **extra,
     })
-    env.update(extra)
-    return env
-
-
-def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    out = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "buffer_service.cli", *args], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
 
 
 def with_port(settings: Settings) -> Settings:

@@ -29,7 +29,6 @@ from helpers import (
     job_in,
     jobs,
     service_env,
-    spawn,
     wait_for,
     with_port,
 )
@@ -40,6 +39,7 @@ from buffer_service.config import Settings
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 
 class HeldChatwoot(ChatwootStandIn):
@@ -95,7 +95,7 @@ class Workers:
 
     async def start(self, settings: Settings, **env: str) -> subprocess.Popen[bytes]:
         log = self.logs / f"worker{len(self.procs)}.log"
-        proc = spawn(["worker"], service_env(with_port(settings), **env), log)
+        proc = spawn_service(["worker"], service_env(with_port(settings), **env), log)
         self.procs.append(proc)
 
         async def started() -> bool:
@@ -537,7 +537,7 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
 async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoot, redis_server, tmp_path):
     # No periodic sweep to lean on: after the restart, only the reconnect makes it look.
     settings = replace(settings, buffer_duration_ms=2500, processing_interval_ms=60_000)
-    proc = spawn(["serve"], service_env(settings), tmp_path / "service.log")
+    proc = spawn_service(["serve"], service_env(settings), tmp_path / "service.log")
     url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:

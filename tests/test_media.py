@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from helpers import service_env, spawn, wait_for
+from helpers import service_env, wait_for
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -29,6 +29,7 @@ from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_http
 from devtools.payloads import attachment, message_payload
+from devtools.processes import spawn_service
 
 PNG_1 = b"\x89PNG\r\n\x1a\n" + b"first photo" * 20
 PNG_2 = b"\x89PNG\r\n\x1a\n" + b"second photo" * 20
@@ -179,7 +180,7 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
         settings, llm: LLMStandIn, chatwoot: ChatwootStandIn, tmp_path: Path):
     llm.transcription_delay = 60  # the first attempt never finishes: its process is killed
     env = service_env(settings)
-    proc = spawn(["serve"], env, tmp_path / "first.log")
+    proc = spawn_service(["serve"], env, tmp_path / "first.log")
     try:
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{settings.port}"
@@ -194,7 +195,7 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
             llm.transcription_delay = 0
             # The replacement finds the burst due and the transcription unfinished: its claim
             # lapses (PROCESSING_LEASE_MS) and the worker does it again.
-            proc = spawn(["serve"], env, tmp_path / "second.log")
+            proc = spawn_service(["serve"], env, tmp_path / "second.log")
             await wait_for(lambda: len(chatwoot.posts) == 1, timeout=settings.processing_lease_ms / 1000 + 15)
             await asyncio.sleep(0.5)
     finally:

@@ -8,7 +8,7 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
-from helpers import eventually, service_env, spawn, wait_for, with_port
+from helpers import eventually, service_env, wait_for, with_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from buffer_service.flags import MAX_AGE_S, Flags
@@ -16,6 +16,7 @@ from buffer_service.ops import Operations
 from buffer_service.store import BufferStore
 from devtools.net import free_port, wait_http
 from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -117,8 +118,8 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
 async def _two_processes(settings, tmp_path, **extra: str):
     """A server without a worker and a worker with its own METRICS_PORT, answering two bursts."""
     metrics_port = free_port()
-    server = spawn(["serve", "--no-worker"], service_env(settings, **extra), tmp_path / "server.log")
-    worker = spawn(["worker"], service_env(with_port(settings), METRICS_PORT=str(metrics_port),
+    server = spawn_service(["serve", "--no-worker"], service_env(settings, **extra), tmp_path / "server.log")
+    worker = spawn_service(["worker"], service_env(with_port(settings), METRICS_PORT=str(metrics_port),
                                            **extra), tmp_path / "worker.log")
     return server, worker, f"http://127.0.0.1:{settings.port}", f"http://127.0.0.1:{metrics_port}"
 
