@@ -23,27 +23,17 @@ from typing import Any
 
 import aiohttp
 import orjson
-from common import (
-    free_port,
-    median,
-    parser,
-    redis_server,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    wait_port,
-    workdir,
-)
+from common import median, parser, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.service import make_redis
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.net import free_port, wait_port
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 # ~100 characters of text, like a WhatsApp message (the target's "3 messages of ~100 chars").
 TEXT = "Oi! Comprei um tênis na sexta e veio o tamanho errado, 41 em vez de 42. Como faço a troca, por favor?"
@@ -276,14 +266,14 @@ def main() -> dict[str, Any]:
     for i in range(repeats(args)):
         r: dict[str, Any] = {}
         with workdir("memory") as tmp:
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_conversations(server.url, n)))
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 jobs = asyncio.run(part_jobs_and_history(server.url, hist_n, 5))
                 r.update({k: v for k, v in jobs.items() if k != "marker_bytes"})
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_layouts(server.url, n)))
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_webhooks(server.url, tmp, 300 if args.quick else 2000, 3)))
         runs.append(r)
         print(f"run {i + 1}: {r['bytes_per_conv']:.0f} B per open conversation, history "

@@ -8,9 +8,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import HUMAN, claim_one, conversation_event, eventually, job_in, wait_for
 from redis.asyncio import Redis
-from test_guarantees import HUMAN, _claim_one, conversation_event, eventually, job_in
-from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import ConfigError, Settings
@@ -18,8 +17,8 @@ from buffer_service.flags import Flags
 from buffer_service.ops import Operations
 from buffer_service.processor import Processor
 from buffer_service.scheduler import Worker
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -102,7 +101,7 @@ async def test_messages_left_by_a_size_split_keep_their_arrival_time(redis, sett
                                        max_buffer_age_ms=3000))
     results = [await store.append(ChatMessage(1, 304, 40 + i, f"m{i}")) for i in range(3)]
     await asyncio.sleep(1.0)  # the split happens a second after the third message arrived
-    batch = await _claim_one(store)
+    batch = await claim_one(store)
     assert [m["text"] for m in batch.messages] == ["m0", "m1"]
     shard = store.keys.shard_of("1:304")
     arrived = results[2].now_ms
@@ -142,10 +141,10 @@ async def _hold(batch: object) -> str:
 async def test_a_requeued_batch_goes_right_after_the_current_one(redis, settings):
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     await store.append(ChatMessage(1, 306, 60, "old question"))
-    old = await _claim_one(store)
+    old = await claim_one(store)
     assert await store.fail(old, "Chatwoot said 422", retry_in_ms=0, permanent=True) == "failed"
     await store.append(ChatMessage(1, 306, 61, "new question"))
-    current = await _claim_one(store)
+    current = await claim_one(store)
     assert await store.requeue(old.id)
     assert await store.before_post(current, "answer") == ("post", "")
     await store.append(ChatMessage(1, 306, 62, "newer question"))
@@ -153,8 +152,8 @@ async def test_a_requeued_batch_goes_right_after_the_current_one(redis, settings
     _, _, nothing = await store.claim(current.shard, 10)  # one batch per conversation at a time
     assert nothing == []
     assert await store.finish(current, "completed", reply="answer", reply_id=700)
-    after = await _claim_one(store)
+    after = await claim_one(store)
     assert (after.id, [m["text"] for m in after.messages]) == (old.id, ["old question"])
     assert await store.finish(after, "skipped", reason="test")
-    last = await _claim_one(store)
+    last = await claim_one(store)
     assert [m["text"] for m in last.messages] == ["newer question"]

@@ -10,15 +10,13 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from conftest import with_port
-from test_cli import cli_json, eventually, run_cli
-from test_pipeline import user_texts, wait_for
+from helpers import cli_json, eventually, run_cli, user_texts, wait_for, with_port
 
 from buffer_service import admin
 from buffer_service.flags import MAX_AGE_S, Flags, _percent_bucket
 from buffer_service.ops import Operations
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from test_pipeline import wait_for
+from helpers import wait_for
 
 from buffer_service import metrics, presence
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import EvolutionStandIn, message_payload
+from devtools.evolution_standin import EvolutionStandIn
+from devtools.payloads import message_payload
 
 # _phone_for(contact 1) in the stand-in's payloads, digits only.
 NUMBER = "5511900000001"
