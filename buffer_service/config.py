@@ -196,6 +196,13 @@ class Settings:
     # The model may hand over with the `handoff_to_human` tool.
     handoff_tool: bool = True
 
+    # A reply of several paragraphs goes out as several messages (parts.py):
+    # "paragraphs" or "off", at most this many parts, a pause of this many ms per character of
+    # the next part before it (0: none; at most 4 s).
+    reply_split: str = "paragraphs"
+    reply_max_parts: int = 4
+    reply_pacing_ms_per_char: int = 20
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -293,6 +300,7 @@ class Settings:
                 cls.max_llm_calls_per_conversation_per_hour, minimum=0),
             **_media_settings(env),
             **_presence_settings(env),
+            **_reply_settings(env),
         )
         if settings.max_buffer_age_ms < settings.buffer_duration_ms:
             raise ConfigError(
@@ -401,3 +409,14 @@ def _presence_settings(env: Mapping[str, str]) -> dict[str, object]:
             "handoff_keywords": parse_keywords(env.get("HANDOFF_KEYWORDS", "")),
             "handoff_message": env.get("HANDOFF_MESSAGE", "").strip(),
             "handoff_tool": _bool(env, "HANDOFF_TOOL", Settings.handoff_tool)}
+
+
+def _reply_settings(env: Mapping[str, str]) -> dict[str, object]:
+    split = env.get("REPLY_SPLIT", "").strip().lower() or Settings.reply_split
+    if split not in ("paragraphs", "off"):
+        raise ConfigError(f"REPLY_SPLIT: expected paragraphs or off, got {split!r}")
+    return {"reply_split": split,
+            "reply_max_parts": _int(env, "REPLY_MAX_PARTS", Settings.reply_max_parts, maximum=20),
+            "reply_pacing_ms_per_char": _int(env, "REPLY_PACING_MS_PER_CHAR",
+                                             Settings.reply_pacing_ms_per_char, minimum=0,
+                                             maximum=1000)}

@@ -243,12 +243,13 @@ class BufferStore:
                                                  "handoff", "handoff_summary")
         return _s(reason or ""), _s(summary or "")
 
-    async def before_post(self, batch: Batch, reply: str, *, absent: bool = False) -> tuple[str, str]:
+    async def before_post(self, batch: Batch, reply: str, *, absent: bool = False,
+                          part: str | None = None) -> tuple[str, str]:
         """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
         verdict one of 'post', 'posted' (detail: the message id), 'confirm' (an earlier post may
         have gone through: ask Chatwoot, then call again with absent=True if it has no such
         message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
-        'lost'."""
+        'lost'. `part`: the part of `reply` to post now (parts.py), when it is split."""
         s = self.settings
         shard = batch.shard
         k = self.shard_keys(shard)
@@ -260,20 +261,26 @@ class BufferStore:
             args=[batch.id, batch.token, reply, int(s.supersede_stale_replies), s.max_buffer_age_ms,
                   s.max_buffer_size, s.processing_lease_ms, _OWN_REPLY_MEMORY_MS, _OWN_REPLIES_KEPT,
                   s.job_retention_days * 86_400_000, self.wake_channel, int(absent),
-                  self.prefix(shard)],
+                  self.prefix(shard), reply if part is None else part],
         )
         return _s(verdict), _s(detail)
 
-    async def part_out(self, batch: Batch, parts_out: int, message_id: int, next_part: str) -> bool:
-        """Record that the reply's first `parts_out` parts are out, the last as `message_id`, and
-        that `next_part` ('' after the last) is now in flight (part.lua); False: lease lost."""
-        s = self.settings
+    async def progress(self, batch: Batch) -> tuple[int, int]:
+        """How many parts of its stored reply an earlier attempt got out, and the message id of
+        the last of them (part.lua); (0, 0) for none."""
+        out, last_id = await self.redis.hmget(self.key(batch.shard, f"batch:{batch.id}"),
+                                              "parts_out", "last_id")
+        return int(out or 0), int(last_id or 0)
+
+    async def part_out(self, batch: Batch, parts_out: int, message_id: int, last: bool) -> bool:
+        """Record that the reply's first `parts_out` parts are out, the last of them as
+        `message_id` (part.lua); `last`: the whole reply is. False: lease lost."""
         shard = batch.shard
         return bool(await self._scripts["part"](
             keys=[self.key(shard, f"batch:{batch.id}"), self.key(shard, f"sent:{batch.conv}"),
-                  self.key(shard, f"seen:{batch.account_id}:{message_id}"), self.key(shard, "inflight")],
-            args=[batch.id, batch.token, parts_out, message_id, next_part, _OWN_REPLY_MEMORY_MS,
-                  _OWN_REPLIES_KEPT, s.processing_lease_ms, s.dedup_ttl_s * 1000]))
+                  self.key(shard, f"seen:{batch.account_id}:{message_id}")],
+            args=[batch.id, batch.token, parts_out, message_id, int(last),
+                  self.settings.dedup_ttl_s * 1000]))
 
     async def release(self, batch: Batch) -> bool:
         """Hand a batch back for any worker to take at once, its attempt not counted (shutdown)."""
