@@ -33,8 +33,8 @@ from redis.asyncio import Redis
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.flags import Flags
+from buffer_service.redis_client import connect
 from buffer_service.scheduler import Worker
-from buffer_service.service import make_redis
 from buffer_service.store import Batch, BufferStore
 from devtools.redis_server import running_redis
 
@@ -145,7 +145,7 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
     """One measurement; `expiry_events` False skips the timer keys and their listener."""
     settings = Settings(redis_url=redis_url, worker_concurrency=10_000,
                         processing_lease_ms=600_000, max_buffer_size=50)
-    redis = make_redis(settings)
+    redis = await connect(settings)
     try:
         t0 = time.monotonic()
         await load_junk(redis, junk)
@@ -169,8 +169,7 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
             settings, redis, n, lead_ms, spread_ms, messages, timer_keys=expiry_events)
         store = BufferStore(redis, settings)
         recorder = Recorder(redis, settings)
-        pubsub_redis = make_redis(settings, blocking=True)
-        worker = Worker(store, recorder, pubsub_redis)  # type: ignore[arg-type]
+        worker = Worker(store, recorder)  # type: ignore[arg-type]
         stop = asyncio.Event()
         cpu0 = time.process_time()
         info0 = await redis.info("cpu")
@@ -186,7 +185,6 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         worker_cpu = time.process_time() - cpu0
         redis_cpu = (info1["used_cpu_user"] + info1["used_cpu_sys"]
                      - info0["used_cpu_user"] - info0["used_cpu_sys"])
-        await pubsub_redis.aclose()
         if listener is not None:
             listener.join(max(1.0, until - time.time() + 10))
         events: dict[str, int] = orjson.loads(events_file.read_bytes()) if events_file.exists() else {}

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
-from buffer_service.service import make_redis
+from buffer_service.redis_client import connect
 from buffer_service.store import BufferStore
 from devtools.net import free_port, wait_port
 from devtools.payloads import message_payload
@@ -83,7 +83,7 @@ async def open_conversations(redis: Redis, settings: Settings, n: int, per: int,
 
 async def part_conversations(url: str, n: int) -> dict[str, Any]:
     settings = Settings(redis_url=url, buffer_duration_ms=3_600_000, max_buffer_age_ms=7_200_000)
-    redis = make_redis(settings)
+    redis = await connect(settings)
     try:
         base = await used(redis)
         await open_conversations(redis, settings, n, 3)
@@ -156,7 +156,7 @@ async def part_jobs_and_history(url: str, n: int, rounds: int) -> dict[str, Any]
     """`rounds` bursts of 3 messages per conversation, each claimed and finished with a reply,
     as the worker does: job records and history as they stand after real use."""
     settings = Settings(redis_url=url, buffer_duration_ms=1, max_buffer_age_ms=1000)
-    redis = make_redis(settings)
+    redis = await connect(settings)
     store = BufferStore(redis, settings)
     text_bytes = 0
     finished = 0

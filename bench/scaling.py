@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
-from buffer_service.service import make_redis
+from buffer_service.redis_client import connect
 from buffer_service.store import BufferStore
 from devtools.net import free_port, wait_port
 from devtools.processes import spawn_service, stop
@@ -34,7 +34,7 @@ from devtools.redis_server import running_redis
 
 async def preopen(url: str, n: int) -> None:
     settings = Settings(redis_url=url, buffer_duration_ms=3_600_000, max_buffer_age_ms=7_200_000)
-    redis = make_redis(settings)
+    redis = await connect(settings)
     store = BufferStore(redis, settings)
     try:
         for start in range(1, n + 1, 2000):

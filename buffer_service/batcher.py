@@ -8,7 +8,9 @@ iteration) are queued and sent together at the start of the next iteration. Ther
 a lone call waits for nothing, and the batch grows only when calls really overlap.
 
 Each caller gets its own result or its own error; a failed round trip fails every caller in
-it, so the webhook still answers 503 when Redis is down.
+it, so the webhook still answers 503 when Redis is down. On a Redis Cluster the pipeline is
+redis-py's cluster pipeline: it groups the calls by the node that holds each one's slot, sends
+the groups concurrently and follows MOVED/ASK per call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -27,7 +30,7 @@ _Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
 class ScriptBatcher:
     """`await batcher(keys, args)` behaves like `await script(keys=keys, args=args)`."""
 
-    def __init__(self, redis: Redis, script: AsyncScript, max_batch: int = 256) -> None:
+    def __init__(self, redis: Redis | RedisCluster, script: AsyncScript, max_batch: int = 256) -> None:
         self._redis = redis
         self._script = script
         self._max_batch = max_batch
@@ -89,5 +92,6 @@ class ScriptBatcher:
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                # By command name: the cluster pipeline refuses its evalsha() method outright.
+                pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)

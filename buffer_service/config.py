@@ -144,8 +144,10 @@ def _http_url(raw: str) -> str:
 
 
 def _redis_url(raw: str) -> str:
-    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
-        raise _Invalid(f"expected redis://, rediss:// or unix://, got {raw!r}")
+    # A cluster's seed nodes may be listed, comma-separated (redis_client.py); one is enough.
+    for url in raw.split(","):
+        if urlparse(url.strip()).scheme not in ("redis", "rediss", "unix"):
+            raise _Invalid(f"expected redis://, rediss:// or unix://, got {url.strip()!r}")
     return raw
 
 
@@ -203,7 +205,11 @@ _STATUSES = ("open", "pending", "resolved", "snoozed")
 class Settings:
     # -- where things are --
     redis_url: str = _setting("REDIS_URL", "redis://127.0.0.1:6379/0",
-                              "Redis to use (`rediss://` for TLS)", _redis_url)
+                              "Redis to use (`rediss://` for TLS); for a Redis Cluster any node, "
+                              "or several comma-separated", _redis_url)
+    redis_mode: str = _setting(
+        "REDIS_MODE", "auto", "`cluster` or `standalone`; `auto` asks the server at start-up "
+        "(`INFO cluster`)", _one_of("auto", "standalone", "cluster"))
     host: str = _setting("HOST", "0.0.0.0", "HTTP listen address")
     port: int = _setting("PORT", 8080, "HTTP listen port", _whole(minimum=0))
     # /metrics of a worker-only process, which has no HTTP server otherwise (0 = none).

@@ -19,20 +19,23 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import flags, metrics
+from . import flags, metrics, redis_client
 from .journal import SweepLog
 from .processor import Processor
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.scheduler")
 
+# How often a cluster's primaries are looked at for one the subscriptions do not cover yet (a
+# failed node is noticed at once, by its broken subscription).
+TOPOLOGY_CHECK_S = 5.0
+
 
 class Worker:
-    def __init__(self, store: BufferStore, processor: Processor, pubsub_redis: Redis) -> None:
+    def __init__(self, store: BufferStore, processor: Processor) -> None:
         self.store = store
         self.processor = processor
         self.settings = store.settings
-        self._pubsub_redis = pubsub_redis
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
@@ -43,7 +46,6 @@ class Worker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._enable_expiry_events()
         listener = asyncio.create_task(self._listen())
         log.info("worker_started", shards=self.settings.shards,
                  concurrency=self.settings.worker_concurrency)
@@ -129,16 +131,17 @@ class Worker:
             # Releasing is one Redis call each; past this, their leases lapse and nothing is lost.
             await asyncio.wait(pending, timeout=2)
 
-    async def _enable_expiry_events(self) -> None:
-        """Turn on expired-key events if the server allows it; the index works without them."""
-        redis = self.store.redis
+    @staticmethod
+    async def _enable_expiry_events(node: Redis) -> None:
+        """Turn on expired-key events on one node if it allows it; the index works without them.
+        Asked on every (re)subscription: a promoted replica or a restarted server may lack them."""
         try:
-            current = (await redis.config_get("notify-keyspace-events")).get(
+            current = (await node.config_get("notify-keyspace-events")).get(
                 "notify-keyspace-events", "")
             current = current.decode() if isinstance(current, bytes) else current
             has_expired = "x" in current or "A" in current
             if not (has_expired and "E" in current):
-                await redis.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
+                await node.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
         except RedisError as exc:  # CONFIG refused (managed Redis), or Redis not up yet
             log.warning("expiry_events_unavailable", error=str(exc),
                         note="deadlines still flush from the index")
@@ -147,38 +150,70 @@ class Worker:
         self._wake.set()
 
     async def _listen(self) -> None:
-        """Turn wake-up messages and TTL-key expiry events into an early sweep."""
-        db = self._pubsub_redis.connection_pool.connection_kwargs.get("db", 0)
-        expired = f"__keyevent@{db}__:expired"
+        """Turn wake-up messages and TTL-key expiry events into an early sweep: on the one
+        server, or on every primary of a cluster (an expiry event stays on its node), the set of
+        primaries looked at again when a subscription fails or every TOPOLOGY_CHECK_S."""
         backoff = 0.2
         while True:
-            pubsub = self._pubsub_redis.pubsub()
+            nodes: list[Redis] = []
             try:
-                await pubsub.subscribe(self.store.keys.wake, expired)
-                # Events published while we were not subscribed are gone: look now, and after
-                # every reconnect, including those the client makes on its own and re-subscribes.
-                self._wake.set()
-                if pubsub.connection is not None:
-                    pubsub.connection.register_connect_callback(self._reconnected)
-                backoff = 0.2
-                async for message in pubsub.listen():
-                    if message["type"] != "message":
-                        continue
-                    channel = message["channel"]
-                    if isinstance(channel, bytes):
-                        channel = channel.decode()
-                    data = message["data"]
-                    data = data.decode() if isinstance(data, bytes) else str(data)
-                    if channel == expired:
-                        if not self.store.keys.is_deadline(data):
-                            continue
-                    elif data == flags.FLAGS_CHANGED:
-                        self.processor.flags.invalidate()
-                    self._wake.set()
-            except (RedisError, OSError) as exc:
-                log.warning("wakeup_subscription_lost", error=str(exc), retry_in_s=backoff)
+                nodes = await redis_client.subscription_nodes(self.store.redis, self.settings)
+                primaries = await redis_client.primary_names(self.store.redis)
+                async with asyncio.TaskGroup() as group:
+                    for node in nodes:
+                        group.create_task(self._listen_on(node))
+                    group.create_task(self._watch_topology(primaries))
+            except* (RedisError, OSError, _TopologyChanged) as failed:
+                log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
+                            retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.2
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                for node in nodes:
+                    with contextlib.suppress(Exception):
+                        await node.aclose()
+
+    async def _watch_topology(self, primaries: frozenset[str]) -> None:
+        """Ends the subscriptions when the cluster's primaries change (failover, resharding)."""
+        if primaries == frozenset({""}):
+            return  # standalone: its subscription reconnects by itself
+        while True:
+            await asyncio.sleep(TOPOLOGY_CHECK_S)
+            if await redis_client.primary_names(self.store.redis) != primaries:
+                raise _TopologyChanged("the cluster's primaries changed")
+
+    async def _listen_on(self, node: Redis) -> None:
+        db = node.connection_pool.connection_kwargs.get("db", 0)
+        expired = f"__keyevent@{db}__:expired"
+        await self._enable_expiry_events(node)
+        pubsub = node.pubsub()
+        try:
+            await pubsub.subscribe(self.store.keys.wake, expired)
+            # Events published while we were not subscribed are gone: look now, and after
+            # every reconnect, including those the client makes on its own and re-subscribes.
+            self._wake.set()
+            if pubsub.connection is not None:
+                pubsub.connection.register_connect_callback(self._reconnected)
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                channel = message["channel"]
+                if isinstance(channel, bytes):
+                    channel = channel.decode()
+                data = message["data"]
+                data = data.decode() if isinstance(data, bytes) else str(data)
+                if channel == expired:
+                    if not self.store.keys.is_deadline(data):
+                        continue
+                elif data == flags.FLAGS_CHANGED:
+                    self.processor.flags.invalidate()
+                self._wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+
+class _TopologyChanged(Exception):
+    pass

@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 
 from .batcher import ScriptBatcher
@@ -93,7 +94,8 @@ class Signature:
 
 
 class Script:
-    def __init__(self, redis: Redis, name: str, source: str, lib: str, *, batched: bool = False) -> None:
+    def __init__(self, redis: Redis | RedisCluster, name: str, source: str, lib: str, *,
+                 batched: bool = False) -> None:
         self.name = name
         self.signature = Signature.parse(name, source)
         # lib.lua holds only local helpers; every script may use them.
@@ -101,11 +103,16 @@ class Script:
         self._batcher = ScriptBatcher(redis, self._script) if batched else None
 
     async def __call__(self, *, keys: Mapping[str, Any], args: Mapping[str, Any],
-                       client: Pipeline | None = None) -> Any:
+                       client: Pipeline | ClusterPipeline | None = None) -> Any:
         """Run the script; with `client`, queue it in that pipeline instead."""
         bound_keys, bound_args = self.signature.bind(self.name, keys, args)
         if self._batcher is not None and client is None:
             return await self._batcher(bound_keys, bound_args)
+        if isinstance(client, ClusterPipeline):
+            # A cluster pipeline neither loads scripts nor takes EVALSHA by name; EVAL sends the
+            # text, so a node that never saw the script (a promoted replica) runs it too.
+            return client.execute_command("EVAL", self._script.script, len(bound_keys),
+                                          *bound_keys, *bound_args)
         return await self._script(keys=bound_keys, args=bound_args, client=client)
 
 
@@ -129,7 +136,7 @@ class Scripts:
     renew: Script
     requeue: Script
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis | RedisCluster) -> None:
         sources = sources_by_name()
         declared = set(Scripts.__annotations__)
         if set(sources) != declared:

@@ -13,13 +13,8 @@ import signal
 import aiohttp
 import structlog
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import admin
+from . import admin, redis_client
 from .app import create_app
 from .chatwoot import ChatwootClient
 from .config import Settings
@@ -31,26 +26,6 @@ from .scheduler import Worker
 from .store import BufferStore
 
 log = structlog.get_logger("buffer_service.service")
-
-
-def make_redis(settings: Settings, *, blocking: bool = False) -> Redis:
-    """A client that retries a command a few times across a reconnect, with backoff.
-
-    `blocking` is for the pub/sub connection, which waits for messages without a read timeout.
-    """
-    # A blocking pool: a burst of concurrent webhooks waits briefly for a connection instead
-    # of failing with "Too many connections".
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=64,
-        timeout=5,
-        socket_connect_timeout=2,
-        socket_timeout=None if blocking else 5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=0 if blocking else 30,
-    )
-    return Redis(connection_pool=pool)
 
 
 async def run(settings: Settings, *, http: bool = True, worker: bool = True,
@@ -65,7 +40,7 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
-    redis = make_redis(settings)
+    redis = await redis_client.connect(settings)
     store = BufferStore(redis, settings)
     flags = Flags(redis, settings)
     log.info("starting", http=http, worker=worker, settings=settings.redacted())
@@ -85,15 +60,13 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
     worker_task: asyncio.Task[None] | None = None
     session: aiohttp.ClientSession | None = None
     llm: LLMClient | None = None
-    pubsub_redis: Redis | None = None
     if worker:
         session = aiohttp.ClientSession()
         llm = LLMClient(settings)
-        pubsub_redis = make_redis(settings, blocking=True)
         chatwoot = ChatwootClient(settings, session)
         processor = Processor(settings, store, llm, chatwoot, flags,
                               Presence(settings, chatwoot, session))
-        worker_task = asyncio.create_task(Worker(store, processor, pubsub_redis).run(stop))
+        worker_task = asyncio.create_task(Worker(store, processor).run(stop))
 
     try:
         if worker_task is not None:
@@ -118,7 +91,5 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
         if llm is not None:
             await llm.close()
             await processor.media.close()
-        if pubsub_redis is not None:
-            await pubsub_redis.aclose()
         await redis.aclose()
         log.info("stopped")

@@ -74,3 +74,77 @@ def running_redis(dir: Path, *extra_args: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class RedisClusterServers:
+    """A local Redis Cluster of plain redis-server processes on free ports: `primaries` primaries
+    holding the 16384 slots evenly, each with `replicas` replicas (which take over when their
+    primary dies: the node timeout is short so a failover takes about two seconds)."""
+
+    dir: Path
+    primaries: int = 3
+    replicas: int = 0
+    node_timeout_ms: int = 1000
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL as a user sets it: every node as a seed (any one of them would do)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30) -> Self:
+        count = self.primaries * (1 + self.replicas)
+        for _ in range(count):
+            port = free_port()
+            self.nodes.append(RedisServer(
+                self.dir / f"node-{port}", port,
+                # The bus port must be given: by default it is port + 10000, which may be taken
+                # or above 65535 for the free ports the OS hands out.
+                ("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                 "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(self.node_timeout_ms),
+                 # A replica may take over however long it was cut off: the tests kill primaries.
+                 "--cluster-replica-validity-factor", "0")).start())
+        # `--cluster create` assigns the first `primaries` addresses as primaries.
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        self.wait_ok(timeout)
+        return self
+
+    def wait_ok(self, timeout: float = 30, *, nodes: Sequence[RedisServer] | None = None) -> None:
+        """Until every (living) node reports cluster_state:ok and knows `primaries` primaries
+        with slots, i.e. the cluster serves every slot again."""
+        deadline = time.monotonic() + timeout
+        watched = [n for n in (nodes or self.nodes) if n.proc and n.proc.poll() is None]
+        while time.monotonic() < deadline:
+            if all(self._ok(n.port) for n in watched):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster in {self.dir} is not ok after {timeout} s")
+
+    def _ok(self, port: int) -> bool:
+        info = _cli(port, "CLUSTER", "INFO")
+        if "cluster_state:ok" not in info:
+            return False
+        serving = [line for line in _cli(port, "CLUSTER", "NODES").splitlines()
+                   if "master" in line.split()[2] and "fail" not in line.split()[2]
+                   and len(line.split()) > 8]
+        return len(serving) == self.primaries
+
+    def primary_nodes(self) -> list[RedisServer]:
+        """The nodes that are primaries now (a failover changes which)."""
+        return [n for n in self.nodes if n.proc and n.proc.poll() is None
+                and "role:master" in _cli(n.port, "INFO", "replication")]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cli(port: int, *command: str) -> str:
+    done = subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True,
+                          timeout=5, check=False)
+    return done.stdout

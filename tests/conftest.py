@@ -1,5 +1,9 @@
 """Fixtures: a real redis-server per test (the repo's redis.conf, a free port, its own dir),
-local stand-ins for Chatwoot and the LLM, and the service itself in-process or as processes."""
+local stand-ins for Chatwoot and the LLM, and the service itself in-process or as processes.
+
+TEST_REDIS=cluster runs the tests that use these fixtures on a local Redis Cluster of three
+primaries instead (.ci/run does so for the integration suite); a test that needs one server
+(it kills or reconfigures it) is marked `standalone_only` and skipped there."""
 
 from __future__ import annotations
 
@@ -11,31 +15,40 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import HeldChatwoot, Workers
-from redis.asyncio import Redis
 
-from buffer_service import logs, service
+from buffer_service import logs, redis_client, service
 from buffer_service.config import Settings
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_http
-from devtools.redis_server import RedisServer
+from devtools.redis_server import RedisClusterServers, RedisServer
 
 logs.configure("console", os.environ.get("TEST_LOG_LEVEL", "warning"))
 
+ON_CLUSTER = os.environ.get("TEST_REDIS", "standalone") == "cluster"
+
 
 @pytest.fixture
-def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(request: pytest.FixtureRequest,
+                 tmp_path: Path) -> Iterator[RedisServer | RedisClusterServers]:
     """Extra redis-server arguments come from `@pytest.mark.redis_args(...)`."""
     marker = request.node.get_closest_marker("redis_args")
+    if ON_CLUSTER:
+        if marker or request.node.get_closest_marker("standalone_only"):
+            pytest.skip("needs one redis-server (TEST_REDIS=cluster)")
+        cluster = RedisClusterServers(tmp_path / "cluster").start()
+        yield cluster
+        cluster.stop()
+        return
     server = RedisServer(tmp_path / "redis", extra_args=marker.args if marker else ()).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
+async def redis(redis_server: RedisServer | RedisClusterServers) -> AsyncIterator[redis_client.AnyRedis]:
+    client = await redis_client.connect(Settings(redis_url=redis_server.url))
     yield client
     await client.aclose()
 
@@ -80,7 +93,7 @@ def settings(redis_server: RedisServer, llm: LLMStandIn, chatwoot: ChatwootStand
 
 
 @pytest.fixture
-async def store(redis: Redis, settings: Settings) -> BufferStore:
+async def store(redis: redis_client.AnyRedis, settings: Settings) -> BufferStore:
     return BufferStore(redis, settings)
 
 

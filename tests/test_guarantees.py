@@ -441,6 +441,7 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
 
 
 # -- Redis restarts ---------------------------------------------------------------------------
+@pytest.mark.standalone_only
 async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoot, redis_server, tmp_path):
     # No periodic sweep to lean on: after the restart, only the reconnect makes it look.
     settings = replace(settings, buffer_duration_ms=2500, processing_interval_ms=60_000)

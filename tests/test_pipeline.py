@@ -200,6 +200,7 @@ async def test_buffer_processor_path_flushes_due_buffers_now(settings, make_serv
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
 
 
+@pytest.mark.standalone_only
 async def test_health_checks(settings, make_service, redis_server):
     svc = await make_service(settings)
     async with svc.session.get(svc.url + "/healthz") as resp:

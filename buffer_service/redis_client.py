@@ -1,0 +1,157 @@
+"""The Redis client of the service: one Redis server, or a Redis Cluster (REDIS_MODE).
+
+`auto` (the default) asks the server REDIS_URL names: `INFO cluster` says cluster_enabled:1 on
+a cluster node. A standalone Redis is then used exactly as before this module existed; a cluster
+through redis-py's RedisCluster, which routes every command and script by its key's slot and
+follows slot moves and failovers (MOVED/ASK, a refreshed slot map).
+
+What makes the key layout safe on a cluster is written once, in keys.py: every key one script
+touches carries its shard's hash tag, so the script runs on the one node that holds the slot.
+Pub/sub differs per kind of message: a PUBLISH (the wake-up channel) reaches subscribers on
+every node of a cluster, but a keyspace event only those of the node where the key expired;
+`subscription_nodes` gives the worker every primary to listen on (scheduler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlparse
+
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import Settings
+
+log = structlog.get_logger("buffer_service.redis_client")
+
+# The client type every module takes: both answer the same commands for keys of one slot.
+AnyRedis = Redis | RedisCluster
+
+# How long `auto` keeps asking a Redis that does not answer yet (it may start with us) before
+# it settles on standalone, which is what the service did before cluster support.
+_DETECT_ATTEMPTS = 5
+_MAX_CONNECTIONS = 64
+
+
+def seed_urls(settings: Settings) -> list[str]:
+    return [url.strip() for url in settings.redis_url.split(",") if url.strip()]
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
+
+
+def standalone(url: str, *, blocking: bool = False) -> Redis:
+    """A client that retries a command a few times across a reconnect, with backoff.
+
+    `blocking` is for the pub/sub connection, which waits for messages without a read timeout.
+    """
+    # A blocking pool: a burst of concurrent webhooks waits briefly for a connection instead
+    # of failing with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=_MAX_CONNECTIONS,
+        timeout=5,
+        socket_connect_timeout=2,
+        socket_timeout=None if blocking else 5,
+        retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=0 if blocking else 30,
+    )
+    return Redis(connection_pool=pool)
+
+
+def cluster(settings: Settings) -> RedisCluster:
+    """A RedisCluster seeded with every node REDIS_URL lists; credentials and TLS from the first."""
+    urls = seed_urls(settings)
+    seeds = [ClusterNode(urlparse(u).hostname or "127.0.0.1", urlparse(u).port or 6379) for u in urls]
+    first = urlparse(urls[0])
+    return RedisCluster(
+        startup_nodes=seeds,
+        username=first.username or None,
+        password=first.password or None,
+        ssl=first.scheme == "rediss",
+        max_connections=_MAX_CONNECTIONS,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+async def is_cluster(settings: Settings) -> bool:
+    """REDIS_MODE, or for `auto` what the first reachable seed says about itself."""
+    if settings.redis_mode != "auto":
+        return settings.redis_mode == "cluster"
+    urls = seed_urls(settings)
+    delay = 0.2
+    for attempt in range(_DETECT_ATTEMPTS):
+        for url in urls:
+            probe = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+            try:
+                info = await probe.info("cluster")
+                return bool(info.get("cluster_enabled"))
+            except RedisError as exc:
+                last = exc
+            finally:
+                await probe.aclose()
+        if attempt + 1 < _DETECT_ATTEMPTS:
+            await asyncio.sleep(delay)
+            delay *= 2
+    log.warning("redis_mode_unknown", error=str(last), assumed="standalone",
+                note="set REDIS_MODE=cluster if REDIS_URL names a cluster node")
+    return False
+
+
+async def connect(settings: Settings) -> AnyRedis:
+    """The service's client: standalone or cluster, as REDIS_MODE says or the server tells."""
+    if await is_cluster(settings):
+        if settings.rate_limit_global:
+            # append.lua takes the global limit's key with the shard's keys; a cluster refuses a
+            # script whose keys span slots (keys.py).
+            raise SystemExit("RATE_LIMIT_GLOBAL is not supported on a Redis Cluster (docs/cluster.md)")
+        client = cluster(settings)
+        await client.initialize()
+        log.info("redis_cluster", primaries=len(client.get_primaries()))
+        return client
+    if len(seed_urls(settings)) > 1:
+        raise SystemExit("REDIS_URL lists several nodes, but Redis is not a cluster (REDIS_MODE)")
+    return standalone(settings.redis_url)
+
+
+async def subscription_nodes(redis: AnyRedis, settings: Settings) -> list[Redis]:
+    """Blocking clients for pub/sub: the standalone server, or each primary of the cluster as it
+    is now (the slot map refreshed first, so a promoted replica is among them). The caller
+    closes them."""
+    if not isinstance(redis, RedisCluster):
+        return [standalone(settings.redis_url, blocking=True)]
+    await redis.nodes_manager.initialize()
+    return [Redis(connection_pool=BlockingConnectionPool(
+        **_node_kwargs(node), max_connections=4, timeout=5, socket_connect_timeout=2,
+        socket_timeout=None, retry=_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError]))
+        for node in redis.get_primaries()]
+
+
+async def primary_names(redis: AnyRedis) -> frozenset[str]:
+    """Which nodes are primaries now ("host:port"), from a refreshed slot map; '' standalone."""
+    if not isinstance(redis, RedisCluster):
+        return frozenset({""})
+    await redis.nodes_manager.initialize()
+    return frozenset(node.name for node in redis.get_primaries())
+
+
+def _node_kwargs(node: ClusterNode) -> dict[str, Any]:
+    kwargs = dict(node.connection_kwargs)
+    kwargs["connection_class"] = node.connection_class
+    for unwanted in ("socket_timeout", "socket_connect_timeout", "retry", "retry_on_error",
+                     "max_connections"):
+        kwargs.pop(unwanted, None)
+    return kwargs
