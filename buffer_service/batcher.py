@@ -8,7 +8,12 @@ iteration) are queued and sent together at the start of the next iteration. Ther
 a lone call waits for nothing, and the batch grows only when calls really overlap.
 
 Each caller gets its own result or its own error; a failed round trip fails every caller in
-it, so the webhook still answers 503 when Redis is down. On a Redis Cluster the pipeline is
+it, so the webhook still answers 503 when Redis is down.
+
+With `replicas` (REDIS_WAIT_REPLICAS) each node's calls are followed on the same connection by
+WAIT: Redis replicates asynchronously, so a write the primary answered can vanish with it in a
+failover; a caller whose node's replicas did not confirm in time gets NotReplicated (its write
+may still survive: it is not undone, only not promised). On a Redis Cluster the pipeline is
 redis-py's cluster pipeline: it groups the calls by the node that holds each one's slot, sends
 the groups concurrently and follows MOVED/ASK per call.
 """
@@ -22,17 +27,25 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 _Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
+# Bounded like every Redis call; a replica that lags longer than this fails the call instead.
+WAIT_TIMEOUT_MS = 2000
+
+
+class NotReplicated(RedisError):
+    """The write ran on the primary, but fewer replicas than REDIS_WAIT_REPLICAS confirmed it."""
 
 
 class ScriptBatcher:
     """`await batcher(keys, args)` behaves like `await script(keys=keys, args=args)`."""
 
-    def __init__(self, redis: Redis | RedisCluster, script: AsyncScript, max_batch: int = 256) -> None:
+    def __init__(self, redis: Redis | RedisCluster, script: AsyncScript, max_batch: int = 256, *,
+                 replicas: int = 0) -> None:
         self._redis = redis
         self._script = script
+        self._replicas = replicas
         self._max_batch = max_batch
         self._queue: list[_Call] = []
         self._flush_scheduled = False
@@ -94,4 +107,28 @@ class ScriptBatcher:
             for keys, args, _ in batch:
                 # By command name: the cluster pipeline refuses its evalsha() method outright.
                 pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
+            waits = self._queue_waits(pipe, batch) if self._replicas else []
+            results = await pipe.execute(raise_on_error=False)
+        calls, acks = results[:len(batch)], results[len(batch):]
+        for i, wait in enumerate(waits):
+            confirmed = acks[wait]
+            if not isinstance(calls[i], Exception) and (
+                    isinstance(confirmed, Exception) or int(confirmed) < self._replicas):
+                calls[i] = NotReplicated(f"{confirmed} of {self._replicas} replicas confirmed the write")
+        return calls
+
+    def _queue_waits(self, pipe: Any, batch: list[_Call]) -> list[int]:
+        """Queue one WAIT per node after its calls; for each call, the index of its WAIT."""
+        if not isinstance(self._redis, RedisCluster):
+            pipe.execute_command("WAIT", self._replicas, WAIT_TIMEOUT_MS)
+            return [0] * len(batch)
+        nodes: dict[str, int] = {}
+        waits = []
+        for keys, _, _ in batch:
+            node = self._redis.get_node_from_key(keys[0])
+            if node.name not in nodes:
+                nodes[node.name] = len(nodes)
+                # The node's commands share one connection, in order: WAIT covers those before it.
+                pipe.execute_command("WAIT", self._replicas, WAIT_TIMEOUT_MS, target_nodes=node)
+            waits.append(nodes[node.name])
+        return waits

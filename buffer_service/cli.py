@@ -27,10 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import logs
+from . import logs, redis_client
 from .config import ConfigError, Settings
 from .flags import FlagError, Flags
 from .ops import NotFound, Operations, OpsError
@@ -114,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- operations ------------------------------------------------------------------------------
+def _unavailable(exc: Exception) -> int:
+    print(f"buffer-service: Redis at REDIS_URL is unavailable: {exc}", file=sys.stderr)
+    return 1
+
+
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        redis = await redis_client.connect(settings)
+    except (RedisError, OSError) as exc:
+        return _unavailable(exc)
     store = BufferStore(redis, settings)
     ops = Operations(store, Flags(redis, settings))
     try:
@@ -124,8 +131,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"buffer-service: {exc}", file=sys.stderr)
         return 1
     except (RedisError, OSError) as exc:
-        print(f"buffer-service: Redis at REDIS_URL is unavailable: {exc}", file=sys.stderr)
-        return 1
+        return _unavailable(exc)
     finally:
         await redis.aclose()
     if args.json:

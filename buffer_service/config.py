@@ -210,6 +210,9 @@ class Settings:
     redis_mode: str = _setting(
         "REDIS_MODE", "auto", "`cluster` or `standalone`; `auto` asks the server at start-up "
         "(`INFO cluster`)", _one_of("auto", "standalone", "cluster"))
+    redis_wait_replicas: int = _setting(
+        "REDIS_WAIT_REPLICAS", 0, "acknowledge a webhook, and post a reply, only once Redis "
+        "replicated its write to this many replicas (`WAIT`; docs/cluster.md)", _whole(minimum=0))
     host: str = _setting("HOST", "0.0.0.0", "HTTP listen address")
     port: int = _setting("PORT", 8080, "HTTP listen port", _whole(minimum=0))
     # /metrics of a worker-only process, which has no HTTP server otherwise (0 = none).

@@ -34,6 +34,10 @@ _MORE = re.compile(r"^--\s{4,}([\w\[\] ]+)$")
 _NAME = re.compile(r"^\[?(\w+)\]?$")
 # Concurrent webhooks share one round trip for their appends (batcher.py).
 _BATCHED = frozenset({"append"})
+# The writes REDIS_WAIT_REPLICAS holds until replicas have them: a webhook's append (before it
+# is acknowledged) and the step before a reply's post (before it leaves: a failover that lost it
+# would let the reply be posted twice). They go through the batcher, which sends the WAIT.
+_DURABLE = frozenset({"append", "before_post"})
 
 
 class ScriptCallError(TypeError):
@@ -95,12 +99,13 @@ class Signature:
 
 class Script:
     def __init__(self, redis: Redis | RedisCluster, name: str, source: str, lib: str, *,
-                 batched: bool = False) -> None:
+                 batched: bool = False, replicas: int = 0) -> None:
         self.name = name
         self.signature = Signature.parse(name, source)
         # lib.lua holds only local helpers; every script may use them.
         self._script: AsyncScript = redis.register_script(lib + source)
-        self._batcher = ScriptBatcher(redis, self._script) if batched else None
+        self._batcher = (ScriptBatcher(redis, self._script, replicas=replicas)
+                         if batched or replicas else None)
 
     async def __call__(self, *, keys: Mapping[str, Any], args: Mapping[str, Any],
                        client: Pipeline | ClusterPipeline | None = None) -> Any:
@@ -136,7 +141,7 @@ class Scripts:
     renew: Script
     requeue: Script
 
-    def __init__(self, redis: Redis | RedisCluster) -> None:
+    def __init__(self, redis: Redis | RedisCluster, wait_replicas: int = 0) -> None:
         sources = sources_by_name()
         declared = set(Scripts.__annotations__)
         if set(sources) != declared:
@@ -144,7 +149,8 @@ class Scripts:
                                   f"not declared, declared {sorted(declared - set(sources))} missing")
         lib = _lib()
         for name, source in sources.items():
-            setattr(self, name, Script(redis, name, source, lib, batched=name in _BATCHED))
+            setattr(self, name, Script(redis, name, source, lib, batched=name in _BATCHED,
+                                       replicas=wait_replicas if name in _DURABLE else 0))
 
 
 def _lua() -> Any:

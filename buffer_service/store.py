@@ -81,7 +81,7 @@ class BufferStore:
         self.settings = settings
         self.keys = Keys(settings)
         # One registry for the client: Limits, Operations and Transcripts call through it too.
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, settings.redis_wait_replicas)
         # Inboxes whose window, size or age differ (INBOX_SETTINGS_FILE), for claim.lua.
         limits = {str(inbox): [own.buffer_duration_ms, own.max_buffer_size, own.max_buffer_age_ms]
                   for inbox, own in settings.inboxes.items()}

@@ -7,7 +7,10 @@ SHARDS="${BUFFER_SHARDS:-16}"
 command -v redis-cli >/dev/null || { echo "redis-cli is not installed" >&2; exit 2; }
 
 # One command; stdin closed so that it never eats the input of a surrounding `while read`.
-rc() { redis-cli -u "$REDIS_URL" --no-auth-warning "$@" </dev/null; }
+# -c follows a Redis Cluster's redirections to the node that holds the key (no effect on one
+# server); of a REDIS_URL listing several cluster nodes the first is asked. No script SCANs:
+# each walks the shards' index keys, which works the same on a cluster.
+rc() { redis-cli -c -u "${REDIS_URL%%,*}" --no-auth-warning "$@" </dev/null; }
 
 shard_key() { printf '%s:{s%s}:%s' "$PREFIX" "$1" "$2"; }
 

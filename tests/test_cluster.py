@@ -1,0 +1,219 @@
+"""Redis Cluster: the mode is detected, every script of a shard runs on the node that holds its
+slot, the worker hears wake-ups and expiry events from every primary, and a primary killed with
+SIGKILL (its replica promoted) loses no acknowledged message under REDIS_WAIT_REPLICAS=1.
+
+The rest of the integration suite runs on a cluster too: TEST_REDIS=cluster (.ci/run)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+from helpers import wait_for
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from buffer_service import redis_client
+from buffer_service.config import Settings
+from buffer_service.keys import Keys
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.payloads import message_payload
+from devtools.redis_server import RedisClusterServers, RedisServer
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """Three primaries; `@pytest.mark.replicas(1)` gives each a replica (the failover tests)."""
+    marker = request.node.get_closest_marker("replicas")
+    servers = RedisClusterServers(tmp_path / "cluster", replicas=marker.args[0] if marker else 0)
+    yield servers.start()
+    servers.stop()
+
+
+def nodes_of_shards(keys: Keys, cluster: RedisClusterServers) -> dict[int, int]:
+    """shard -> port of the primary that holds its slot."""
+    owner = {}
+    for line in _cluster_nodes(cluster):
+        fields = line.split()
+        if "master" in fields[2] and "fail" not in fields[2]:
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                for slot in range(int(low), int(high or low) + 1):
+                    owner[slot] = port
+    return {s: owner[key_slot(keys.due(s).encode())] for s in range(keys.shards)}
+
+
+def _cluster_nodes(cluster: RedisClusterServers) -> list[str]:
+    node = cluster.primary_nodes()[0]
+    out = subprocess.run(["redis-cli", "-p", str(node.port), "CLUSTER", "NODES"], capture_output=True,
+                         text=True, timeout=5, check=True).stdout
+    return out.splitlines()
+
+
+def test_every_key_of_a_shard_hashes_to_the_slot_of_its_shard() -> None:
+    """The rule that lets scripts build key names while they run (keys.py): same prefix, same
+    hash tag, same slot, so a cluster runs the whole script on one node."""
+    k = Keys(Settings())
+    for conv in ("1:1", "7:42", "123:98765"):
+        shard = k.shard_of(conv)
+        batch_id = f"{shard}-17"
+        names = [k.due(shard), k.first(shard), k.inflight(shard), k.active(shard), k.seq(shard),
+                 k.failed(shard), k.manual(shard), k.jobs(shard, "completed"), k.stats(shard, 1),
+                 k.buffer(conv), k.ttl(conv), k.history(conv), k.handoff(conv), k.pause(conv),
+                 k.sent(conv), k.rate(conv), k.llm_calls(conv), k.seen(conv, 5),
+                 k.transcript(conv, 5, 0), k.transcript_claim(conv, 5, 0), k.batch(batch_id),
+                 k.messages(batch_id), k.prefix(shard) + "anything:built:at:run:time"]
+        assert {key_slot(n.encode()) for n in names} == {key_slot(k.due(shard).encode())}
+
+
+async def test_mode_is_detected_from_the_server_or_forced(tmp_path: Path,
+                                                          cluster: RedisClusterServers) -> None:
+    server = RedisServer(tmp_path / "one").start()
+    try:
+        clients = [await redis_client.connect(Settings(redis_url=server.url)),
+                   await redis_client.connect(Settings(redis_url=cluster.nodes[1].url)),
+                   await redis_client.connect(Settings(redis_url=cluster.url)),
+                   await redis_client.connect(Settings(redis_url=cluster.nodes[0].url,
+                                                       redis_mode="standalone"))]
+        kinds = [type(c) for c in clients]
+        for client in clients:
+            await client.aclose()
+        assert kinds == [Redis, RedisCluster, RedisCluster, Redis]
+        with pytest.raises(SystemExit, match="not a cluster"):
+            await redis_client.connect(Settings(redis_url=f"{server.url},{server.url}"))
+        with pytest.raises(SystemExit, match="RATE_LIMIT_GLOBAL"):
+            await redis_client.connect(Settings(redis_url=cluster.url, rate_limit_global=10))
+    finally:
+        server.stop()
+
+
+async def send(session: aiohttp.ClientSession, url: str, conv: int, message_id: int,
+               text: str) -> bool:
+    """One customer message; whether the service acknowledged it (buffered)."""
+    payload = message_payload(message_id=message_id, conversation_id=conv, content=text)
+    try:
+        async with session.post(url + "/webhooks/chatwoot", json=payload) as resp:
+            return resp.status == 200 and (await resp.json())["status"] == "buffered"
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def test_bursts_of_every_shard_answered_once_with_wakeups_from_every_primary(
+        settings: Settings, cluster: RedisClusterServers, make_service, chatwoot: ChatwootStandIn,
+        llm: LLMStandIn) -> None:
+    # No periodic sweep to lean on: only the wake-ups of the three nodes start the claims.
+    settings = replace(settings, redis_url=cluster.url, processing_interval_ms=60_000,
+                       buffer_duration_ms=300)
+    keys = Keys(settings)
+    convs = list(range(1, 61))
+    owners = nodes_of_shards(keys, cluster)
+    assert len({owners[keys.shard_of(f"1:{c}")] for c in convs}) == 3  # every primary has work
+    svc = await make_service(settings)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+
+        async def converse(c: int) -> list[bool]:
+            return [await send(session, svc.url, c, c * 10 + j, f"c{c} m{j}") for j in range(2)]
+
+        acked = await asyncio.gather(*(converse(c) for c in convs))
+    assert all(map(all, acked))
+    await wait_for(lambda: len(chatwoot.posts) >= len(convs), timeout=15)
+    took = time.monotonic() - started
+    await asyncio.sleep(0.5)
+    assert collections.Counter(p.conversation_id for p in chatwoot.posts) == {c: 1 for c in convs}
+    for post in chatwoot.posts:
+        c = post.conversation_id
+        assert post.body["content"] == f"Reply to: c{c} m0 | c{c} m1"
+    assert took < 10  # far below the 60 s sweep: the wake-ups came through from every node
+
+    # The worker listens for expiry events on every primary (they never leave their node).
+    for node in cluster.primary_nodes():
+        client = Redis(port=node.port)
+        numsub = await client.pubsub_numsub("__keyevent@0__:expired", keys.wake)
+        await client.aclose()
+        assert [n for _, n in numsub] == [1, 1], (node.port, numsub)
+
+
+@pytest.mark.replicas(1)
+@pytest.mark.parametrize("wait_replicas", [1, 0])
+async def test_primary_killed_during_bursts(
+        settings: Settings, cluster: RedisClusterServers, make_service, chatwoot: ChatwootStandIn,
+        llm: LLMStandIn, wait_replicas: int) -> None:
+    """kill -9 of a primary while bursts are buffered and in flight; its replica is promoted and
+    the killed node comes back as a replica (as an orchestrator restarts it). With
+    REDIS_WAIT_REPLICAS=1 every acknowledged message is answered exactly once; with 0 the test
+    reports what was lost and checks the service recovers."""
+    settings = replace(settings, redis_url=cluster.url, redis_wait_replicas=wait_replicas,
+                       buffer_duration_ms=800, processing_interval_ms=1000, processing_lease_ms=3000)
+    llm.delay = 0.3  # batches in flight when the node dies
+    keys = Keys(settings)
+    svc = await make_service(settings)
+    victim = cluster.primary_nodes()[0]
+    convs = [c for c in range(1, 400) if nodes_of_shards(keys, cluster)[keys.shard_of(f"1:{c}")]
+             == victim.port][:30]
+    acked: dict[int, list[str]] = collections.defaultdict(list)
+    tried: dict[int, list[str]] = collections.defaultdict(list)
+
+    async def converse(session: aiohttp.ClientSession, conv: int, rounds: int, start: int) -> None:
+        for j in range(start, start + rounds):
+            text = f"c{conv} m{j}"
+            tried[conv].append(text)
+            if await send(session, svc.url, conv, conv * 100 + j, text):
+                acked[conv].append(text)
+            await asyncio.sleep(0.25)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        talking = asyncio.gather(*(converse(session, c, 8, 0) for c in convs))
+        await wait_for(lambda: sum(c.status == 0 for c in llm.calls) >= 3, timeout=15)
+        victim.kill()
+        await asyncio.to_thread(_wait_promoted, cluster, victim)
+        victim.start()  # rejoins as the replica of its former replica
+        await asyncio.to_thread(cluster.wait_ok)
+        await talking
+        # After the failover: every conversation still works.
+        await asyncio.gather(*(converse(session, c, 1, 50) for c in convs))
+    await wait_for(lambda: all(_answered(chatwoot, c) >= set(acked[c]) for c in convs), timeout=40
+                   ) if wait_replicas else await asyncio.sleep(15)
+    await asyncio.sleep(1)
+    lost, doubled = [], []
+    for c in convs:
+        answered = [t for p in chatwoot.posts_for(c) for t in _texts(p)]
+        counts = collections.Counter(answered)
+        lost += [t for t in acked[c] if t not in counts]
+        doubled += [t for t, n in counts.items() if n > 1]
+        assert f"c{c} m50" in counts  # the service recovered from the failover
+    acked_total = sum(map(len, acked.values()))
+    print(f"REDIS_WAIT_REPLICAS={wait_replicas}: {acked_total} acknowledged of "
+          f"{sum(map(len, tried.values()))} sent, lost {len(lost)} {lost}, answered twice "
+          f"{len(doubled)} {doubled}")
+    if wait_replicas:
+        assert (lost, doubled) == ([], [])
+
+
+def _texts(post) -> list[str]:
+    return post.body["content"].removeprefix("Reply to: ").split(" | ")
+
+
+def _answered(chatwoot: ChatwootStandIn, conv: int) -> set[str]:
+    return {t for p in chatwoot.posts_for(conv) for t in _texts(p)}
+
+
+def _wait_promoted(cluster: RedisClusterServers, victim: RedisServer) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(cluster.primary_nodes()) == cluster.primaries:
+            cluster.wait_ok()
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no replica took over from {victim.port}")
