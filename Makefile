@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install redis chromium demo test lint bench clean
+.PHONY: install redis chromium demo test test-cluster lint bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ lint: install
 
 test: install redis chromium lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The integration suite (pipeline, workers, guarantees, operations, chaos) again on a local Redis
+# Cluster of three primaries (TEST_REDIS=cluster, tests/conftest.py; docs/cluster.md). The chaos
+# runs with a slow Chatwoot only differ from the others in Chatwoot's part: left to `make test`.
+CLUSTER_TESTS := tests/test_pipeline.py tests/test_workers.py tests/test_guarantees.py \
+	tests/test_ops.py tests/test_cli.py tests/test_chaos.py
+test-cluster: install redis
+	TEST_REDIS=cluster $(BIN)/python -m pytest -q -p no:cacheprovider $(CLUSTER_TESTS) -k "not chatwoot-slow"
 
 bench: install redis
 	@command -v wrk >/dev/null 2>&1 || { \

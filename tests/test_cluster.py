@@ -217,3 +217,32 @@ def _wait_promoted(cluster: RedisClusterServers, victim: RedisServer) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"no replica took over from {victim.port}")
+
+
+async def test_wait_replicas_on_one_server(settings: Settings, tmp_path: Path, make_service) -> None:
+    """REDIS_WAIT_REPLICAS on a standalone primary: without a replica a webhook is refused (503,
+    Chatwoot retries), with one it is acknowledged once the replica has the append."""
+    primary = RedisServer(tmp_path / "primary").start()
+    try:
+        settings = replace(settings, redis_url=primary.url, redis_wait_replicas=1)
+        svc = await make_service(settings, worker=False)
+        hook = "/webhooks/chatwoot"
+        status, body = await svc.post(hook, message_payload(message_id=1, conversation_id=1, content="a"))
+        assert status == 503, body
+        replica = RedisServer(tmp_path / "replica", extra_args=(
+            "--replicaof", "127.0.0.1", str(primary.port))).start()
+        try:
+            await wait_for(lambda: "master_link_status:up" in subprocess.run(
+                ["redis-cli", "-p", str(replica.port), "INFO", "replication"], capture_output=True,
+                text=True, check=True).stdout, timeout=10)
+            status, body = await svc.post(hook, message_payload(message_id=2, conversation_id=1,
+                                                                content="b"))
+            assert (status, body["status"]) == (200, "buffered")
+            replicated = Redis(port=replica.port)
+            keys = Keys(settings)
+            assert await replicated.llen(keys.buffer("1:1")) >= 1
+            await replicated.aclose()
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
