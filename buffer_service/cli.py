@@ -120,7 +120,7 @@ def _unavailable(exc: Exception) -> int:
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        redis = await redis_client.connect(settings)
+        redis = await redis_client.connect(settings, attempts=1, fallback=False)
     except (RedisError, OSError) as exc:
         return _unavailable(exc)
     store = BufferStore(redis, settings)

@@ -87,13 +87,15 @@ def cluster(settings: Settings) -> RedisCluster:
     )
 
 
-async def is_cluster(settings: Settings) -> bool:
-    """REDIS_MODE, or for `auto` what the first reachable seed says about itself."""
+async def is_cluster(settings: Settings, *, attempts: int = _DETECT_ATTEMPTS,
+                     fallback: bool = True) -> bool:
+    """REDIS_MODE, or for `auto` what the first reachable seed says about itself. When none
+    answers in `attempts` rounds: standalone with a warning if `fallback`, else the error."""
     if settings.redis_mode != "auto":
         return settings.redis_mode == "cluster"
     urls = seed_urls(settings)
     delay = 0.2
-    for attempt in range(_DETECT_ATTEMPTS):
+    for attempt in range(attempts):
         for url in urls:
             probe = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
             try:
@@ -103,17 +105,21 @@ async def is_cluster(settings: Settings) -> bool:
                 last = exc
             finally:
                 await probe.aclose()
-        if attempt + 1 < _DETECT_ATTEMPTS:
+        if attempt + 1 < attempts:
             await asyncio.sleep(delay)
             delay *= 2
+    if not fallback:
+        raise last
     log.warning("redis_mode_unknown", error=str(last), assumed="standalone",
                 note="set REDIS_MODE=cluster if REDIS_URL names a cluster node")
     return False
 
 
-async def connect(settings: Settings) -> AnyRedis:
-    """The service's client: standalone or cluster, as REDIS_MODE says or the server tells."""
-    if await is_cluster(settings):
+async def connect(settings: Settings, *, attempts: int = _DETECT_ATTEMPTS,
+                  fallback: bool = True) -> AnyRedis:
+    """The service's client: standalone or cluster, as REDIS_MODE says or the server tells
+    (`attempts`, `fallback`: see is_cluster; the CLI asks once and reports an unreachable Redis)."""
+    if await is_cluster(settings, attempts=attempts, fallback=fallback):
         if settings.rate_limit_global:
             # append.lua takes the global limit's key with the shard's keys; a cluster refuses a
             # script whose keys span slots (keys.py).
