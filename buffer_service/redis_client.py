@@ -38,6 +38,10 @@ AnyRedis = Redis | RedisCluster
 # it settles on standalone, which is what the service did before cluster support.
 _DETECT_ATTEMPTS = 5
 _MAX_CONNECTIONS = 64
+# Per node. redis-py's cluster client has no blocking pool: a command past the limit fails at once
+# (MaxConnectionsError) instead of waiting, so the limit is set far above what the webhook
+# handlers and WORKER_CONCURRENCY keep in flight (Redis allows 10,000 clients by default).
+_CLUSTER_MAX_CONNECTIONS = 1024
 
 
 def seed_urls(settings: Settings) -> list[str]:
@@ -78,7 +82,7 @@ def cluster(settings: Settings) -> RedisCluster:
         username=first.username or None,
         password=first.password or None,
         ssl=first.scheme == "rediss",
-        max_connections=_MAX_CONNECTIONS,
+        max_connections=_CLUSTER_MAX_CONNECTIONS,
         socket_connect_timeout=2,
         socket_timeout=5,
         retry=_retry(),
