@@ -44,12 +44,16 @@ batch's keys are found from its id alone.
 
 The untagged keys live in no shard: they are used by their own commands, never inside a shard's
 script, except the global rate limit, which the append script takes only while that limit is set
-(a Redis Cluster refuses a script whose keys span slots, so it cannot run there with it).
+(a Redis Cluster refuses a script whose keys span slots, so that limit is refused at start-up on
+a cluster: redis_client.py).
 
 Lua scripts get the keys they touch as KEYS, built here. A script that finds the name of another
 key only while it runs (a batch id read from an index, a conversation from a batch record)
 builds it from the shard prefix it is passed as an argument (`prefix`, e.g. "bs:{s3}:") and one
 of the names below, never by cutting up another key: same prefix, same hash tag, same slot.
+This is the one rule that makes those undeclared keys safe on a Redis Cluster, where a script
+runs on the node of its KEYS' slot and may touch only keys of that slot (docs/cluster.md;
+tests/test_cluster.py checks it, and the integration suite runs on a cluster).
 """
 
 from __future__ import annotations
