@@ -4,7 +4,7 @@ service processes.
   ingest  P `serve --no-worker` processes, each loaded by its own wrk (64 / P connections) at
           full speed: webhooks acknowledged per second, all processes together, and the p99 of
           the slowest process.
-  flush   N conversations (default 2000) due over --spread seconds, claimed by P `worker`
+  flush   N conversations (default 600) due over --spread seconds, claimed by P `worker`
           processes (LLM and Chatwoot stand-ins answer at once): deadline-to-claim lateness from
           the job records (claimed_ms - deadline_ms), every burst answered once.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,10 +53,27 @@ def redis_of(kind: str, tmp: Path) -> Iterator[str]:
         servers.stop()
 
 
+def serve(url: str, tmp: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """A `serve --no-worker` process listening. A free port can be taken meanwhile (the cluster
+    nodes' own connections use the same port range): then it tries another, three times."""
+    tries = 3
+    while True:
+        port = free_port()
+        proc = spawn_service(["serve", "--no-worker"], service_env(url, port, RATE_LIMIT_PER_CONVERSATION=0),
+                             tmp / f"serve-{port}.log")
+        try:
+            wait_port(port, proc)
+            return port, proc
+        except RuntimeError:
+            stop(proc)
+            tries -= 1
+            if not tries:
+                raise
+
+
 def ingest_with(url: str, processes: int, seconds: float, tmp: Path, run: int) -> dict[str, Any]:
-    ports = [free_port() for _ in range(processes)]
-    procs = [spawn_service(["serve", "--no-worker"], service_env(url, port, RATE_LIMIT_PER_CONVERSATION=0),
-                           tmp / f"serve-{port}.log") for port in ports]
+    started = [serve(url, tmp) for _ in range(processes)]
+    ports, procs = [p for p, _ in started], [proc for _, proc in started]
     env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": "10000"}
 
     async def load(base: int, secs: float) -> list[Any]:
@@ -66,8 +84,6 @@ def ingest_with(url: str, processes: int, seconds: float, tmp: Path, run: int) -
             for i, port in enumerate(ports)))
 
     try:
-        for port, proc in zip(ports, procs, strict=True):
-            wait_port(port, proc)
         base = 1_000_000_000 * (run + 1)
         asyncio.run(load(base, 1))
         results = asyncio.run(load(base + 500_000_000, seconds))
@@ -125,11 +141,11 @@ async def lateness(redis: Any, settings: Settings) -> list[int]:
 def main() -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--processes", default="1,2,4")
-    p.add_argument("--conversations", type=int, default=0, help="default 2000 (quick 500)")
+    p.add_argument("--conversations", type=int, default=0, help="default 600 (quick 300)")
     p.add_argument("--spread", type=float, default=0, help="seconds; default 10 (quick 5)")
     args = p.parse_args()
     counts = [int(c) for c in args.processes.split(",")]
-    n = args.conversations or (500 if args.quick else 2000)
+    n = args.conversations or (300 if args.quick else 600)
     spread = args.spread or (5.0 if args.quick else 10.0)
     seconds = 4 if args.quick else 10
     rows = []
