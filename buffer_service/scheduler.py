@@ -39,6 +39,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
+        self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
         self.sweep_log = SweepLog(store.redis, store.settings)
 
@@ -153,7 +154,6 @@ class Worker:
         """Turn wake-up messages and TTL-key expiry events into an early sweep: on the one
         server, or on every primary of a cluster (an expiry event stays on its node), the set of
         primaries looked at again when a subscription fails or every TOPOLOGY_CHECK_S."""
-        backoff = 0.2
         while True:
             nodes: list[Redis] = []
             try:
@@ -165,11 +165,9 @@ class Worker:
                     group.create_task(self._watch_topology(primaries))
             except* (RedisError, OSError, _TopologyChanged) as failed:
                 log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
-                            retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.2
+                            retry_in_s=self._backoff)
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
             finally:
                 for node in nodes:
                     with contextlib.suppress(Exception):
@@ -194,6 +192,7 @@ class Worker:
             # Events published while we were not subscribed are gone: look now, and after
             # every reconnect, including those the client makes on its own and re-subscribes.
             self._wake.set()
+            self._backoff = 0.2
             if pubsub.connection is not None:
                 pubsub.connection.register_connect_callback(self._reconnected)
             async for message in pubsub.listen():
