@@ -246,3 +246,42 @@ async def test_wait_replicas_on_one_server(settings: Settings, tmp_path: Path, m
             replica.stop()
     finally:
         primary.stop()
+
+
+async def test_a_shard_moved_to_another_node_while_it_buffers(
+        settings: Settings, cluster: RedisClusterServers, make_service, chatwoot: ChatwootStandIn,
+        llm: LLMStandIn) -> None:
+    """Resharding: a shard's slot, with its buffered burst, moves to another primary (MIGRATE, as
+    `redis-cli --cluster reshard` does it); the service follows the redirection for the rest of
+    the burst and the claim, and answers the whole burst once."""
+    settings = replace(settings, redis_url=cluster.url, buffer_duration_ms=1500,
+                       processing_interval_ms=60_000)
+    keys = Keys(settings)
+    conv = 5
+    shard = keys.shard_of(f"1:{conv}")
+    slot = key_slot(keys.due(shard).encode())
+    source = nodes_of_shards(keys, cluster)[shard]
+    target = next(n.port for n in cluster.primary_nodes() if n.port != source)
+    svc = await make_service(settings)
+    async with aiohttp.ClientSession() as session:
+        assert await send(session, svc.url, conv, 1, "before the move")
+        await asyncio.to_thread(_move_slot, slot, source, target)
+        assert nodes_of_shards(keys, cluster)[shard] == target
+        assert await send(session, svc.url, conv, 2, "after the move")
+    await wait_for(lambda: len(chatwoot.posts) >= 1, timeout=10)
+    await asyncio.sleep(1)
+    assert [p.body["content"] for p in chatwoot.posts] == ["Reply to: before the move | after the move"]
+
+
+def _move_slot(slot: int, source: int, target: int) -> None:
+    def cli(port: int, *args: str | int) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *map(str, args)], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    source_id, target_id = cli(source, "CLUSTER", "MYID"), cli(target, "CLUSTER", "MYID")
+    cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    cli(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while names := cli(source, "CLUSTER", "GETKEYSINSLOT", slot, 100).split():
+        cli(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
+    for port in (target, source):
+        cli(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
