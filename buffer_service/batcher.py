@@ -111,21 +111,25 @@ class ScriptBatcher:
             results = await pipe.execute(raise_on_error=False)
         calls, acks = results[:len(batch)], results[len(batch):]
         for i, wait in enumerate(waits):
-            confirmed = acks[wait]
+            confirmed = acks[wait] if wait is not None else "no node holds the slot:"
             if not isinstance(calls[i], Exception) and (
-                    isinstance(confirmed, Exception) or int(confirmed) < self._replicas):
+                    not isinstance(confirmed, int) or confirmed < self._replicas):
                 calls[i] = NotReplicated(f"{confirmed} of {self._replicas} replicas confirmed the write")
         return calls
 
-    def _queue_waits(self, pipe: Any, batch: list[_Call]) -> list[int]:
-        """Queue one WAIT per node after its calls; for each call, the index of its WAIT."""
+    def _queue_waits(self, pipe: Any, batch: list[_Call]) -> list[int | None]:
+        """Queue one WAIT per node after its calls; for each call, the index of its WAIT (None:
+        no node is known for its slot, so nothing can confirm it)."""
         if not isinstance(self._redis, RedisCluster):
             pipe.execute_command("WAIT", self._replicas, WAIT_TIMEOUT_MS)
             return [0] * len(batch)
         nodes: dict[str, int] = {}
-        waits = []
+        waits: list[int | None] = []
         for keys, _, _ in batch:
             node = self._redis.get_node_from_key(keys[0])
+            if node is None:
+                waits.append(None)
+                continue
             if node.name not in nodes:
                 nodes[node.name] = len(nodes)
                 # The node's commands share one connection, in order: WAIT covers those before it.
