@@ -24,10 +24,11 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
+
+from .redis_client import AnyRedis
 
 _Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
 # Bounded like every Redis call; a replica that lags longer than this fails the call instead.
@@ -41,7 +42,7 @@ class NotReplicated(RedisError):
 class ScriptBatcher:
     """`await batcher(keys, args)` behaves like `await script(keys=keys, args=args)`."""
 
-    def __init__(self, redis: Redis | RedisCluster, script: AsyncScript, max_batch: int = 256, *,
+    def __init__(self, redis: AnyRedis, script: AsyncScript, max_batch: int = 256, *,
                  replicas: int = 0) -> None:
         self._redis = redis
         self._script = script

@@ -20,11 +20,11 @@ import zlib
 from dataclasses import dataclass, field
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .config import Settings
 from .keys import Keys
+from .redis_client import AnyRedis
 
 log = structlog.get_logger("buffer_service.flags")
 
@@ -146,7 +146,7 @@ def _parse(raw: dict[bytes | str, bytes | str]) -> FlagValues:
 class Flags:
     """This process's view of the flags: reloaded from Redis when older than MAX_AGE_S."""
 
-    def __init__(self, redis: Redis, settings: Settings, max_age_s: float = MAX_AGE_S) -> None:
+    def __init__(self, redis: AnyRedis, settings: Settings, max_age_s: float = MAX_AGE_S) -> None:
         self.redis = redis
         keys = Keys(settings)
         self.key = keys.flags

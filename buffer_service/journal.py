@@ -25,12 +25,12 @@ from collections.abc import Awaitable, Callable, Iterable
 import orjson
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from . import metrics
 from .config import Settings
 from .keys import Keys
+from .redis_client import AnyRedis
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -49,7 +49,7 @@ def _now_ms() -> int:
 
 
 class WebhookLog:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
         self.redis = redis
         self.key = Keys(settings).logs["webhooks"]
         self.dropped = 0
@@ -143,7 +143,7 @@ def _record(request: web.Request, resp: web.StreamResponse) -> None:
 class SweepLog:
     """What one worker's sweeps found and did, one entry per safety-sweep period."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
         self.redis = redis
         self.key = Keys(settings).logs["sweeps"]
         self.period_s = settings.processing_interval_ms / 1000

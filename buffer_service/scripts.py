@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 
 from .batcher import ScriptBatcher
+from .redis_client import AnyRedis
 
 _TAG = re.compile(r"^-- (KEYS|ARGV):(.*)$")
 _MORE = re.compile(r"^--\s{4,}([\w\[\] ]+)$")
@@ -98,7 +98,7 @@ class Signature:
 
 
 class Script:
-    def __init__(self, redis: Redis | RedisCluster, name: str, source: str, lib: str, *,
+    def __init__(self, redis: AnyRedis, name: str, source: str, lib: str, *,
                  batched: bool = False, replicas: int = 0) -> None:
         self.name = name
         self.signature = Signature.parse(name, source)
@@ -141,7 +141,7 @@ class Scripts:
     renew: Script
     requeue: Script
 
-    def __init__(self, redis: Redis | RedisCluster, wait_replicas: int = 0) -> None:
+    def __init__(self, redis: AnyRedis, wait_replicas: int = 0) -> None:
         sources = sources_by_name()
         declared = set(Scripts.__annotations__)
         if set(sources) != declared:

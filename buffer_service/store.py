@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from .chatwoot import ChatMessage, Decision, Handoff
 from .config import Settings
 from .keys import Keys
+from .redis_client import AnyRedis
 from .scripts import Scripts
 
 # How long, and how many, fingerprints of posted replies are kept for their webhook echo: it
@@ -76,7 +76,7 @@ class Batch:
 class BufferStore:
     """All reads and writes of buffer state (keys from keys.py, scripts from scripts.py)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings)
