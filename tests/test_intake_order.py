@@ -123,7 +123,7 @@ async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis,
     await redis.set(store.keys.due(broken), "not a sorted set")  # every claim there fails
     await store.append(ChatMessage(1, 305, 50, "hi"))
     await asyncio.sleep(0.05)
-    worker = Worker(store, Processor(s, store, None, None), redis)  # type: ignore[arg-type]
+    worker = Worker(store, Processor(s, store, None, None))  # type: ignore[arg-type]
     worker._next_shard = broken
     worker.processor.process = _hold  # type: ignore[method-assign]
     await worker._sweep()
