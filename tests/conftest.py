@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import HeldChatwoot, Workers
+from redis.asyncio import Redis
 
 from buffer_service import logs, redis_client, service
 from buffer_service.config import Settings
@@ -48,7 +49,10 @@ def redis_server(request: pytest.FixtureRequest,
 
 @pytest.fixture
 async def redis(redis_server: RedisServer | RedisClusterServers) -> AsyncIterator[redis_client.AnyRedis]:
-    client = await redis_client.connect(Settings(redis_url=redis_server.url))
+    # A plain client on one server, whatever it says about itself (a test may make it a cluster
+    # node by hand); the cluster's client for TEST_REDIS=cluster.
+    client = (await redis_client.connect(Settings(redis_url=redis_server.url, redis_mode="cluster"))
+              if ON_CLUSTER else Redis.from_url(redis_server.url))
     yield client
     await client.aclose()
 
