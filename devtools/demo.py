@@ -163,10 +163,11 @@ def _settled(demo: Demo) -> bool:
             and all(demo.evolution.presence_for(n)[-1:] == ["paused"] for n in numbers))
 
 
-async def run(window_ms: int, gap_s: float = 0.5) -> Demo:
+async def run(window_ms: int, gap_s: float = 0.5, workdir: Path | None = None) -> Demo:
     """Start everything, let the customers write `gap_s` apart, wait until every conversation is
-    answered or handed over, stop everything; returns the run with its timeline."""
-    workdir = Path(tempfile.mkdtemp(prefix="buffer-demo-"))
+    answered or handed over, stop everything; returns the run with its timeline. Redis' data and
+    the service's log stay in `workdir` (a new temporary directory by default)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="buffer-demo-"))
     redis = RedisServer(workdir).start()
     llm, chatwoot = LLMStandIn(api_key="demo-llm-key"), ChatwootStandIn(token="demo-chatwoot-token")
     evolution = EvolutionStandIn(api_key="demo-evolution-key", instance="shop")
@@ -285,7 +286,10 @@ def _record(demo: Demo) -> None:
             add(post.at, "chatwoot", f"conv {conv}: private note for the agents (message id "
                 f"{post.message_id}):\n{content}")
             continue
-        after = f", {post.at - previous[conv]:.2f} s after the previous one" if conv in previous else ""
+        after = "" if conv not in previous else (
+            f" after a pause of {post.at - previous[conv]:.2f} s since the previous one"
+            + (", typing on meanwhile" if _typing_throughout(chatwoot, conv, previous[conv], post.at)
+               else ""))
         previous[conv] = post.at
         add(post.at, "chatwoot", f"conv {conv}: message posted{after}: {content!r} (message id "
             f"{post.message_id})")
@@ -309,6 +313,13 @@ def _record(demo: Demo) -> None:
         elif event == "webhook" and entry.get("reason") == "outgoing":
             add(at, "webhook", f"conv {entry['conversation']} <- the bot's own message echoed by "
                 "Chatwoot: ignored (kept as history)")
+
+
+def _typing_throughout(chatwoot: ChatwootStandIn, conv: int, start: float, end: float) -> bool:
+    """Chatwoot showed the bot typing in `conv` from `start` to `end`."""
+    states = [t for t in chatwoot.typing if t.conversation_id == conv and t.at < end]
+    return [t.status for t in states if t.at <= start][-1:] == ["on"] \
+        and all(t.status == "on" for t in states if t.at > start)
 
 
 def _problems(demo: Demo) -> list[str]:
