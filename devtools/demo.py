@@ -237,7 +237,7 @@ async def _write(demo: Demo, service_url: str, gap_s: float) -> None:
                 (JOAO, "hello, do you open on Sunday?", None), (MARIA, "order #5521, look:", photo),
                 (JOAO, "and until what time?", None), (MARIA, "what now?", None),
                 (ANA, "meu pedido ainda não chegou", None), (ANA, "quero falar com um atendente", None),
-                (PEDRO, "I want a refund, this is the third broken box!", None)]
+                (PEDRO, "boa tarde", None), (PEDRO, "I want a refund, this is the third broken box!", None)]
     async with aiohttp.ClientSession() as session:
         for i, (customer, text, media) in enumerate(messages):
             payload = message_payload(message_id=90_000 + i, conversation_id=customer.conversation,
