@@ -96,9 +96,8 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
 
         worker_task: asyncio.Task[None] | None = None
         if worker:
-            worker_task = await _start_worker(settings, stack, stop, store=store, flags=flags,
-                                              limits=limits, downloader=downloader,
-                                              transcripts=transcripts)
+            worker_task = _start_worker(settings, stack, stop, store=store, flags=flags, limits=limits,
+                                        downloader=downloader, transcripts=transcripts)
         if http:
             webhook_log = WebhookLog(redis, settings)
             stack.push_async_callback(webhook_log.aclose)
@@ -117,9 +116,9 @@ async def run(settings: Settings, *, http: bool = True, worker: bool = True,
             stop.set()
 
 
-async def _start_worker(settings: Settings, stack: contextlib.AsyncExitStack, stop: asyncio.Event, *,
-                        store: BufferStore, flags: Flags, limits: Limits, downloader: Downloader,
-                        transcripts: Transcripts) -> asyncio.Task[None]:
+def _start_worker(settings: Settings, stack: contextlib.AsyncExitStack, stop: asyncio.Event, *,
+                  store: BufferStore, flags: Flags, limits: Limits, downloader: Downloader,
+                  transcripts: Transcripts) -> asyncio.Task[None]:
     """The worker's clients and parts, and its loop started; `stop` ends the loop."""
     session = aiohttp.ClientSession()
     stack.push_async_callback(session.close)

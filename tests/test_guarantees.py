@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +26,7 @@ from conftest import service_env, spawn, with_port
 from redis.asyncio import Redis
 from test_pipeline import wait_for
 
+from buffer_service import service
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.config import Settings
 from buffer_service.standins import ChatwootStandIn, message_payload
@@ -684,6 +686,22 @@ async def test_sigterm_releases_what_it_cannot_finish_for_another_worker_at_once
     # The stand-in records the post before the worker hears back and finishes the batch.
     job = await eventually(job_in("completed", redis, "1:310"), timeout=10)
     assert job["attempts"] == "1" and len(await jobs(redis, "1:310")) == 1
+
+
+async def test_a_process_that_cannot_take_its_port_stops_what_it_started(settings, redis):
+    """The worker starts before the HTTP server; a server that cannot listen must not leave it
+    running, nor any client open, behind the error."""
+    before = asyncio.all_tasks()
+    with socket.socket() as taken:
+        taken.bind((settings.host, settings.port))
+        taken.listen()
+        with pytest.raises(OSError):
+            await service.run(settings)
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+
+    async def no_subscriber() -> bool:
+        return not await redis.client_list(_type="pubsub")
+    await eventually(no_subscriber)
 
 
 async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make_service, llm, chatwoot,
