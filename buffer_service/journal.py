@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .config import Settings
+from .keys import Keys
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -38,11 +39,6 @@ _MAX_PENDING = 5_000
 _LATE_MS = 1_000
 
 
-def log_keys(settings: Settings) -> dict[str, str]:
-    return {"webhooks": f"{settings.key_prefix}:log:webhooks",
-            "sweeps": f"{settings.key_prefix}:log:sweeps"}
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -50,7 +46,7 @@ def _now_ms() -> int:
 class WebhookLog:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.key = log_keys(settings)["webhooks"]
+        self.key = Keys(settings).logs["webhooks"]
         self.dropped = 0
         self._pending: list[dict[str, str | int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -101,7 +97,7 @@ class SweepLog:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.key = log_keys(settings)["sweeps"]
+        self.key = Keys(settings).logs["sweeps"]
         self.period_s = settings.processing_interval_ms / 1000
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._reset()
