@@ -1,4 +1,6 @@
-"""The HTTP app: Chatwoot webhooks in, a quick answer out, plus health checks.
+"""The HTTP app: Chatwoot webhooks in, a quick answer out, plus health checks, GET /metrics
+(metrics.py) and the admin API mounted under /admin (admin.py). Every webhook answer is logged to
+the webhook log (journal.py) and counted, by this app's own middleware.
 
 A webhook is acknowledged as soon as its message is stored in Redis, never after the LLM:
 Chatwoot waits at most 5 s and, for agent bots, hands the conversation to humans when a
