@@ -37,8 +37,6 @@ from .flags import FlagError, Flags
 from .ops import NotFound, Operations, OpsError
 from .store import BufferStore
 
-_SERVICE_COMMANDS = ("serve", "worker")
-
 
 @dataclass(frozen=True)
 class _Operation:
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"buffer-service: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command not in _SERVICE_COMMANDS:
+    if args.command in _OPERATIONS:
         logs.configure("console", "warning")
         return asyncio.run(_operate(settings, args))
     logs.configure(settings.log_format, settings.log_level)
