@@ -1,4 +1,5 @@
-"""The webhook log and the sweep log: capped Redis streams an operator reads to see what happened.
+"""The webhook log and the sweep log: capped Redis streams an operator reads to see what happened
+(`buffer-service log`, /admin/logs). Not the process's own log lines: those are structlog's (logs.py).
 
 - `bs:log:webhooks`: one entry per delivery to a webhook path, with its outcome (buffered,
   duplicate, ignored + reason, rejected + reason, unavailable). Written off the hot path: the
@@ -20,14 +21,10 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
 
-import orjson
 import structlog
-from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import metrics
 from .config import Settings
 from .keys import Keys
 from .redis_client import AnyRedis
@@ -40,8 +37,6 @@ _GATHER_S = 0.02
 _MAX_PENDING = 5_000
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
-
-WEBHOOK_LOG = web.AppKey("webhook_log", "WebhookLog")
 
 
 def _now_ms() -> int:
@@ -80,64 +75,21 @@ class WebhookLog:
         finally:
             self._task = None
 
+    def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
+        """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
+        entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": status, "path": path}
+        if reason:
+            entry["reason"] = reason
+        for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
+                         ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
+            value = body.get(src)
+            if isinstance(value, int):
+                entry[dst] = value
+        self.add(entry)
+
     async def aclose(self) -> None:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
-    body: dict[str, object] = {}
-    if isinstance(resp, web.Response) and isinstance(resp.body, bytes | bytearray):
-        try:
-            parsed = orjson.loads(resp.body)
-            if isinstance(parsed, dict):
-                body = parsed
-        except orjson.JSONDecodeError:
-            pass
-    status = body.get("status")
-    if status in ("buffered", "duplicate", "ignored", "rejected", "unavailable"):
-        return str(status), body
-    return ("unavailable" if resp.status >= 500 else
-            "rejected" if resp.status >= 400 else "ignored"), body
-
-
-def webhook_middleware(
-    paths: Iterable[str],
-) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-              Awaitable[web.StreamResponse]]:
-    """Log and count every answer of the webhook paths, whichever check produced it."""
-    watched = frozenset(paths)
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[
-            web.StreamResponse]]) -> web.StreamResponse:
-        if request.path not in watched:
-            return await handler(request)
-        try:
-            resp = await handler(request)
-        except web.HTTPException as exc:  # e.g. 413 from aiohttp's body size limit
-            _record(request, exc)
-            raise
-        _record(request, resp)
-        return resp
-
-    return middleware
-
-
-def _record(request: web.Request, resp: web.StreamResponse) -> None:
-    outcome, body = _outcome(resp)
-    reason = str(body.get("reason") or body.get("error") or "")[:200]
-    metrics.webhook(outcome, reason, resp.status)
-    entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": resp.status,
-                                   "path": request.path}
-    if reason:
-        entry["reason"] = reason
-    for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
-                     ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
-        value = body.get(src)
-        if isinstance(value, int):
-            entry[dst] = value
-    request.app[WEBHOOK_LOG].add(entry)
 
 
 class SweepLog:
@@ -156,7 +108,7 @@ class SweepLog:
         self.paused = False
 
     def claimed(self, batch: Batch) -> None:
-        if metrics.fresh(batch):
+        if batch.fresh:
             self.claimed_new += 1
             if batch.claimed_ms - batch.deadline_ms > _LATE_MS:
                 self.late += 1

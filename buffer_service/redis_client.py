@@ -9,7 +9,7 @@ What makes the key layout safe on a cluster is written once, in keys.py: every k
 touches carries its shard's hash tag, so the script runs on the one node that holds the slot.
 Pub/sub differs per kind of message: a PUBLISH (the wake-up channel) reaches subscribers on
 every node of a cluster, but a keyspace event only those of the node where the key expired;
-`subscription_nodes` gives the worker every primary to listen on (scheduler.py).
+`subscription_nodes` gives the worker every primary to listen on (worker.py).
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import flags, metrics, redis_client
+from . import metrics, redis_client
+from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
 from .journal import SweepLog
 from .processor import Processor
 from .store import Batch, BufferStore
 
-log = structlog.get_logger("buffer_service.scheduler")
+log = structlog.get_logger("buffer_service.worker")
 
 # How often a cluster's primaries are looked at for one the subscriptions do not cover yet (a
 # failed node is noticed at once, by its broken subscription).
@@ -32,16 +33,18 @@ TOPOLOGY_CHECK_S = 5.0
 
 
 class Worker:
-    def __init__(self, store: BufferStore, processor: Processor) -> None:
+    def __init__(self, store: BufferStore, processor: Processor, *, flags: Flags,
+                 sweep_log: SweepLog) -> None:
         self.store = store
         self.processor = processor
+        self.flags = flags
+        self.sweep_log = sweep_log
         self.settings = store.settings
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
-        self.sweep_log = SweepLog(store.redis, store.settings)
 
     def wake(self) -> None:
         self._wake.set()
@@ -52,10 +55,10 @@ class Worker:
                  concurrency=self.settings.worker_concurrency)
         try:
             while not stop.is_set():
-                paused = not await self.processor.flags.processing()
+                paused = not await self.flags.processing()
                 if paused:  # the processing switch: claim nothing, look at it again soon
                     self._wake.clear()
-                    delay = flags.MAX_AGE_S
+                    delay = MAX_AGE_S
                 else:
                     delay = await self._sweep()
                 await self.sweep_log.swept(paused=paused)
@@ -206,8 +209,8 @@ class Worker:
                 if channel == expired:
                     if not self.store.keys.is_deadline(data):
                         continue
-                elif data == flags.FLAGS_CHANGED:
-                    self.processor.flags.invalidate()
+                elif data == FLAGS_CHANGED:
+                    self.flags.invalidate()
                 self._wake.set()
         finally:
             with contextlib.suppress(Exception):
