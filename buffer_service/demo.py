@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Timeline:

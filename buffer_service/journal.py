@@ -20,13 +20,16 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
+from typing import cast
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from . import metrics
 from .config import Settings
@@ -40,9 +43,6 @@ _MAX_PENDING = 5_000
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
 
-WEBHOOK_LOG = web.AppKey("webhook_log", "WebhookLog")
-
-
 def log_keys(settings: Settings) -> dict[str, str]:
     return {"webhooks": f"{settings.key_prefix}:log:webhooks",
             "sweeps": f"{settings.key_prefix}:log:sweeps"}
@@ -50,6 +50,12 @@ def log_keys(settings: Settings) -> dict[str, str]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
+    # redis-py types XADD's fields as a dict of its widest key and value types, and dict is
+    # invariant: a dict of str to str | int is one at run time, only not to the type checker.
+    return cast("dict[FieldT, EncodableT]", entry)
 
 
 class WebhookLog:
@@ -76,7 +82,7 @@ class WebhookLog:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for entry in batch:
-                            pipe.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+                            pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
                         await pipe.execute()
                 except RedisError as exc:
                     self.dropped += len(batch)
@@ -87,6 +93,9 @@ class WebhookLog:
     async def aclose(self) -> None:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+WEBHOOK_LOG = web.AppKey("webhook_log", WebhookLog)
 
 
 def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
@@ -105,16 +114,12 @@ def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
             "rejected" if resp.status >= 400 else "ignored"), body
 
 
-def webhook_middleware(
-    paths: Iterable[str],
-) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-              Awaitable[web.StreamResponse]]:
+def webhook_middleware(paths: Iterable[str]) -> Middleware:
     """Log and count every answer of the webhook paths, whichever check produced it."""
     watched = frozenset(paths)
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[
-            web.StreamResponse]]) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in watched:
             return await handler(request)
         try:
@@ -179,6 +184,6 @@ class SweepLog:
         }
         self._reset()
         try:
-            await self.redis.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+            await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
         except RedisError as exc:
             log.warning("sweep_log_write_failed", error=str(exc))
