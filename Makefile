@@ -28,7 +28,7 @@ chromium:
 	  || echo "chromium could not be installed: the browser tests will be skipped"; }
 
 demo: install redis
-	$(BIN)/python -m buffer_service.demo
+	$(BIN)/python -m devtools.demo
 
 lint: install
 	$(BIN)/ruff check .

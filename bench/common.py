@@ -1,8 +1,8 @@
-"""Shared plumbing of the benchmarks: a private redis-server, the service as a real process,
-wrk, percentiles, CPU time of a process, and the result file every script writes.
+"""Shared plumbing of the benchmarks: the service as a real process, wrk, percentiles, CPU time
+of a process, and the result file every script writes.
 
-Every benchmark starts its own redis-server with the repo's redis.conf on a free port in a
-temporary directory; none ever touches a Redis at 127.0.0.1:6379.
+Every benchmark starts its own redis-server (devtools.redis_server: the repo's redis.conf on a
+free port in a temporary directory); none ever touches a Redis at 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -15,28 +15,26 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-REDIS_CONF = ROOT / "redis.conf"
 RESULTS = BENCH / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout without an install
+if str(ROOT) not in sys.path:  # `python bench/x.py`: devtools (and buffer_service without an install)
     sys.path.insert(1, str(ROOT))
 
 from buffer_service import logs  # noqa: E402 - needs the path above
+from devtools.processes import operator_env  # noqa: E402
 
 # The service code that runs inside a benchmark process (worker, stores) logs only problems.
 logs.configure("console", "warning")
@@ -44,61 +42,6 @@ logs.configure("console", "warning")
 # Stopped with SIGTERM (e.g. by run_all's caller): unwind, so that the redis-server and service
 # processes a benchmark started are stopped by its `finally` blocks rather than orphaned.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@dataclass
-class RedisProc:
-    """A redis-server of our own: the repo's redis.conf, a free port, a temporary directory."""
-
-    dir: Path
-    port: int = field(default_factory=free_port)
-    extra: Sequence[str] = ()
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProc:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", str(REDIS_CONF), "--port", str(self.port), "--dir", str(self.dir),
-             "--bind", "127.0.0.1", "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
-             *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
-        return self
-
-    def stop(self) -> None:
-        stop(self.proc)
 
 
 @contextlib.contextmanager
@@ -110,34 +53,10 @@ def workdir(name: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def redis_server(dir: Path, *extra: str) -> Iterator[RedisProc]:
-    if not shutil.which("redis-server"):
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    server = RedisProc(dir / f"redis-{free_port()}", extra=extra).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def service_env(redis_url: str, port: int, **extra: str | int) -> dict[str, str]:
-    """The environment an operator sets for `buffer-service serve` (cf. tests/conftest.py)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI", "CHATWOOT", "REDIS_", "MESSAGE_BUFFER", "BUFFER_"))}
-    env.update({"REDIS_URL": redis_url, "HOST": "127.0.0.1", "PORT": str(port),
-                "LOG_LEVEL": "info", "LOG_FORMAT": "json"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def spawn_service(args: Sequence[str], env: dict[str, str], log: Path,
-                  code_dir: Path = ROOT) -> subprocess.Popen[bytes]:
-    """`buffer-service <args>` as its own process; `code_dir` picks which checkout runs."""
-    env = dict(env, PYTHONPATH=str(code_dir))
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "buffer_service.cli", *args], env=env,
-                                cwd=code_dir, stdout=out, stderr=subprocess.STDOUT)
+    """The environment an operator sets for `buffer-service serve`."""
+    return operator_env(**{"REDIS_URL": redis_url, "HOST": "127.0.0.1", "PORT": port, "LOG_LEVEL": "info",
+                           "LOG_FORMAT": "json", **extra})
 
 
 def checkout(ref: str, dest: Path) -> Path | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import median, parser, percentile, redis_server, repeats, save, table, workdir
+from common import median, parser, percentile, repeats, save, table, workdir
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
@@ -36,6 +36,7 @@ from buffer_service.flags import Flags
 from buffer_service.scheduler import Worker
 from buffer_service.service import make_redis
 from buffer_service.store import Batch, BufferStore
+from devtools.redis_server import running_redis
 
 # Creates unrelated volatile keys server-side: a Python pipeline of a million SETs takes longer
 # than the rest of the benchmark. ARGV: prefix, first index, count, min ttl ms, max ttl ms.
@@ -220,7 +221,7 @@ def main() -> dict[str, Any]:
     spread = args.spread or (10.0 if args.quick else 30.0)
     runs = []
     for i in range(repeats(args)):
-        with workdir("flush") as tmp, redis_server(tmp) as server:
+        with workdir("flush") as tmp, running_redis(tmp) as server:
             r = asyncio.run(run_once(server.url, tmp, n, junk, spread))
         runs.append(r)
         print(f"run {i + 1}: claimed {r['claimed']}/{n} p50 {r['claim_p50_ms']} p99 {r['claim_p99_ms']}"

@@ -34,23 +34,21 @@ from common import (
     ROOT,
     checkout,
     cpu_seconds,
-    free_port,
     median,
     parser,
-    redis_server,
     repeats,
     save,
     service_env,
-    spawn_service,
-    stop,
     table,
-    wait_port,
     workdir,
     wrk,
 )
 from redis.asyncio import Redis
 
-from buffer_service.standins import message_payload
+from devtools.net import free_port, wait_port
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 # Realistic Brazilian WhatsApp text (the product's users), about 100 characters.
 TEXT = "Oi, boa tarde! Fiz o pedido 48213 na semana passada e ainda não chegou. Vocês conseguem ver o status?"
@@ -102,7 +100,7 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
     port = free_port()
     env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": str(args.conversations)}
     url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
-    with redis_server(tmp) as redis:
+    with running_redis(tmp) as redis:
         log = tmp / f"{kind}-{run_no}.log"
         if kind == "bare":
             proc = subprocess.Popen([sys.executable, str(BENCH / "bare_server.py"), str(port)],

@@ -1,6 +1,6 @@
 """Benchmark 4: LLM calls saved. A seeded synthetic trace (bench/chat_trace.py) replayed through the
 whole pipeline: `buffer-service serve --no-worker` and `buffer-service worker` as processes,
-the LLM and Chatwoot stand-ins (buffer_service.standins) as the outside world, a redis-server
+the LLM and Chatwoot stand-ins (devtools.chatwoot_standin) as the outside world, a redis-server
 of our own. Time runs --scale times faster than the trace, and so does the service's window
 (MESSAGE_BUFFER_DURATION_MS = 30 s / scale) and age cap (300 s / scale). The default scale (20)
 keeps the compressed load (about 30 bursts/s for 2000 conversations) within what one worker
@@ -23,25 +23,15 @@ from typing import Any
 
 import aiohttp
 import chat_trace as trace_mod
-from common import (
-    cpu_seconds,
-    free_port,
-    median,
-    parser,
-    percentile,
-    redis_server,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    wait_port,
-    workdir,
-)
+from common import cpu_seconds, median, parser, percentile, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_port
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 WINDOW_S, MAX_AGE_S = 30.0, 300.0
 
@@ -98,7 +88,7 @@ async def run_once(tmp: Path, conversations: int, scale: float, seed: int) -> di
     await chatwoot.start()
     procs = []
     try:
-        with redis_server(tmp) as redis:
+        with running_redis(tmp) as redis:
             port = free_port()
             env = service_env(
                 redis.url, port, OPENAI_API_KEY=llm.api_key, OPENAI_BASE_URL=f"{llm.base_url}/v1",

@@ -16,23 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import (
-    free_port,
-    median,
-    parser,
-    percentile,
-    redis_server,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    wait_port,
-    workdir,
-)
+from common import median, parser, percentile, repeats, save, service_env, table, workdir
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_port
+from devtools.payloads import attachment, message_payload
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 TRANSCRIPTION_S = 3.0
 _ids = iter(range(1, 10**9))
@@ -56,7 +47,7 @@ def _voice(chatwoot: ChatwootStandIn, words: str = "where is my order?") -> dict
 
 async def ack_latency(tmp: Path, messages: int) -> dict[str, Any]:
     """Text and voice-note webhooks alternating from 8 concurrent senders."""
-    with redis_server(tmp) as redis:
+    with running_redis(tmp) as redis:
         async with LLMStandIn() as llm, ChatwootStandIn() as chatwoot:
             llm.transcription_delay = TRANSCRIPTION_S
             proc, url = await _start(tmp, redis.url, llm, chatwoot, ["serve", "--no-worker"])
@@ -93,7 +84,7 @@ async def ack_latency(tmp: Path, messages: int) -> dict[str, Any]:
 async def deadline_to_call(tmp: Path, window_ms: int, bursts: int) -> dict[str, list[float]]:
     """Per kind, seconds from each burst's deadline (as the webhook answer announced it) to its
     LLM call at the stand-in."""
-    with redis_server(tmp) as redis:
+    with running_redis(tmp) as redis:
         async with LLMStandIn() as llm, ChatwootStandIn() as chatwoot:
             llm.transcription_delay = TRANSCRIPTION_S
             proc, url = await _start(tmp, redis.url, llm, chatwoot, ["serve"],

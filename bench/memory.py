@@ -23,27 +23,17 @@ from typing import Any
 
 import aiohttp
 import orjson
-from common import (
-    free_port,
-    median,
-    parser,
-    redis_server,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    wait_port,
-    workdir,
-)
+from common import median, parser, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.service import make_redis
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.net import free_port, wait_port
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 # ~100 characters of text, like a WhatsApp message (the target's "3 messages of ~100 chars").
 TEXT = "Oi! Comprei um tênis na sexta e veio o tamanho errado, 41 em vez de 42. Como faço a troca, por favor?"
@@ -101,7 +91,7 @@ async def part_conversations(url: str, n: int) -> dict[str, Any]:
         out: dict[str, Any] = {"conversations": n, "total_bytes_per_conv_with_markers": total / n}
         sample = [f"1:{100_000 + i}" for i in range(0, n, max(1, n // 500))]
         store = BufferStore(redis, settings)
-        sizes = [await redis.memory_usage(store.key(store.shard_of(c), f"buf:{c}"), samples=0)
+        sizes = [await redis.memory_usage(store.keys.buffer(c), samples=0)
                  for c in sample]
         out["part:buffer list (MEMORY USAGE)"] = sum(sizes) / len(sizes)
         out["keys_per_conv"] = (await redis.dbsize() - 3 * n) / n
@@ -112,8 +102,7 @@ async def part_conversations(url: str, n: int) -> dict[str, Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 for i in range(start, min(3 * n, start + 10_000)):
                     msg = conv_msg(i // 3, i % 3, 3)
-                    shard = store.shard_of(msg.conv)
-                    pipe.set(store.key(shard, f"seen:{msg.account_id}:{msg.message_id}"), "1",
+                    pipe.set(store.keys.seen(msg.conv, msg.message_id), "1",
                              nx=True, px=settings.dedup_ttl_s * 1000)
                 await pipe.execute()
         markers = await used(redis) - base
@@ -147,15 +136,15 @@ async def part_layouts(url: str, n: int) -> dict[str, Any]:
                 async with redis.pipeline(transaction=False) as pipe:
                     for i in range(start, min(n, start + 5000)):
                         msgs = [conv_msg(i, j, 3) for j in range(3)]
-                        conv, shard = msgs[0].conv, store.shard_of(msgs[0].conv)
+                        conv, shard = msgs[0].conv, store.keys.shard_of(msgs[0].conv)
                         items: list[Any] = [
                             orjson.dumps([m.message_id, m.text, m.inbox_id]) if arrays else m.to_json()
                             for m in msgs]
-                        pipe.rpush(store.key(shard, f"buf:{conv}"), *([first_ms + i] if head else []),
+                        pipe.rpush(store.keys.buffer(conv), *([first_ms + i] if head else []),
                                    *items)
-                        pipe.zadd(store.key(shard, "due"), {conv: first_ms + i})
+                        pipe.zadd(store.keys.due(shard), {conv: first_ms + i})
                         if not head:
-                            pipe.hset(store.key(shard, "first"), conv, first_ms + i)
+                            pipe.hset(store.keys.first(shard), conv, first_ms + i)
                     await pipe.execute()
             out[f"layout:{name}"] = (await used(redis) - base) / n
     finally:
@@ -277,14 +266,14 @@ def main() -> dict[str, Any]:
     for i in range(repeats(args)):
         r: dict[str, Any] = {}
         with workdir("memory") as tmp:
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_conversations(server.url, n)))
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 jobs = asyncio.run(part_jobs_and_history(server.url, hist_n, 5))
                 r.update({k: v for k, v in jobs.items() if k != "marker_bytes"})
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_layouts(server.url, n)))
-            with redis_server(tmp) as server:
+            with running_redis(tmp) as server:
                 r.update(asyncio.run(part_webhooks(server.url, tmp, 300 if args.quick else 2000, 3)))
         runs.append(r)
         print(f"run {i + 1}: {r['bytes_per_conv']:.0f} B per open conversation, history "

@@ -20,28 +20,16 @@ from typing import Any
 
 import flush
 import ingest
-from common import (
-    cpu_seconds,
-    free_port,
-    median,
-    parser,
-    redis_server,
-    repeats,
-    save,
-    service_env,
-    spawn_service,
-    stop,
-    table,
-    wait_port,
-    workdir,
-    wrk,
-)
+from common import cpu_seconds, median, parser, repeats, save, service_env, table, workdir, wrk
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.service import make_redis
 from buffer_service.store import BufferStore
+from devtools.net import free_port, wait_port
+from devtools.processes import spawn_service, stop
+from devtools.redis_server import running_redis
 
 
 async def preopen(url: str, n: int) -> None:
@@ -67,7 +55,7 @@ async def redis_cpu(url: str) -> float:
 
 def ingest_at(n: int, seconds: float, tmp: Any) -> dict[str, float]:
     ingest.write_template(tmp / "template.json")
-    with redis_server(tmp) as server:
+    with running_redis(tmp) as server:
         asyncio.run(preopen(server.url, n))
         port = free_port()
         proc = spawn_service(["serve", "--no-worker"],
@@ -102,7 +90,7 @@ def main() -> dict[str, Any]:
         for n in sizes:
             with workdir("scaling") as tmp:
                 r: dict[str, Any] = {"conversations": n, **ingest_at(n, seconds, tmp)}
-                with redis_server(tmp) as server:
+                with running_redis(tmp) as server:
                     f = asyncio.run(flush.run_once(server.url, tmp, n, 0, args.spread,
                                                    expiry_events=False))
                 r.update({k: f[k] for k in ("claimed", "claim_p50_ms", "claim_p99_ms", "claim_max_ms",

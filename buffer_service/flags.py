@@ -1,6 +1,6 @@
 """Feature flags kept in Redis, changed at run time, seen by every process within a second.
 
-One untagged hash (`bs:flags`) holds them all: a flag is global, never part of a shard's
+One untagged hash (`bs:flags`, keys.py) holds them all: a flag is global, never part of a shard's
 script, so it needs no hash tag and is read with its own command. Every process keeps a copy
 that it reloads when it is older than `MAX_AGE_S`, so a webhook pays for one HGETALL every half
 second at most, and a change made with `buffer-service flags set`, the admin API or
@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .config import Settings
+from .keys import Keys
 
 log = structlog.get_logger("buffer_service.flags")
 
@@ -147,8 +148,9 @@ class Flags:
 
     def __init__(self, redis: Redis, settings: Settings, max_age_s: float = MAX_AGE_S) -> None:
         self.redis = redis
-        self.key = f"{settings.key_prefix}:flags"
-        self.wake_channel = f"{settings.key_prefix}:wake"
+        keys = Keys(settings)
+        self.key = keys.flags
+        self.wake_channel = keys.wake
         self.max_age_s = max_age_s
         self._values: FlagValues | None = None
         self._loaded_at = 0.0

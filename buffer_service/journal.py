@@ -33,6 +33,7 @@ from redis.typing import EncodableT, FieldT
 
 from . import metrics
 from .config import Settings
+from .keys import Keys
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -42,10 +43,6 @@ _GATHER_S = 0.02
 _MAX_PENDING = 5_000
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
-
-def log_keys(settings: Settings) -> dict[str, str]:
-    return {"webhooks": f"{settings.key_prefix}:log:webhooks",
-            "sweeps": f"{settings.key_prefix}:log:sweeps"}
 
 
 def _now_ms() -> int:
@@ -61,7 +58,7 @@ def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
 class WebhookLog:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.key = log_keys(settings)["webhooks"]
+        self.key = Keys(settings).logs["webhooks"]
         self.dropped = 0
         self._pending: list[dict[str, str | int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +151,7 @@ class SweepLog:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.key = log_keys(settings)["sweeps"]
+        self.key = Keys(settings).logs["sweeps"]
         self.period_s = settings.processing_interval_ms / 1000
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._reset()

@@ -1,11 +1,7 @@
 """Abuse limits kept in Redis, so every replica enforces the same numbers.
 
-Keys (besides the buffer store's, same prefix and shard hash tag, so a conversation's limits
-live in its shard's Redis Cluster slot):
-
-    bs:{sN}:rl:<conv>    string  GCRA arrival time of the conversation's message limit
-    bs:rl:global         string  the same for all conversations together (one key, one slot)
-    bs:{sN}:llm:<conv>   zset    the conversation's LLM calls of the last hour (spend guard)
+Their keys (keys.py: rl:, llm:, the global rl:global) live in the conversation's shard, so
+in its Redis Cluster slot, but for the global limit's one key.
 
 Message limits (GCRA, lua/lib.lua) admit a burst of up to N accepted messages and then N per
 window. They are checked inside the append script (append.lua), after de-duplication and
@@ -19,7 +15,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from .store import BufferStore, _load
+from .store import BufferStore
 
 RATE_LIMITED = Counter("buffer_service_rate_limited",
                        "Webhook messages refused by a rate limit, by the limit that refused them",
@@ -34,18 +30,15 @@ class Limits:
     def __init__(self, store: BufferStore) -> None:
         self.store = store
         self.settings = store.settings
-        self._llmquota = store.redis.register_script(_load("llmquota"))
-
-    def _conv_key(self, kind: str, conv: str) -> str:
-        return self.store.key(self.store.shard_of(conv), f"{kind}:{conv}")
 
     async def allow_llm_call(self, conv: str, call_id: str) -> bool:
         """Count one LLM call of `conv`; False once it made its allowance of the last hour."""
         limit = self.settings.max_llm_calls_per_conversation_per_hour
         if not limit:
             return True
-        allowed = bool((await self._llmquota(keys=[self._conv_key("llm", conv)],
-                                             args=[limit, _HOUR_MS, call_id]))[0])
+        allowed = bool((await self.store.scripts.llmquota(
+            keys={"calls": self.store.keys.llm_calls(conv)},
+            args={"limit": limit, "period_ms": _HOUR_MS, "call_id": call_id}))[0])
         if not allowed:
             LLM_QUOTA_EXCEEDED.inc()
         return allowed

@@ -1,17 +1,9 @@
 """Operations: what an operator sees and does, shared by the CLI and the admin HTTP API.
 
 Everything is read from indexes and counters the Lua scripts keep as they change state, never
-from a scan of the keyspace:
-
-    bs:{sN}:due               pending bursts (buffering), scored by deadline
-    bs:{sN}:inflight          batches being processed or waiting for a retry
-    bs:{sN}:failed            failed jobs, scored by failure time
-    bs:{sN}:jobs:completed    finished jobs, scored by finish time (trimmed to JOB_RETENTION_DAYS)
-    bs:{sN}:jobs:skipped      likewise for skipped ones
-    bs:{sN}:stats:<hour>      hourly counters (hour = epoch ms // 3600000), kept 8 days
-    bs:{sN}:manual            conversations an operator flushed (the claim labels them "manual")
-    bs:flags                  feature flags (flags.py)
-    bs:log:webhooks, bs:log:sweeps   capped streams (journal.py)
+from a scan of the keyspace (keys.py): the deadline index (buffering), inflight (processing or
+waiting for a retry), failed, jobs:completed and jobs:skipped (trimmed to JOB_RETENTION_DAYS),
+the hourly stats, and the webhook and sweep logs (journal.py).
 
 The hourly counters answer the Supabase guide's monitoring queries: bursts flushed and messages
 per hour (so messages per burst), and per hour of completion the time from a burst's first
@@ -24,11 +16,9 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
-from redis.commands.core import AsyncScript
 
 from .flags import Flags
-from .journal import log_keys
-from .store import BufferStore, _load, _s
+from .store import BufferStore, decoded
 
 HOUR_MS = 3_600_000
 JOB_STATUSES = ("buffering", "processing", "completed", "failed", "skipped")
@@ -68,8 +58,7 @@ class Operations:
         self.flags = flags
         self.redis = store.redis
         self.settings = store.settings
-        self._flush: AsyncScript = self.redis.register_script(_load("flush"))
-        self._purge: AsyncScript = self.redis.register_script(_load("purge"))
+        self.keys = store.keys
 
     # -- names --------------------------------------------------------------------------------
     def conversation(self, text: str) -> str:
@@ -87,8 +76,16 @@ class Operations:
             raise OpsError(f"job id must look like 3-1234 (shard-sequence), got {text!r}")
         return int(shard), f"{int(shard)}-{int(seq)}"
 
-    def _key(self, shard: int, name: str) -> str:
-        return self.store.key(shard, name)
+    def _index(self, shard: int, status: str) -> str:
+        """The index of a shard's jobs of one status (for "buffering": its pending bursts)."""
+        k = self.keys
+        if status == "buffering":
+            return k.due(shard)
+        if status == "processing":
+            return k.inflight(shard)
+        if status == "failed":
+            return k.failed(shard)
+        return k.jobs(shard, status)
 
     async def now_ms(self) -> int:
         sec, usec = await self.redis.time()
@@ -97,16 +94,15 @@ class Operations:
     # -- figures ------------------------------------------------------------------------------
     async def counts(self) -> dict[str, int]:
         """Jobs and buffers by status, from the index sizes."""
-        names = {"buffering": "due", "processing": "inflight", "failed": "failed",
-                 "completed": "jobs:completed", "skipped": "jobs:skipped"}
+        names = ("buffering", "processing", "failed", "completed", "skipped")
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(self.settings.shards):
-                for key in names.values():
-                    pipe.zcard(self._key(shard, key))
+                for status in names:
+                    pipe.zcard(self._index(shard, status))
             sizes = await pipe.execute()
         out = dict.fromkeys(names, 0)
         for i, size in enumerate(sizes):
-            out[list(names)[i % len(names)]] += int(size)
+            out[names[i % len(names)]] += int(size)
         return out
 
     async def stats(self, hours: int = 24) -> dict[str, Any]:
@@ -118,7 +114,7 @@ class Operations:
         async with self.redis.pipeline(transaction=False) as pipe:
             for hour in wanted:
                 for shard in range(self.settings.shards):
-                    pipe.hmget(self._key(shard, f"stats:{hour}"), _STAT_FIELDS)
+                    pipe.hmget(self.keys.stats(shard, hour), _STAT_FIELDS)
             per_key = await pipe.execute()
         rows = []
         total = dict.fromkeys(_STAT_FIELDS, 0)
@@ -149,20 +145,20 @@ class Operations:
         now = await self.now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(self.settings.shards):
-                pipe.zrange(self._key(shard, "due"), 0, limit - 1, withscores=True)
-                pipe.hgetall(self._key(shard, "active"))
+                pipe.zrange(self.keys.due(shard), 0, limit - 1, withscores=True)
+                pipe.hgetall(self.keys.active(shard))
             raw = await pipe.execute()
         found: list[tuple[int, str, int | None, str]] = []
         for shard in range(self.settings.shards):
             due, active = raw[2 * shard], raw[2 * shard + 1]
-            deadlines = {_s(conv): int(score) for conv, score in due}
-            holders = {_s(c): _s(b) for c, b in active.items()}
+            deadlines = {decoded(conv): int(score) for conv, score in due}
+            holders = {decoded(c): decoded(b) for c, b in active.items()}
             for conv in sorted(set(deadlines) | set(holders)):
                 found.append((shard, conv, deadlines.get(conv), holders.get(conv, "")))
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard, conv, _, _ in found:
-                pipe.llen(self._key(shard, f"buf:{conv}"))
-                pipe.hget(self._key(shard, "first"), conv)
+                pipe.llen(self.keys.buffer(conv))
+                pipe.hget(self.keys.first(shard), conv)
             sizes = await pipe.execute()
         rows = []
         for i, (_, conv, deadline, batch) in enumerate(found):
@@ -172,7 +168,7 @@ class Operations:
             rows.append({
                 "conversation": conv, "messages": count,
                 "status": "buffering" if deadline is not None else "waiting",
-                "first_message_at": iso(_s(first) if first else None),
+                "first_message_at": iso(decoded(first) if first else None),
                 "deadline_at": iso(deadline), "due_in_ms": deadline - now if deadline else None,
                 "batch_in_flight": batch or None,
             })
@@ -181,24 +177,25 @@ class Operations:
 
     async def buffer(self, conversation: str) -> dict[str, Any]:
         conv = self.conversation(conversation)
-        shard = self.store.shard_of(conv)
+        k = self.keys
+        shard = k.shard_of(conv)
         now = await self.now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(self._key(shard, f"buf:{conv}"), 0, -1)
-            pipe.zscore(self._key(shard, "due"), conv)
-            pipe.hget(self._key(shard, "first"), conv)
-            pipe.hget(self._key(shard, "active"), conv)
-            pipe.llen(self._key(shard, f"hist:{conv}"))
+            pipe.lrange(k.buffer(conv), 0, -1)
+            pipe.zscore(k.due(shard), conv)
+            pipe.hget(k.first(shard), conv)
+            pipe.hget(k.active(shard), conv)
+            pipe.llen(k.history(conv))
             msgs, deadline, first, batch, hist = await pipe.execute()
         return {
             "conversation": conv,
             "shard": shard,
             "status": "buffering" if deadline is not None else ("waiting" if msgs else "empty"),
             "messages": [orjson.loads(m) for m in msgs],
-            "first_message_at": iso(_s(first) if first else None),
+            "first_message_at": iso(decoded(first) if first else None),
             "deadline_at": iso(int(deadline) if deadline is not None else None),
             "due_in_ms": int(deadline) - now if deadline is not None else None,
-            "batch_in_flight": await self.job(_s(batch)) if batch else None,
+            "batch_in_flight": await self.job(decoded(batch)) if batch else None,
             "history_messages": int(hist),
         }
 
@@ -208,15 +205,13 @@ class Operations:
             return await self.buffers(limit)
         if status is not None and status not in JOB_STATUSES:
             raise OpsError(f"status must be one of {', '.join(JOB_STATUSES)}, got {status!r}")
-        indexes = {"processing": "inflight", "failed": "failed", "completed": "jobs:completed",
-                   "skipped": "jobs:skipped"}
-        chosen = [indexes[status]] if status else list(indexes.values())
+        chosen = [status] if status else ["processing", "failed", "completed", "skipped"]
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(self.settings.shards):
                 for index in chosen:
-                    pipe.zrevrange(self._key(shard, index), 0, limit - 1)
+                    pipe.zrevrange(self._index(shard, index), 0, limit - 1)
             raw = await pipe.execute()
-        ids = [_s(i) for ids in raw for i in ids]
+        ids = [decoded(i) for ids in raw for i in ids]
         jobs = await self._records(ids)
         # Newest first by what last happened to the job.
         jobs.sort(key=lambda j: j["_t"], reverse=True)
@@ -227,18 +222,18 @@ class Operations:
     async def _records(self, ids: list[str]) -> list[dict[str, Any]]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids:
-                pipe.hgetall(self._key(int(batch_id.split("-")[0]), f"batch:{batch_id}"))
+                pipe.hgetall(self.keys.batch(batch_id))
             raw = await pipe.execute()
-        return [_job_view({_s(k): _s(v) for k, v in r.items()}) for r in raw if r]
+        return [_job_view({decoded(k): decoded(v) for k, v in r.items()}) for r in raw if r]
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        shard, batch_id = self.job_id(job_id)
+        _, batch_id = self.job_id(job_id)
         records = await self._records([batch_id])
         if not records:
             return None
         job = records[0]
         del job["_t"]
-        kept = await self.redis.lrange(self._key(shard, f"msgs:{batch_id}"), 0, -1)
+        kept = await self.redis.lrange(self.keys.messages(batch_id), 0, -1)
         job["burst"] = [orjson.loads(m) for m in kept]
         return job
 
@@ -256,9 +251,9 @@ class Operations:
     async def retry_all_failed(self) -> dict[str, Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(self.settings.shards):
-                pipe.zrange(self._key(shard, "failed"), 0, -1)
+                pipe.zrange(self.keys.failed(shard), 0, -1)
             raw = await pipe.execute()
-        retried = [_s(i) for ids in raw for i in ids]
+        retried = [decoded(i) for ids in raw for i in ids]
         done = [batch_id for batch_id in retried if await self.store.requeue(batch_id)]
         return {"retried": done, "count": len(done), "processing": await self.flags.processing()}
 
@@ -273,16 +268,16 @@ class Operations:
             now = await self.now_ms()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard in range(self.settings.shards):
-                    pipe.zcount(self._key(shard, "due"), "-inf", now)
+                    pipe.zcount(self.keys.due(shard), "-inf", now)
                 due = sum(await pipe.execute())
             await self.store.wake_all()
             return {"due_buffers": due, "processing": processing}
         conv = self.conversation(conversation)
-        shard = self.store.shard_of(conv)
-        n = await self._flush(
-            keys=[self._key(shard, "due"), self._key(shard, "manual"),
-                  self._key(shard, f"buf:{conv}")],
-            args=[conv, self.store.wake_channel])
+        k = self.keys
+        shard = k.shard_of(conv)
+        n = await self.store.scripts.flush(
+            keys={"due": k.due(shard), "manual": k.manual(shard), "buffer": k.buffer(conv)},
+            args={"conv": conv, "wake": k.wake})
         if not n:
             raise NotFound(f"conversation {conv} has no pending messages")
         return {"conversation": conv, "messages": int(n), "processing": processing}
@@ -296,36 +291,36 @@ class Operations:
         out = {"completed_index": 0, "skipped_index": 0, "failed_purged": 0}
         for shard in range(self.settings.shards):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(self._key(shard, "jobs:completed"), "-inf", now - keep_ms)
-                pipe.zremrangebyscore(self._key(shard, "jobs:skipped"), "-inf", now - keep_ms)
-                pipe.zrange(self._key(shard, "failed"), 0, -1)
+                pipe.zremrangebyscore(self.keys.jobs(shard, "completed"), "-inf", now - keep_ms)
+                pipe.zremrangebyscore(self.keys.jobs(shard, "skipped"), "-inf", now - keep_ms)
+                pipe.zrange(self.keys.failed(shard), 0, -1)
                 done, skipped, failed = await pipe.execute()
             out["completed_index"] += done
             out["skipped_index"] += skipped
             if purge_failed:
-                for batch_id in map(_s, failed):
-                    out["failed_purged"] += await self._purge(
-                        keys=[self._key(shard, f"batch:{batch_id}"),
-                              self._key(shard, f"msgs:{batch_id}"), self._key(shard, "failed")],
-                        args=[batch_id])
+                for batch_id in map(decoded, failed):
+                    out["failed_purged"] += await self.store.scripts.purge(
+                        keys={"batch": self.keys.batch(batch_id), "messages": self.keys.messages(batch_id),
+                              "failed": self.keys.failed(shard)},
+                        args={"batch_id": batch_id})
         return out
 
     # -- logs ---------------------------------------------------------------------------------
     async def log(self, kind: str, count: int = 50) -> list[dict[str, Any]]:
-        keys = log_keys(self.settings)
-        if kind not in keys:
-            raise OpsError(f"log must be one of {', '.join(keys)}, got {kind!r}")
+        logs = self.keys.logs
+        if kind not in logs:
+            raise OpsError(f"log must be one of {', '.join(logs)}, got {kind!r}")
         # XREVRANGE answers a list (empty for no stream) of entries that each have an id and fields;
         # redis-py's type also allows the None a deleted entry gives in XCLAIM and XREADGROUP.
         entries = cast("list[tuple[bytes | str, dict[bytes | str, bytes | str]]]",
-                       await self.redis.xrevrange(keys[kind], count=count))
+                       await self.redis.xrevrange(logs[kind], count=count))
         out = []
         for entry_id, fields in entries:
-            row: dict[str, Any] = {_s(k): _s(v) for k, v in fields.items()}
+            row: dict[str, Any] = {decoded(k): decoded(v) for k, v in fields.items()}
             row = {k: int(v) if v.lstrip("-").isdigit() and k != "reason" else v
                    for k, v in row.items()}
-            row["at"] = iso(row.pop("t", None)) or iso(_s(entry_id).split("-")[0])
-            out.append({"id": _s(entry_id), **row})
+            row["at"] = iso(row.pop("t", None)) or iso(decoded(entry_id).split("-")[0])
+            out.append({"id": decoded(entry_id), **row})
         return out
 
 

@@ -149,12 +149,11 @@ class Worker:
         """Turn wake-up messages and TTL-key expiry events into an early sweep."""
         db = self._pubsub_redis.connection_pool.connection_kwargs.get("db", 0)
         expired = f"__keyevent@{db}__:expired"
-        ttl_marker = f"{self.settings.key_prefix}:{{s"
         backoff = 0.2
         while True:
             pubsub = self._pubsub_redis.pubsub()
             try:
-                await pubsub.subscribe(self.store.wake_channel, expired)
+                await pubsub.subscribe(self.store.keys.wake, expired)
                 # Events published while we were not subscribed are gone: look now, and after
                 # every reconnect, including those the client makes on its own and re-subscribes.
                 self._wake.set()
@@ -170,7 +169,7 @@ class Worker:
                     data = message["data"]
                     data = data.decode() if isinstance(data, bytes) else str(data)
                     if channel == expired:
-                        if not (data.startswith(ttl_marker) and ":ttl:" in data):
+                        if not self.store.keys.is_deadline(data):
                             continue
                     elif data == flags.FLAGS_CHANGED:
                         self.processor.flags.invalidate()

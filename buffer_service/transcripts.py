@@ -6,12 +6,9 @@ than the window. The webhook handler stores the message first (as any other), ac
 and `start` begins the transcription as a task of the HTTP process. When the burst is answered,
 the processor (`outcomes`) waits only for transcriptions still running, up to MEDIA_TIMEOUT_S.
 
-Keys (same prefix and shard hash tag as the conversation's buffer keys, so they share its Redis
-Cluster slot; <acct>:<msg>:<n> is the account, Chatwoot's message id and the attachment's index):
-
-    bs:{sN}:tx:<acct>:<msg>:<n>       string  the outcome, JSON {"text"} or {"error", "reason"};
-                                              kept HISTORY_TTL_S, so that the history reads it too
-    bs:{sN}:txclaim:<acct>:<msg>:<n>  string  token of the process transcribing it, PX lease
+Keys (keys.py: tx:, txclaim:, in the conversation's shard, so its Redis Cluster slot): the
+outcome, kept HISTORY_TTL_S so that the history reads it too, and the claim of the process
+transcribing it.
 
 Paid once, lost never: a transcription runs only under its claim (SET NX PX), renewed at a
 third of PROCESSING_LEASE_MS like a batch's lease, and a recorded transcript is never redone (a
@@ -43,7 +40,7 @@ from .config import Settings
 from .downloads import Downloader, DownloadError
 from .limits import Limits
 from .outbound import llm_http_client
-from .store import BufferStore, _load
+from .store import BufferStore
 
 log = structlog.get_logger("buffer_service.transcripts")
 
@@ -113,7 +110,6 @@ class Transcripts:
             settings.transcription_api_key or settings.openai_api_key
             or settings.transcription_base_url or settings.openai_base_url)
         self._client: openai.AsyncOpenAI | None = None
-        self._claim = store.redis.register_script(_load("mediaclaim"))
         self._tasks: set[asyncio.Task[Outcome | None]] = set()
 
     def warm(self) -> None:
@@ -123,9 +119,9 @@ class Transcripts:
             _ = self._openai().audio.transcriptions
 
     def _keys(self, conv: str, message_id: int, index: int) -> tuple[str, str]:
-        shard = self.store.shard_of(conv)
-        name = f"{conv.split(':', 1)[0]}:{message_id}:{index}"
-        return self.store.key(shard, f"tx:{name}"), self.store.key(shard, f"txclaim:{name}")
+        keys = self.store.keys
+        return (keys.transcript(conv, message_id, index),
+                keys.transcript_claim(conv, message_id, index))
 
     def _openai(self) -> openai.AsyncOpenAI:
         if self._client is None:
@@ -182,7 +178,8 @@ class Transcripts:
 
     async def _release(self, claim_key: str, token: str) -> None:
         try:
-            await self._claim(keys=[claim_key], args=[token, ""])
+            await self.store.scripts.mediaclaim(keys={"claim": claim_key},
+                                                args={"token": token, "ttl_ms": ""})
         except Exception as exc:  # the claim lapses by itself
             log.warning("transcription_claim_not_released", error=str(exc))
 
@@ -190,7 +187,8 @@ class Transcripts:
         while True:
             await asyncio.sleep(lease_ms / 3000)
             try:
-                if not await self._claim(keys=[claim_key], args=[token, lease_ms]):
+                if not await self.store.scripts.mediaclaim(keys={"claim": claim_key},
+                                                           args={"token": token, "ttl_ms": lease_ms}):
                     return
             except Exception as exc:  # Redis briefly away: the next renewal may succeed
                 log.warning("transcription_claim_renew_error", error=str(exc))

@@ -26,7 +26,6 @@ import json
 import re
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +41,14 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
+# The stand-ins run on this host, from the checkout: devtools is not installed (nor in the image).
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_http
+from devtools.payloads import message_payload, webhook_headers
 
 WINDOW_MS = 1000
 BURST = ["oi, bom dia", "meu pedido 5521 chegou quebrado", "a caixa estava amassada", "o que faço?"]
@@ -84,12 +90,6 @@ def read_env_file(path: Path) -> dict[str, str]:
             raise SmokeFailure(f"{path.name}:{number}: not a KEY=VALUE line: {line!r}")
         values[name] = value
     return values
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_address(url: str, host: str, port: int) -> str:
@@ -149,7 +149,7 @@ class Run:
         self.compose = compose
         self.env_file = env_file
         self.redis_dir = Path(args.redis_dir)
-        self.redis_port = _free_port()
+        self.redis_port = free_port()
         self.variables = {**read_env_file(env_file), "BUFFER_REDIS_PASSWORD": secrets.token_hex(16)}
         self.llm_key, self.chatwoot_token = secrets.token_hex(16), secrets.token_hex(16)
         self.webhook_secret = secrets.token_hex(24)
@@ -219,18 +219,15 @@ class Run:
         return name
 
     async def wait_http(self, url: str, name: str, timeout: float = 60) -> float:
-        started = time.monotonic()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
-            while time.monotonic() - started < timeout:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(url) as resp:
-                        if resp.status == 200:
-                            return time.monotonic() - started
-                _, state = await self.podman.run("inspect", "--format", "{{.State.Status}}", name)
-                if state.strip() != "running":
-                    raise SmokeFailure(f"{name} is {state.strip()} before {url} answered")
-                await asyncio.sleep(0.25)
-        raise SmokeFailure(f"{url} did not answer 200 within {timeout:.0f} s")
+        async def running() -> None:
+            _, state = await self.podman.run("inspect", "--format", "{{.State.Status}}", name)
+            if state.strip() != "running":
+                raise SmokeFailure(f"{name} is {state.strip()} before {url} answered")
+
+        try:
+            return await wait_http(url, timeout=timeout, interval=0.25, alive=running)
+        except TimeoutError as exc:
+            raise SmokeFailure(str(exc)) from None
 
     async def burst_gets_one_reply(self, service_url: str, conversation: int) -> str:
         """Four signed webhooks for one conversation: one LLM call, one reply holding all four."""
@@ -305,7 +302,7 @@ class Run:
 
 async def serve_alone(run: Run) -> None:
     """`docker compose up -d`: serve, HTTP server and worker in one process."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     name = await run.start("buffer-service", run.variables, PORT=str(port))
     print(f"  /readyz 200 after {await run.wait_http(f'{url}/readyz', name):.1f} s")
@@ -322,13 +319,13 @@ async def workers_profile(run: Run) -> None:
     The web container only takes webhooks, the `worker` replicas answer; still one reply per burst.
     """
     variables = {**run.variables, "BUFFER_SERVE_OPTIONS": "--no-worker"}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     web = await run.start("buffer-service", variables, PORT=str(port))
     replicas = container_spec(run.compose, "worker", variables)["replicas"]
     workers = []
     for _ in range(replicas):
-        metrics_port = _free_port()
+        metrics_port = free_port()
         name = await run.start("worker", variables, METRICS_PORT=str(metrics_port))
         workers.append((name, metrics_port))
     await run.wait_http(f"{url}/readyz", web)

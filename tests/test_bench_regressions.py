@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from buffer_service.standins import message_payload
+from devtools.payloads import message_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import chat_trace  # bench/ is not a package

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import service_env, spawn, with_port
+from helpers import service_env, wait_for, with_port
 from redis.asyncio import Redis
-from test_pipeline import wait_for
 
-from buffer_service.standins import ChatwootStandIn, LLMCall, LLMStandIn, Post, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn, Post
+from devtools.llm_standin import LLMCall, LLMStandIn
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 CONVERSATIONS = 1000
 WORKERS = 3
@@ -71,11 +73,11 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
     chatwoot.slow_share, chatwoot.slow_answer_s, chatwoot.rng = slow_share, 2.0, random.Random(seed)
     env = {"CHATWOOT_TIMEOUT_S": "1"}
 
-    server = spawn(["serve", "--no-worker"], service_env(settings, **env), tmp_path / "server.log")
+    server = spawn_service(["serve", "--no-worker"], service_env(settings, **env), tmp_path / "server.log")
     procs: list[subprocess.Popen[bytes]] = [server]
 
     def start_worker() -> subprocess.Popen[bytes]:
-        proc = spawn(["worker"], service_env(with_port(settings), **env),
+        proc = spawn_service(["worker"], service_env(with_port(settings), **env),
                      tmp_path / f"worker{len(procs)}.log")
         procs.append(proc)
         return proc

@@ -5,62 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import orjson
-from conftest import ROOT, free_port
-from test_pipeline import wait_for
+from helpers import ROOT, cli_json, eventually, ops_env, run_cli, run_process, wait_for
 
 from buffer_service.config import Settings
 from buffer_service.flags import MAX_AGE_S, Flags
-from buffer_service.standins import message_payload
+from devtools.net import free_port
+from devtools.payloads import message_payload
 
 SCRIPTS = ROOT / "scripts"
 
 
-def ops_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "CHATWOOT", "REDIS"))}
-    env.update({"REDIS_URL": settings.redis_url, **extra})
-    return env
-
-
-async def _run(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def run_cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
-    """`buffer-service ARGS` as an operator runs it (asynchronously: the service under test
-    shares this event loop)."""
-    return await _run([sys.executable, "-m", "buffer_service.cli", *args], ops_env(settings, **env))
-
-
-async def cli_json(settings: Settings, *args: str) -> object:
-    code, out, err = await run_cli(settings, *args, "--json")
-    assert code == 0, err
-    return orjson.loads(out)
-
-
 async def run_script(settings: Settings, name: str, *args: str) -> tuple[int, str, str]:
-    return await _run(["bash", str(SCRIPTS / name), *args], ops_env(settings))
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
-    """Poll an async check until it returns something truthy; that is the result."""
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-    return result
+    return await run_process(["bash", str(SCRIPTS / name), *args], ops_env(settings))
 
 
 async def test_cli_shows_and_steers_a_running_service(settings, make_service, llm, chatwoot, redis):

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from helpers import claim_one, eventually, job_in, jobs, wait_for
 from redis.asyncio import Redis
-from test_guarantees import _claim_one, eventually, job_in, jobs
-from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.config import Settings
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.payloads import message_payload
 
 
 async def _history(redis: Redis, settings: Settings, conv: str) -> list[str]:
@@ -137,7 +138,7 @@ async def test_an_echo_consumes_its_fingerprint_so_a_human_saying_the_same_pause
         redis, settings):
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     await store.append(ChatMessage(1, 204, 30, "hi"))
-    batch = await _claim_one(store)
+    batch = await claim_one(store)
     assert await store.before_post(batch, "Hello! How can I help?") == ("post", "")
     assert await store.finish(batch, "completed", reply="Hello! How can I help?", reply_id=900)
     echo = ChatMessage(1, 204, 900, "Hello! How can I help?", role="assistant")
@@ -151,11 +152,11 @@ async def test_fingerprints_are_bounded_in_count(redis, settings):
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     for i in range(40):
         await store.append(ChatMessage(1, 205, 100 + i, f"q{i}"))
-        batch = await _claim_one(store)
+        batch = await claim_one(store)
         assert (await store.before_post(batch, f"answer number {i}"))[0] == "post"
         # Chatwoot answered no id: only the fingerprint can recognise the echo.
         assert await store.finish(batch, "completed", reply=f"answer number {i}", reply_id=0)
-    own = store.key(store.shard_of("1:205"), "sent:1:205")
+    own = store.keys.sent("1:205")
     assert await redis.zcard(own) == 16
     assert 0 < await redis.pttl(own) <= 3_600_000
     # The newest are kept: an echo of the last reply is still recognised.

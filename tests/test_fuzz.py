@@ -23,13 +23,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-from conftest import service_env, spawn, with_port
+from helpers import service_env, wait_for, with_port
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from test_pipeline import wait_for
 
-from buffer_service.standins import message_payload, webhook_headers
+from devtools.payloads import message_payload, webhook_headers
+from devtools.processes import spawn_service
 
 ADMIN = "admin-token-0123456789abcdef"
 PATHS = ["/webhooks/chatwoot", "/functions/v1/chatwoot-webhook-v2",
@@ -200,7 +200,7 @@ async def _stop(*procs: subprocess.Popen[bytes]) -> None:
 async def test_hostile_payloads_never_5xx_never_log_an_exception_never_store_anything(
         settings, redis, llm, chatwoot, tmp_path):
     env = service_env(settings, LOG_FORMAT="json", RATE_LIMIT_PER_CONVERSATION="0")
-    server = spawn(["serve", "--no-worker"], env, tmp_path / "server.log")
+    server = spawn_service(["serve", "--no-worker"], env, tmp_path / "server.log")
     worker = None
     try:
         url = f"http://127.0.0.1:{settings.port}"
@@ -219,7 +219,7 @@ async def test_hostile_payloads_never_5xx_never_log_an_exception_never_store_any
 
         # Still serving: a valid message gets its reply (a worker joins for that).
         await redis.flushdb()
-        worker = spawn(["worker"], service_env(with_port(settings), LOG_FORMAT="json"),
+        worker = spawn_service(["worker"], service_env(with_port(settings), LOG_FORMAT="json"),
                        tmp_path / "worker.log")
         await asyncio.sleep(1.0)  # the worker subscribes to wake-ups
         async with aiohttp.ClientSession() as session:
@@ -236,7 +236,7 @@ async def test_hostile_payloads_never_5xx_never_log_an_exception_never_store_any
 async def test_forged_signatures_never_get_in(settings, redis, tmp_path):
     secret = "chatwoot-webhook-secret-from-the-ui"
     env = service_env(settings, LOG_FORMAT="json", CHATWOOT_WEBHOOK_SECRET=secret)
-    server = spawn(["serve", "--no-worker"], env, tmp_path / "server.log")
+    server = spawn_service(["serve", "--no-worker"], env, tmp_path / "server.log")
     try:
         await _ready(f"http://127.0.0.1:{settings.port}", server)
         client = Client(settings.port)
@@ -278,7 +278,7 @@ async def test_forged_signatures_never_get_in(settings, redis, tmp_path):
 
 async def test_schemathesis_finds_no_server_error_in_the_public_api(settings, tmp_path):
     env = service_env(settings, LOG_FORMAT="json", ADMIN_TOKEN=ADMIN)
-    server = spawn(["serve", "--no-worker"], env, tmp_path / "server.log")
+    server = spawn_service(["serve", "--no-worker"], env, tmp_path / "server.log")
     try:
         url = f"http://127.0.0.1:{settings.port}"
         await _ready(url, server)

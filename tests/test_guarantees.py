@@ -12,7 +12,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,56 +21,25 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import service_env, spawn, with_port
+from helpers import (
+    HUMAN,
+    claim_one,
+    conversation_event,
+    eventually,
+    job_in,
+    jobs,
+    service_env,
+    wait_for,
+    with_port,
+)
 from redis.asyncio import Redis
-from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.config import Settings
-from buffer_service.standins import ChatwootStandIn, message_payload
-from buffer_service.store import Batch, BufferStore
-
-
-# -- helpers ----------------------------------------------------------------------------------
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Poll an async check until it returns something truthy; that value is returned."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-async def jobs(redis: Redis, conv: str) -> list[dict[str, str]]:
-    """The job records of one conversation, oldest first."""
-    found = []
-    async for key in redis.scan_iter(match="bs:*:batch:*", count=1000):
-        job = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
-        if job.get("conv") == conv:
-            found.append(job)
-    return sorted(found, key=lambda j: int(j["id"].split("-")[1]))
-
-
-def job_in(state: str, redis: Redis, conv: str) -> Callable[[], Awaitable[dict[str, str] | None]]:
-    async def check() -> dict[str, str] | None:
-        return next((j for j in await jobs(redis, conv) if j["state"] == state), None)
-    return check
-
-
-def conversation_event(event: str, conversation_id: int, *, status: str = "pending",
-                       assignee: dict[str, Any] | None = None, can_reply: bool = True,
-                       at: datetime | None = None) -> dict[str, Any]:
-    """A conversation_* webhook: the conversation payload itself plus `event`."""
-    conversation = message_payload(message_id=1, conversation_id=conversation_id, status=status,
-                                   assignee=assignee, can_reply=can_reply,
-                                   created_at=at or datetime.now(UTC))["conversation"]
-    return {**conversation, "event": event, "changed_attributes": []}
-
-
-HUMAN = {"id": 9, "name": "Ana", "type": "user"}
+from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 
 class HeldChatwoot(ChatwootStandIn):
@@ -126,7 +95,7 @@ class Workers:
 
     async def start(self, settings: Settings, **env: str) -> subprocess.Popen[bytes]:
         log = self.logs / f"worker{len(self.procs)}.log"
-        proc = spawn(["worker"], service_env(with_port(settings), **env), log)
+        proc = spawn_service(["worker"], service_env(with_port(settings), **env), log)
         self.procs.append(proc)
 
         async def started() -> bool:
@@ -167,14 +136,14 @@ async def test_a_post_confirmed_by_its_echo_is_finished_even_after_the_last_atte
     store = BufferStore(redis, replace(settings, processing_lease_ms=100, buffer_duration_ms=1))
     await store.append(_message(3, 60))
     for _ in range(3):
-        batch = await _claim_one(store)
+        batch = await claim_one(store)
         await asyncio.sleep(0.15)
     assert await store.before_post(batch, "the answer") == ("post", "")
     # Chatwoot took the post, the worker died before `finish`; the echo arrives.
     echo = ChatMessage(1, 3, 777, "the answer", role="assistant")
     assert await store.note(Decision("note", "outgoing", echo)) == "own"
     await asyncio.sleep(0.15)
-    retry = await _claim_one(store)  # attempt 4 of 3: only to record what happened
+    retry = await claim_one(store)  # attempt 4 of 3: only to record what happened
     assert await store.before_post(retry, "the answer") == ("posted", "777")
     assert await store.finish(retry, "completed", reply="the answer", reply_id=777)
     assert (await store.job(retry.id))["state"] == "completed"
@@ -184,24 +153,14 @@ def _message(conversation_id: int, message_id: int) -> ChatMessage:
     return ChatMessage(1, conversation_id, message_id, f"m{message_id}")
 
 
-async def _claim_one(store: BufferStore) -> Batch:
-    async def claim() -> Batch | None:
-        for shard in range(store.settings.shards):
-            _, _, batches = await store.claim(shard, 10)
-            if batches:
-                return batches[0]
-        return None
-    return await eventually(claim, timeout=5)
-
-
 async def test_a_stale_token_changes_nothing_and_a_lapsed_lease_is_taken_again(redis, settings):
     # Short leases so that the test does not wait; nothing else differs from production.
     store = BufferStore(redis, replace(settings, processing_lease_ms=200, buffer_duration_ms=1))
     for i in range(2):
         await store.append(_message(1, 40 + i))
-    old = await _claim_one(store)
+    old = await claim_one(store)
     await asyncio.sleep(0.3)  # the worker holding `old` stopped renewing
-    new = await _claim_one(store)
+    new = await claim_one(store)
     assert new.id == old.id and new.attempts == 2 and new.token != old.token
     assert [m["text"] for m in new.messages] == ["m40", "m41"]
     assert (await store.job(new.id))["error"] == "lease expired while processing (attempt 1)"
@@ -220,7 +179,7 @@ async def test_a_lease_that_lapses_at_every_attempt_ends_failed_with_its_message
     store = BufferStore(redis, replace(settings, processing_lease_ms=100, buffer_duration_ms=1))
     await store.append(_message(2, 50))
     for attempt in (1, 2, 3):
-        batch = await _claim_one(store)
+        batch = await claim_one(store)
         assert batch.attempts == attempt
         await asyncio.sleep(0.15)
     _, _, batches = await store.claim(batch.shard, 10)
@@ -228,9 +187,9 @@ async def test_a_lease_that_lapses_at_every_attempt_ends_failed_with_its_message
     job = await store.job(batch.id)
     assert job["state"] == "failed" and job["attempts"] == "3"
     assert job["error"] == "lease expired while processing (attempt 3)"
-    assert await redis.lrange(store.key(batch.shard, f"msgs:{batch.id}"), 0, -1)
-    assert await redis.zscore(store.key(batch.shard, "failed"), batch.id)
-    assert await redis.hget(store.key(batch.shard, "active"), batch.conv) is None
+    assert await redis.lrange(store.keys.messages(batch.id), 0, -1)
+    assert await redis.zscore(store.keys.failed(batch.shard), batch.id)
+    assert await redis.hget(store.keys.active(batch.shard), batch.conv) is None
 
 
 # -- retries --------------------------------------------------------------------------------
@@ -255,7 +214,7 @@ async def test_llm_failing_always_fails_the_batch_and_a_requeue_answers_it_once(
         await svc.webhook(message_payload(message_id=70 + i, conversation_id=70, content=f"q{i}"))
     failed = await eventually(job_in("failed", redis, "1:70"), timeout=15)
     assert failed["attempts"] == "3" and "HTTP 500" in failed["error"]
-    kept = await redis.lrange(store.key(int(failed["id"].split("-")[0]), f"msgs:{failed['id']}"), 0, -1)
+    kept = await redis.lrange(store.keys.messages(failed["id"]), 0, -1)
     assert len(kept) == 2
     assert chatwoot.posts == []  # never an error text to the customer
 
@@ -376,7 +335,7 @@ async def test_a_human_agents_message_pauses_the_bot(settings, make_service, llm
     assert skipped["reason"] == "human_agent_replied"
     assert llm.calls == [] and chatwoot.posts == []
     # HUMAN_PAUSE_MS later the bot answers again, with the human's turn in the prompt.
-    pause = store.key(store.shard_of("1:130"), "pause:1:130")
+    pause = store.keys.pause("1:130")
     await eventually(lambda: _missing(redis, pause), timeout=10)
     await svc.webhook(message_payload(message_id=132, conversation_id=130, content="one more thing"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
@@ -578,7 +537,7 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
 async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoot, redis_server, tmp_path):
     # No periodic sweep to lean on: after the restart, only the reconnect makes it look.
     settings = replace(settings, buffer_duration_ms=2500, processing_interval_ms=60_000)
-    proc = spawn(["serve"], service_env(settings), tmp_path / "service.log")
+    proc = spawn_service(["serve"], service_env(settings), tmp_path / "service.log")
     url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
@@ -698,10 +657,10 @@ async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make
     await asyncio.sleep(2.0)  # the worker swept once, found nothing, sleeps for a minute
     # A due burst whose wake-up the worker never heard (written without the append's PUBLISH).
     conv = "1:190"
-    shard = store.shard_of(conv)
-    await redis.rpush(store.key(shard, f"buf:{conv}"), ChatMessage(1, 190, 1, "anyone?").to_json())
-    await redis.hset(store.key(shard, "first"), conv, int(time.time() * 1000))
-    await redis.zadd(store.key(shard, "due"), {conv: int(time.time() * 1000)})
+    shard = store.keys.shard_of(conv)
+    await redis.rpush(store.keys.buffer(conv), ChatMessage(1, 190, 1, "anyone?").to_json())
+    await redis.hset(store.keys.first(shard), conv, int(time.time() * 1000))
+    await redis.zadd(store.keys.due(shard), {conv: int(time.time() * 1000)})
     await asyncio.sleep(0.5)
     assert chatwoot.posts == []
     await redis.client_kill_filter(_type="pubsub")

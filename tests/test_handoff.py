@@ -9,13 +9,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_guarantees import eventually, job_in
-from test_pipeline import wait_for
+from helpers import eventually, job_in, wait_for
 
 from buffer_service.config import Settings
 from buffer_service.keywords import keyword_in, parse_keywords
-from buffer_service.standins import ChatwootStandIn, message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.payloads import message_payload
 
 KEYWORDS = parse_keywords("atendente, humano,human , agent,falar com  pessoa")
 SORRY = "Um momento, vou chamar um atendente."

@@ -8,9 +8,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import HUMAN, claim_one, conversation_event, eventually, job_in, wait_for
 from redis.asyncio import Redis
-from test_guarantees import HUMAN, _claim_one, conversation_event, eventually, job_in
-from test_pipeline import wait_for
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import ConfigError, Settings
@@ -18,8 +17,8 @@ from buffer_service.flags import Flags
 from buffer_service.ops import Operations
 from buffer_service.processor import Processor
 from buffer_service.scheduler import Worker
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -81,8 +80,7 @@ async def test_redeliveries_do_not_use_up_the_rate_limit_and_refused_messages_ar
                                           "limit": "conversation"}
     assert (await svc.webhook(refused))["status"] == "duplicate"
     # Not buffered, but in the history the next prompt reads, and counted for operators.
-    shard = store.shard_of("1:302")
-    assert await redis.llen(store.key(shard, "buf:1:302")) == 3
+    assert await redis.llen(store.keys.buffer("1:302")) == 3
     assert await _history(redis, settings, "1:302") == ["m4"]
     stats = await Operations(store, Flags(redis, settings)).stats(hours=1)
     assert stats["totals"]["refused_messages"] == {"rate_limited": 1}
@@ -94,7 +92,7 @@ async def test_a_full_buffer_keeps_the_refused_message_in_the_history(settings, 
                for i in range(1, 6)]
     assert answers[-1] == {"status": "ignored", "reason": "buffer_full"}
     kept = await _history(redis, settings, "1:303")
-    assert kept and len(kept) + await redis.llen(store.key(store.shard_of("1:303"), "buf:1:303")) == 5
+    assert kept and len(kept) + await redis.llen(store.keys.buffer("1:303")) == 5
 
 
 # -- point 4: a size split keeps the leftovers' age ----------------------------------------------------
@@ -103,12 +101,12 @@ async def test_messages_left_by_a_size_split_keep_their_arrival_time(redis, sett
                                        max_buffer_age_ms=3000))
     results = [await store.append(ChatMessage(1, 304, 40 + i, f"m{i}")) for i in range(3)]
     await asyncio.sleep(1.0)  # the split happens a second after the third message arrived
-    batch = await _claim_one(store)
+    batch = await claim_one(store)
     assert [m["text"] for m in batch.messages] == ["m0", "m1"]
-    shard = store.shard_of("1:304")
+    shard = store.keys.shard_of("1:304")
     arrived = results[2].now_ms
-    assert int(await redis.hget(store.key(shard, "first"), "1:304")) == arrived
-    assert int(await redis.zscore(store.key(shard, "due"), "1:304")) == arrived + 3000
+    assert int(await redis.hget(store.keys.first(shard), "1:304")) == arrived
+    assert int(await redis.zscore(store.keys.due(shard), "1:304")) == arrived + 3000
 
 
 # -- point 5: bounds ---------------------------------------------------------------------------------------
@@ -120,9 +118,9 @@ def test_a_buffer_size_beyond_what_a_script_can_move_stops_start_up():
 async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis, settings, llm, chatwoot):
     s = replace(settings, buffer_duration_ms=1)
     store = BufferStore(redis, s)
-    conv_shard = store.shard_of("1:305")
+    conv_shard = store.keys.shard_of("1:305")
     broken = (conv_shard - 1) % s.shards
-    await redis.set(store.key(broken, "due"), "not a sorted set")  # every claim there fails
+    await redis.set(store.keys.due(broken), "not a sorted set")  # every claim there fails
     await store.append(ChatMessage(1, 305, 50, "hi"))
     await asyncio.sleep(0.05)
     worker = Worker(store, Processor(s, store, None, None), redis)  # type: ignore[arg-type]
@@ -143,10 +141,10 @@ async def _hold(batch: object) -> str:
 async def test_a_requeued_batch_goes_right_after_the_current_one(redis, settings):
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     await store.append(ChatMessage(1, 306, 60, "old question"))
-    old = await _claim_one(store)
+    old = await claim_one(store)
     assert await store.fail(old, "Chatwoot said 422", retry_in_ms=0, permanent=True) == "failed"
     await store.append(ChatMessage(1, 306, 61, "new question"))
-    current = await _claim_one(store)
+    current = await claim_one(store)
     assert await store.requeue(old.id)
     assert await store.before_post(current, "answer") == ("post", "")
     await store.append(ChatMessage(1, 306, 62, "newer question"))
@@ -154,8 +152,8 @@ async def test_a_requeued_batch_goes_right_after_the_current_one(redis, settings
     _, _, nothing = await store.claim(current.shard, 10)  # one batch per conversation at a time
     assert nothing == []
     assert await store.finish(current, "completed", reply="answer", reply_id=700)
-    after = await _claim_one(store)
+    after = await claim_one(store)
     assert (after.id, [m["text"] for m in after.messages]) == (old.id, ["old question"])
     assert await store.finish(after, "skipped", reason="test")
-    last = await _claim_one(store)
+    last = await claim_one(store)
     assert [m["text"] for m in last.messages] == ["newer question"]

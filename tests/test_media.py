@@ -17,16 +17,19 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from conftest import free_port, service_env, spawn, wait_http_ok
+from helpers import service_env, wait_for
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
-from test_pipeline import wait_for
 
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import classify
 from buffer_service.config import ConfigError, Settings
 from buffer_service.downloads import Downloader, DownloadError, is_public
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.net import free_port, wait_http
+from devtools.payloads import attachment, message_payload
+from devtools.processes import spawn_service
 
 PNG_1 = b"\x89PNG\r\n\x1a\n" + b"first photo" * 20
 PNG_2 = b"\x89PNG\r\n\x1a\n" + b"second photo" * 20
@@ -177,11 +180,11 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
         settings, llm: LLMStandIn, chatwoot: ChatwootStandIn, tmp_path: Path):
     llm.transcription_delay = 60  # the first attempt never finishes: its process is killed
     env = service_env(settings)
-    proc = spawn(["serve"], env, tmp_path / "first.log")
+    proc = spawn_service(["serve"], env, tmp_path / "first.log")
     try:
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{settings.port}"
-            await wait_http_ok(session, url + "/healthz")
+            await wait_http(url + "/healthz")
             payload = message_payload(message_id=5, conversation_id=34, content=None,
                                       attachments=[voice(chatwoot, "is the store open today?")])
             async with session.post(url + "/webhooks/chatwoot", json=payload) as resp:
@@ -192,7 +195,7 @@ async def test_a_worker_killed_while_a_transcription_runs_loses_nothing(
             llm.transcription_delay = 0
             # The replacement finds the burst due and the transcription unfinished: its claim
             # lapses (PROCESSING_LEASE_MS) and the worker does it again.
-            proc = spawn(["serve"], env, tmp_path / "second.log")
+            proc = spawn_service(["serve"], env, tmp_path / "second.log")
             await wait_for(lambda: len(chatwoot.posts) == 1, timeout=settings.processing_lease_ms / 1000 + 15)
             await asyncio.sleep(0.5)
     finally:

@@ -8,15 +8,15 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
-from conftest import free_port, service_env, spawn, wait_http_ok, with_port
+from helpers import eventually, service_env, wait_for, with_port
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli import eventually
-from test_pipeline import wait_for
 
 from buffer_service.flags import MAX_AGE_S, Flags
 from buffer_service.ops import Operations
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.net import free_port, wait_http
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -118,14 +118,14 @@ async def test_metrics_parse_and_count_what_the_run_did(settings, make_service, 
 async def _two_processes(settings, tmp_path, **extra: str):
     """A server without a worker and a worker with its own METRICS_PORT, answering two bursts."""
     metrics_port = free_port()
-    server = spawn(["serve", "--no-worker"], service_env(settings, **extra), tmp_path / "server.log")
-    worker = spawn(["worker"], service_env(with_port(settings), METRICS_PORT=str(metrics_port),
+    server = spawn_service(["serve", "--no-worker"], service_env(settings, **extra), tmp_path / "server.log")
+    worker = spawn_service(["worker"], service_env(with_port(settings), METRICS_PORT=str(metrics_port),
                                            **extra), tmp_path / "worker.log")
     return server, worker, f"http://127.0.0.1:{settings.port}", f"http://127.0.0.1:{metrics_port}"
 
 
 async def _run_two_bursts(session, server_url: str, chatwoot) -> None:
-    await wait_http_ok(session, server_url + "/healthz")
+    await wait_http(server_url + "/healthz")
     for conv in (1, 2):
         async with session.post(server_url + "/webhooks/chatwoot",
                                 json=message_payload(message_id=conv, conversation_id=conv)) as resp:

@@ -10,15 +10,13 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from conftest import with_port
-from test_cli import cli_json, eventually, run_cli
-from test_pipeline import user_texts, wait_for
+from helpers import cli_json, eventually, run_cli, user_texts, wait_for, with_port
 
 from buffer_service import admin
 from buffer_service.flags import MAX_AGE_S, Flags, _percent_bucket
 from buffer_service.ops import Operations
-from buffer_service.standins import message_payload
 from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -336,7 +334,7 @@ async def test_job_records_retention_and_cleanup(settings, make_service, llm, ch
     day = 86_400_000
     now = await operator.now_ms()
     # A stale index entry in the shard the next job finishes in: finishing trims it.
-    await redis.zadd(store.key(store.shard_of("1:80"), "jobs:completed"), {"0-1": now - 3 * day})
+    await redis.zadd(store.keys.jobs(store.keys.shard_of("1:80"), "completed"), {"0-1": now - 3 * day})
     await svc.webhook(message_payload(message_id=1, conversation_id=80, content="ok"))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
     llm.fail_next(1, status=400)
@@ -353,12 +351,12 @@ async def test_job_records_retention_and_cleanup(settings, make_service, llm, ch
     assert failed["error"].startswith("LLM answered HTTP 400") and failed["attempts"] == 1
 
     # Completed records expire after JOB_RETENTION_DAYS; failed ones stay.
-    done_ttl = await redis.pttl(store.key(int(done["id"].split("-")[0]), f"batch:{done['id']}"))
+    done_ttl = await redis.pttl(store.keys.batch(done["id"]))
     assert 2 * day - 60_000 < done_ttl <= 2 * day
-    assert await redis.pttl(store.key(int(failed["id"].split("-")[0]), f"batch:{failed['id']}")) == -1
+    assert await redis.pttl(store.keys.batch(failed["id"])) == -1
 
-    other = (store.shard_of("1:80") + 1) % s.shards
-    await redis.zadd(store.key(other, "jobs:skipped"), {f"{other}-1": now - 3 * day})
+    other = (store.keys.shard_of("1:80") + 1) % s.shards
+    await redis.zadd(store.keys.jobs(other, "skipped"), {f"{other}-1": now - 3 * day})
     assert await operator.cleanup() == {"completed_index": 0, "skipped_index": 1, "failed_purged": 0}
     assert [j["id"] for j in await operator.jobs("failed")] == [failed["id"]]
     assert await operator.cleanup(purge_failed=True) == {
@@ -410,7 +408,7 @@ async def test_flag_values_are_validated_everywhere(settings, make_service, oper
     status, body = await call(svc, "PUT", "/admin/flags/message_buffering", body={"value": False})
     assert status == 200 and body == {"name": "message_buffering", "value": "off"}
     # A typo typed into redis-cli falls back to the default instead of stopping anything.
-    await redis.hset(f"{settings.key_prefix}:flags", "buffering_percent", "lots")
+    await redis.hset(operator.flags.key, "buffering_percent", "lots")
     await asyncio.sleep(SEEN)
     values = await operator.flags.current()
     assert values.buffering_percent == 100 and not values.message_buffering

@@ -13,11 +13,10 @@ from unittest import mock
 
 import aiohttp
 import pytest
-from conftest import with_port
-from test_pipeline import wait_for
+from helpers import wait_for, with_port
 
 from buffer_service import sessions
-from buffer_service.standins import message_payload
+from devtools.payloads import message_payload
 
 TOKEN = "admin-token-for-page-tests-0123456789"
 

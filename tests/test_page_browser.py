@@ -16,12 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_pipeline import wait_for
+from helpers import ROOT, wait_for
 
 from buffer_service import sessions
 from buffer_service.flags import Flags
-from buffer_service.standins import message_payload
+from devtools.payloads import message_payload
 
 TOKEN = "admin-token-for-browser-tests-0123456789"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

@@ -13,21 +13,9 @@ from dataclasses import replace
 
 import pytest
 import structlog.testing
+from helpers import user_texts, wait_for
 
-from buffer_service.standins import attachment, message_payload
-
-
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-def user_texts(call) -> list[str]:
-    return [m["content"] for m in call.messages if m["role"] == "user"]
+from devtools.payloads import attachment, message_payload
 
 
 async def test_burst_of_three_gets_one_call_and_one_reply(settings, make_service, llm, chatwoot):

@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from conftest import free_port
+from helpers import claim_one, eventually, job_in, jobs
 from redis.asyncio import Redis
-from test_guarantees import _claim_one, eventually, job_in, jobs
 
 from buffer_service.chatwoot import ChatMessage, Decision
-from buffer_service.standins import ChatwootStandIn, message_payload
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.net import free_port
+from devtools.payloads import message_payload
 
 
 # -- finding 1: the confirm step takes an earlier reply with the same text for this one --------
@@ -55,14 +56,14 @@ async def test_an_echo_is_not_credited_to_an_older_failed_batch_with_the_same_te
     is finished as `posted` with B's message: A's burst is never answered."""
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     await store.append(ChatMessage(1, 401, 50, "what are your opening hours?"))
-    a = await _claim_one(store)
+    a = await claim_one(store)
     assert await store.before_post(a, "We are open 9 to 5, Monday to Friday.") == ("post", "")
     # The post timed out at its last attempt; nothing says whether Chatwoot created it.
     assert await store.fail(a, "Chatwoot did not answer the reply", retry_in_ms=0,
                             permanent=True) == "failed"
 
     await store.append(ChatMessage(1, 401, 51, "and on saturday?"))
-    b = await _claim_one(store)
+    b = await claim_one(store)
     assert await store.before_post(b, "We are open 9 to 5, Monday to Friday.") == ("post", "")
     assert await store.finish(b, "completed", reply="We are open 9 to 5, Monday to Friday.",
                               reply_id=900)
@@ -70,7 +71,7 @@ async def test_an_echo_is_not_credited_to_an_older_failed_batch_with_the_same_te
     assert await store.note(Decision("note", "outgoing", echo)) == "own"  # known by its id
 
     assert await store.requeue(a.id)
-    retry = await _claim_one(store)
+    retry = await claim_one(store)
     assert retry.id == a.id
     verdict = await store.before_post(retry, retry.reply)
     # Message 900 is B's reply; A must still ask Chatwoot (confirm), not finish on it.
@@ -87,7 +88,7 @@ async def test_a_conversation_answered_just_before_the_upgrade_still_works_after
     in before_post at every attempt until the batch is failed."""
     store = BufferStore(redis, settings)
     conv = "1:402"
-    own = store.key(store.shard_of(conv), f"own:{conv}")
+    own = store.keys.prefix(store.keys.shard_of(conv)) + f"own:{conv}"  # a key of old releases
     await redis.hset(own, "0123456789abcdef0123456789abcdef01234567", 1)  # as c4c6250 left it
     await redis.pexpire(own, 3_600_000)
     svc = await make_service(replace(settings, buffer_duration_ms=300, max_attempts=2,
@@ -97,7 +98,7 @@ async def test_a_conversation_answered_just_before_the_upgrade_still_works_after
         sender_type="user", sender_name="Ana Agent"))
     human_status = status  # a human agent's message must pause the bot, not answer 503
 
-    await redis.delete(store.key(store.shard_of(conv), f"pause:{conv}"))
+    await redis.delete(store.keys.pause(conv))
     await svc.webhook(message_payload(message_id=61, conversation_id=402, content="hello"))
 
     async def settled() -> dict[str, str] | None:
@@ -159,7 +160,7 @@ async def test_a_reply_whose_echo_comes_after_its_batch_failed_is_in_the_history
     "Every reply that reached Chatwoot is in the history"), and the job stays listed as failed."""
     store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
     await store.append(ChatMessage(1, 405, 90, "do you deliver to Porto?"))
-    a = await _claim_one(store)
+    a = await claim_one(store)
     assert await store.before_post(a, "Yes, we deliver to Porto in 2 days.") == ("post", "")
     assert await store.fail(a, "cannot tell whether the reply was posted", retry_in_ms=0,
                             permanent=True) == "failed"

@@ -20,16 +20,18 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import service_env, spawn, with_port
+from helpers import service_env, user_texts, wait_for, with_port
 from prometheus_client import REGISTRY
-from test_pipeline import user_texts, wait_for
 
 from buffer_service.app import create_app
 from buffer_service.auth import signature_error
 from buffer_service.chatwoot import TRUNCATION_MARK
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, message_payload, webhook_headers
 from buffer_service.store import BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.payloads import message_payload, webhook_headers
+from devtools.processes import spawn_service
 
 SECRET = "chatwoot-webhook-secret-from-the-ui"
 TOKEN = "webhook-token-0123456789abcdef"
@@ -368,7 +370,7 @@ async def test_rate_limits_hold_across_two_server_processes(settings, tmp_path):
     env = {"RATE_LIMIT_PER_CONVERSATION": "10", "RATE_LIMIT_GLOBAL": "25", "RATE_LIMIT_WINDOW_S": "3600",
            "LOG_FORMAT": "json", "ADMIN_TOKEN": ADMIN}
     servers = [replace(settings, port=settings.port), with_port(settings)]
-    procs = [spawn(["serve", "--no-worker"], service_env(s, **env), tmp_path / f"server{i}.log")
+    procs = [spawn_service(["serve", "--no-worker"], service_env(s, **env), tmp_path / f"server{i}.log")
              for i, s in enumerate(servers)]
     urls = [f"http://127.0.0.1:{s.port}" for s in servers]
     try:

@@ -21,12 +21,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from buffer_service.standins import (
-    ChatwootStandIn,
-    LLMStandIn,
-    attachment,
-    message_payload,
-)
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn
+from devtools.payloads import attachment, message_payload
 
 LLM_KEY = "sk-test-key"
 CW_TOKEN = "cw-bot-token"

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import orjson
 import pytest
 from aiohttp import web
-from test_guarantees import eventually, job_in
-from test_pipeline import wait_for
+from helpers import eventually, job_in, wait_for
 
 from buffer_service import handoff as handoff_module
 from buffer_service.keywords import parse_keywords
-from buffer_service.standins import ChatwootStandIn, LLMStandIn, _openai_error, message_payload
+from devtools.chatwoot_standin import ChatwootStandIn
+from devtools.llm_standin import LLMStandIn, _openai_error
+from devtools.payloads import message_payload
 
 KEYWORDS = parse_keywords("atendente,humano,human,agent")
 SORRY = "Um momento, vou chamar um atendente."

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from test_pipeline import wait_for
+from helpers import wait_for
 
 from buffer_service import metrics, presence
 from buffer_service.config import ConfigError, Settings
-from buffer_service.standins import EvolutionStandIn, message_payload
+from devtools.evolution_standin import EvolutionStandIn
+from devtools.payloads import message_payload
 
 # _phone_for(contact 1) in the stand-in's payloads, digits only.
 NUMBER = "5511900000001"
@@ -152,7 +153,7 @@ async def test_whatsapp_presence_through_evolution(settings, make_service, llm, 
     svc = await make_service(_with_evolution(settings, evolution))
     await svc.webhook(message_payload(message_id=12, conversation_id=20, content="hi"))
     # The buffered message carries the contact's number for the presence.
-    buffered = await redis.lrange(store.key(store.shard_of("1:20"), "buf:1:20"), 0, -1)
+    buffered = await redis.lrange(store.keys.buffer("1:20"), 0, -1)
     assert orjson.loads(buffered[0])["ph"] == NUMBER
     await wait_for(lambda: len(chatwoot.posts) == 1)
     await wait_for(lambda: evolution.presence_for(NUMBER)[-1:] == ["paused"])

@@ -11,23 +11,24 @@ import collections
 
 import aiohttp
 import orjson
-from conftest import service_env, spawn, wait_http_ok, with_port
-from test_pipeline import wait_for
+from helpers import service_env, wait_for, with_port
 
-from buffer_service.standins import message_payload
+from devtools.net import wait_http
+from devtools.payloads import message_payload
+from devtools.processes import spawn_service
 
 
 async def test_two_worker_processes_never_answer_a_burst_twice(settings, llm, chatwoot, tmp_path):
     llm.delay = 0.05  # keep batches in flight long enough for the workers to overlap
     env = service_env(settings, LOG_FORMAT="json")
-    server = spawn(["serve", "--no-worker"], env, tmp_path / "server.log")
+    server = spawn_service(["serve", "--no-worker"], env, tmp_path / "server.log")
     worker_logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = [spawn(["worker"], service_env(with_port(settings), LOG_FORMAT="json"), path)
+    workers = [spawn_service(["worker"], service_env(with_port(settings), LOG_FORMAT="json"), path)
                for path in worker_logs]
     url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_http_ok(session, url + "/readyz")
+            await wait_http(url + "/readyz")
             await asyncio.sleep(0.5)  # workers subscribed
 
             async def converse(conv: int) -> None:

@@ -6,17 +6,17 @@
 -- prompt (or the human) sees what the customer wrote: when a human is in charge by a snapshot
 -- newer than this message's (lib.lua: take_charge), or when a limit refuses it (rate limit,
 -- buffer byte cap; those are counted in the hourly stats too).
--- KEYS: 1 due (zset conv -> deadline ms), 2 first (hash conv -> first message ms),
---       3 buf:<conv> (list), 4 ttl:<conv> (sliding TTL key, the expiry wake-up),
---       5 seen:<account>:<message id> (de-duplication marker), 6 handoff:<conv>,
---       7 rl:<conv> (the conversation's rate limit), 8 hist:<conv>, 9 the global rate limit's
---       key, only when that limit is set (outside every shard: see limits.py)
--- ARGV: 1 conv, 2 message json, 3 window ms, 4 max age ms, 5 max size, 6 dedup ttl ms,
---       7 wake channel, 8 max buffer bytes (0: no cap), 9 version of the conversation snapshot
---       the message came with (0: none), 10 messages per period per conversation (0: no limit),
---       11 period ms, 12 messages per period of all conversations together (0: no limit),
---       13 history cap, 14 history ttl ms, 15 shard key prefix, 16 the snapshot shows the
---       conversation `pending` (1|0: lib.lua take_charge)
+-- KEYS: due first buffer ttl seen handoff rate history [global_rate]
+-- ARGV: conv message window_ms max_age_ms max_size dedup_ms wake max_bytes version
+--       rate_limit rate_period_ms global_limit history_cap history_ttl_ms prefix pending
+-- due: zset conv -> deadline ms; first: hash conv -> first message ms; buffer: buf:<conv>;
+-- ttl: the sliding TTL key (its expiry is the wake-up); seen: the message's de-duplication
+-- marker; rate: the conversation's rate limit; global_rate: the global limit's key, only when
+-- that limit is set (outside every shard: see keys.py). message: its json; max_bytes: buffer
+-- byte cap (0: none); version: of the conversation snapshot the message came with (0: none);
+-- rate_limit, global_limit: messages per period of the conversation, of all together (0: none);
+-- prefix: the shard's key prefix (keys.py); pending: the snapshot shows the conversation
+-- `pending` (1|0: lib.lua take_charge).
 -- Returns {status, count, deadline ms, detail, now ms}: status 1 buffered (detail: what set the
 --   deadline: deadline, age, size), 0 duplicate, -1 kept in the history only (detail: why:
 --   rate_limited:conversation, rate_limited:global, buffer_full, or the reason a human is in

@@ -14,12 +14,13 @@
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
 --   again) and marked unsure until the post's outcome is known, its fingerprint is remembered
 --   so that its webhook echo is recognised as ours, and the lease is renewed for the post.
--- KEYS: 1 batch hash, 2 due, 3 first, 4 buf:<conv>, 5 ttl:<conv>, 6 msgs:<id>, 7 pause:<conv>,
---       8 handoff:<conv>, 9 sent:<conv>
--- ARGV: 1 batch id, 2 token, 3 reply, 4 supersede (0|1), 5 max age ms, 6 max size, 7 lease ms,
---       8 own-reply memory ms, 9 own replies remembered, 10 record retention ms,
---       11 wake channel, 12 absent (1: the caller made sure Chatwoot has no such message),
---       13 shard key prefix
+-- KEYS: batch due first buffer ttl messages pause handoff sent
+-- ARGV: batch_id token reply supersede max_age_ms max_size lease_ms own_memory_ms own_kept
+--       retention_ms wake absent prefix
+-- batch: the batch hash; messages: msgs:<id>; supersede: 0|1; own_memory_ms, own_kept: how
+-- long and how many posted replies are remembered for their echo; retention_ms: of the job
+-- record; absent: 1 when the caller made sure Chatwoot has no such message; prefix: the shard's
+-- key prefix (keys.py).
 -- Returns {verdict, detail}: the posted message id for 'posted', the reason for 'skip', the
 -- number of messages now waiting for 'superseded'.
 if not holds(KEYS[1], ARGV[2]) then return {'lost', ''} end

@@ -2,11 +2,12 @@
 -- conversations. Claiming moves a conversation's messages into a batch held under a lease
 -- with a fencing token, in one step, so a message appended a moment later starts the next
 -- burst instead of being lost between a read and a delete.
--- KEYS: 1 due, 2 first, 3 inflight (zset batch id -> lease expiry or retry time),
---       4 active (hash conv -> batch id: at most one batch per conversation), 5 seq, 6 failed
--- ARGV: 1 key prefix of this shard ("bs:{s3}:"), 2 shard number, 3 limit, 4 lease ms,
---       5 window ms, 6 max size, 7 max age ms, 8 max attempts, 9 inboxes with a window, size
---       or age of their own (INBOX_SETTINGS_FILE), JSON {"<inbox id>": [window, size, age]} or ''
+-- KEYS: due first inflight active seq failed
+-- ARGV: prefix shard limit lease_ms window_ms max_size max_age_ms max_attempts inboxes
+-- inflight: zset batch id -> lease expiry or retry time; active: hash conv -> batch id (at most
+-- one batch per conversation); prefix: this shard's key prefix ("bs:{s3}:", keys.py);
+-- inboxes: those with a window, size or age of their own (INBOX_SETTINGS_FILE), JSON
+-- {"<inbox id>": [window, size, age]} or ''.
 -- Returns {now, next wake ms or -1, batch...}; a batch is
 --   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages},
 --    takeover reason or ''}

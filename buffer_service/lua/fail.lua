@@ -6,9 +6,10 @@
 -- A failed post may have created the message all the same: the batch stays `unsure` (its next
 -- attempt asks Chatwoot first, before_post.lua) unless the caller knows it did not (refused,
 -- never sent).
--- KEYS: 1 batch hash, 2 failed
--- ARGV: 1 batch id, 2 token, 3 error, 4 retry delay ms, 5 max attempts, 6 permanent (0|1),
---       7 wake channel, 8 not posted (1: the post certainly created nothing), 9 shard key prefix
+-- KEYS: batch failed
+-- ARGV: batch_id token error retry_ms max_attempts permanent wake not_posted prefix
+-- permanent: 0|1; not_posted: 1 when the post certainly created nothing; prefix: the shard's
+-- key prefix (keys.py).
 -- Returns 'retrying', 'failed', or '' when the token no longer matches.
 if not holds(KEYS[1], ARGV[2]) then return '' end
 local now = now_ms()

@@ -1,12 +1,12 @@
 -- End a batch for good (completed, or skipped with a reason): keep a compact job record, move
 -- the burst and the reply into the conversation's history for later prompts, and let the
 -- conversation's next batch go.
--- KEYS: 1 batch hash, 2 msgs list, 3 history list, 4 seen marker of the posted reply (so its
---       webhook echo is not recorded twice), 5 jobs:<state> (zset id -> finish time: the index
---       operators list jobs by)
--- ARGV: 1 batch id, 2 token, 3 state, 4 reason, 5 reply message id, 6 reply history entry
---       ('' for none), 7 history cap, 8 history ttl ms, 9 record retention ms, 10 dedup ttl ms,
---       11 wake channel, 12 shard key prefix
+-- KEYS: batch messages history seen jobs
+-- ARGV: batch_id token state reason reply_id entry history_cap history_ttl_ms retention_ms
+--       dedup_ms wake prefix
+-- seen: the marker of the posted reply (so its webhook echo is not recorded twice); jobs:
+-- jobs:<state> (zset id -> finish time: the index operators list jobs by); entry: the reply's
+-- history entry ('' for none); prefix: the shard's key prefix (keys.py).
 -- Returns 1 when finished, 0 when the token no longer matches.
 if not holds(KEYS[1], ARGV[2]) then return 0 end
 local now = now_ms()

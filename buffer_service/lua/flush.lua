@@ -1,7 +1,8 @@
 -- An operator flushes one conversation now: its pending burst becomes due at once, marked so
 -- that the claim counts it as a manual flush. It still goes through the claim and its lease,
 -- so an operator's flush cannot answer a burst twice or overtake a batch in flight.
--- KEYS: 1 due, 2 manual (hash conv -> 1), 3 buf:<conv>   ARGV: 1 conv, 2 wake channel
+-- KEYS: due manual buffer
+-- ARGV: conv wake
 -- Returns the number of messages in the burst (0: nothing is pending).
 local n = redis.call('LLEN', KEYS[3])
 if n == 0 then return 0 end

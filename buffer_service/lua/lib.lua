@@ -1,4 +1,4 @@
--- Helpers every script of the service starts with (store.py prepends this file), so that the
+-- Helpers every script of the service starts with (scripts.py prepends this file), so that the
 -- rules below exist once. Everything here is local: Redis forbids scripts to make globals.
 
 -- Redis's clock, not the caller's: the replicas of the service may disagree about the time.

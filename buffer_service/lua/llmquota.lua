@@ -1,9 +1,10 @@
 -- Count one LLM call of a conversation against its hourly allowance, exactly: a log of the calls
 -- of the last period (at most `limit` entries), so "N per hour" holds for every hour-long window,
 -- which a token bucket would exceed by up to N.
--- KEYS: 1 the conversation's call log (zset call id -> time ms)
--- ARGV: 1 limit, 2 period ms, 3 call id (batch id and attempt: a repeated check of the same
---       attempt is not counted twice)
+-- KEYS: calls
+-- ARGV: limit period_ms call_id
+-- calls: the conversation's call log (zset call id -> time ms); call_id: batch id and attempt
+-- (a repeated check of the same attempt is not counted twice).
 -- Returns {1 allowed | 0 over the limit, ms until the oldest call leaves the window}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -8,10 +8,11 @@
 --   the burst and the reply in the history.
 -- * A human agent's message pauses the bot in the conversation. Our own replies look the same
 --   when the service posts with a user access token; the two ways above tell them apart.
--- KEYS: 1 seen marker, 2 history list, 3 pause:<conv>, 4 sent:<conv>
--- ARGV: 1 entry json, 2 history cap, 3 history ttl ms, 4 dedup ttl ms, 5 message id,
---       6 text of an outgoing message ('' otherwise), 7 shard key prefix,
---       8 pause ms (0 unless a human agent may have written it), 9 record retention ms
+-- KEYS: seen history pause sent
+-- ARGV: entry history_cap history_ttl_ms dedup_ms message_id outgoing_text prefix pause_ms
+--       retention_ms
+-- outgoing_text: the text of an outgoing message ('' otherwise); pause_ms: 0 unless a human
+-- agent may have written it; retention_ms: of a job record; prefix: the shard's key prefix.
 -- Returns 'recorded', 'duplicate', 'own' (the echo of one of our replies) or 'paused'.
 local seen = redis.call('GET', KEYS[1])
 if seen == 'own' then

@@ -4,9 +4,11 @@
 -- (whose private note would otherwise be the newest message an agent bot's token can see) and
 -- the finish. The next part, if any, becomes the one in flight, unsure until its outcome is
 -- known, its fingerprint remembered for its echo, as before_post.lua does for the first.
--- KEYS: 1 batch hash, 2 sent:<conv>, 3 seen marker of the posted part, 4 inflight
--- ARGV: 1 batch id, 2 token, 3 parts out now, 4 message id, 5 the next part ('' after the
---       last), 6 own-reply memory ms, 7 own replies remembered, 8 lease ms, 9 dedup ttl ms
+-- KEYS: batch sent seen inflight
+-- ARGV: batch_id token parts_out message_id next_part own_memory_ms own_kept lease_ms dedup_ms
+-- sent: sent:<conv>; seen: the posted part's seen marker; parts_out: parts out now; message_id:
+-- the posted part's; next_part: its text ('' after the last); own_memory_ms, own_kept: how long
+-- and how many own replies are remembered for their echo; dedup_ms: the seen marker's life.
 -- Returns 1, or 0 when the token no longer holds the batch.
 if not holds(KEYS[1], ARGV[2]) then return 0 end
 local now = now_ms()

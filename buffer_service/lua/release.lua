@@ -2,7 +2,8 @@
 -- after its lease lapses; the attempt does not count. A batch already posting is not handed
 -- back: Chatwoot may have its reply, and the time until the lease lapses lets the webhook echo
 -- that would say so arrive (note.lua) before the next attempt has to ask Chatwoot.
--- KEYS: 1 batch hash, 2 inflight   ARGV: 1 batch id, 2 token, 3 wake channel
+-- KEYS: batch inflight
+-- ARGV: batch_id token wake
 -- Returns 1 when released, 0 otherwise.
 if not holds(KEYS[1], ARGV[2]) then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'posting' then return 0 end

@@ -2,8 +2,8 @@
 -- once, or, while another batch of the conversation runs, right after that one and before any
 -- burst that arrived meanwhile: it holds older messages, and replies go out in order
 -- (lib.lua: close_batch hands the conversation to it).
--- KEYS: 1 batch hash, 2 inflight, 3 active, 4 failed   ARGV: 1 batch id, 2 wake channel,
---       3 shard key prefix
+-- KEYS: batch inflight active failed
+-- ARGV: batch_id wake prefix
 -- Returns 1 when re-queued, 0 when the batch is not a failed one.
 if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
 local now = now_ms()

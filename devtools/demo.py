@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +24,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from .standins import ChatwootStandIn, LLMStandIn, attachment, message_payload
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from .chatwoot_standin import ChatwootStandIn
+from .llm_standin import LLMStandIn
+from .net import free_port, wait_http
+from .payloads import attachment, message_payload
+from .processes import operator_env, spawn_service, stop
+from .redis_server import RedisServer
 
 
 class Timeline:
@@ -56,20 +48,6 @@ class Timeline:
         print("-" * 78)
 
 
-async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("buffer-service exited during start-up; see its log above")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"buffer-service did not become ready at {url}")
-
-
 def _shown(content: object) -> str:
     """A prompt message for the timeline: image parts as their size, not their bytes."""
     if not isinstance(content, list):
@@ -84,54 +62,40 @@ _VOICE_NOTE = "the box arrived broken, the lid is completely crushed"
 _PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
 
 
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    if not shutil.which("redis-server"):
-        raise SystemExit("redis-server is not installed: run `make redis` (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", str(ROOT / "redis.conf"), "--port", str(port), "--dir", str(workdir),
-         "--bind", "127.0.0.1", "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc, port
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
-
-
 async def run_demo(window_ms: int) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="buffer-demo-"))
-    redis_proc, redis_port = _start_redis(workdir)
+    redis = RedisServer(workdir).start()
     llm, chatwoot = LLMStandIn(api_key="demo-llm-key"), ChatwootStandIn(token="demo-chatwoot-token")
     await llm.start()
     await chatwoot.start()
     llm.transcription_delay = window_ms / 2000  # a transcription that takes half the window
-    port = _free_port()
+    port = free_port()
     service_url = f"http://127.0.0.1:{port}"
     chatwoot.echo_webhook_url = f"{service_url}/webhooks/chatwoot"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATWOOT_"))},
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "OPENAI_API_KEY": "demo-llm-key",
-        "OPENAI_BASE_URL": f"{llm.base_url}/v1",
-        "CHATWOOT_BASE_URL": chatwoot.base_url,
-        "CHATWOOT_API_TOKEN": "demo-chatwoot-token",
-        "MESSAGE_BUFFER_DURATION_MS": str(window_ms),
-        "BUFFER_PROCESSING_INTERVAL_MS": "10000",
-        "LOG_FORMAT": "json",
-    }
+    env = operator_env(
+        REDIS_URL=redis.url,
+        HOST="127.0.0.1",
+        PORT=port,
+        OPENAI_API_KEY="demo-llm-key",
+        OPENAI_BASE_URL=f"{llm.base_url}/v1",
+        CHATWOOT_BASE_URL=chatwoot.base_url,
+        CHATWOOT_API_TOKEN="demo-chatwoot-token",
+        MESSAGE_BUFFER_DURATION_MS=window_ms,
+        BUFFER_PROCESSING_INTERVAL_MS=10000,
+        LOG_FORMAT="json",
+    )
     log_path = workdir / "service.log"
-    print(f"redis-server on 127.0.0.1:{redis_port} (repo redis.conf, data in {workdir})")
+    print(f"redis-server on 127.0.0.1:{redis.port} (repo redis.conf, data in {workdir})")
     print(f"LLM stand-in at {llm.base_url}/v1, Chatwoot stand-in at {chatwoot.base_url}")
     print(f"buffer-service serve on {service_url}, MESSAGE_BUFFER_DURATION_MS={window_ms}")
-    with log_path.open("wb") as log_file:
-        service = subprocess.Popen([sys.executable, "-m", "buffer_service.cli", "serve"], env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+    service = spawn_service(["serve"], env, log_path)
     timeline = Timeline()
     try:
-        await _wait_http(f"{service_url}/readyz", service)
+        async def service_alive() -> None:
+            if service.poll() is not None:
+                raise RuntimeError(f"buffer-service exited during start-up; see {log_path}")
+
+        await wait_http(f"{service_url}/readyz", timeout=20, interval=0.1, alive=service_alive)
         timeline.t0 = time.time()
         voice = attachment("audio", data_url=chatwoot.add_file(_VOICE_NOTE.encode(), "voice.ogg",
                                                                "audio/ogg"))
@@ -161,15 +125,10 @@ async def run_demo(window_ms: int) -> int:
         await asyncio.sleep(1.0)  # let the echoes of the replies arrive
         await chatwoot.wait_echoes()
     finally:
-        service.terminate()
-        try:
-            service.wait(15)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        stop(service, 15)
         await llm.stop()
         await chatwoot.stop()
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        redis.stop()
 
     for call in llm.calls:
         users = [_shown(m["content"]) for m in call.messages if m["role"] == "user"]

@@ -1,0 +1,163 @@
+"""Every Redis key and channel name of the service; nothing else spells one out.
+
+Prefix `bs` (KEY_PREFIX), shard `{sN}` as a Redis Cluster hash tag: every key of a shard hashes
+to one slot, and a conversation always maps to the same shard (crc32 of "<account>:<conv>"
+modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
+
+    bs:{sN}:due              zset  conv -> deadline ms          (the deadline index)
+    bs:{sN}:first            hash  conv -> first message ms of the pending burst
+    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order (each
+                                   stamped with its arrival ms, "t")
+    bs:{sN}:ttl:<conv>       string with PX = time to deadline  (expiry event = wake-up hint)
+    bs:{sN}:seen:<acct>:<id> string with PX                     (webhook de-duplication; 'own'
+                                   for a reply the bot posted, until its echo comes)
+    bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context)
+    bs:{sN}:inflight         zset  batch id -> lease expiry or retry time
+    bs:{sN}:active           hash  conv -> batch id             (one batch per conversation)
+    bs:{sN}:batch:<id>       hash  job record of one flushed burst
+    bs:{sN}:msgs:<id>        list  the burst's messages while the batch is unfinished
+    bs:{sN}:failed           zset  batch id -> failure time
+    bs:{sN}:jobs:<state>     zset  batch id -> finish time (completed, skipped: operators list
+                                   jobs by it, trimmed to JOB_RETENTION_DAYS)
+    bs:{sN}:stats:<hour>     hash  hourly counters of flushes and outcomes, hour = epoch ms //
+                                   3600000, kept 8 days (the monitoring figures of ops.py)
+    bs:{sN}:manual           hash  conv -> 1: an operator flushed it (the claim labels it "manual")
+    bs:{sN}:seq              counter for batch ids and fencing tokens
+    bs:{sN}:handoff:<conv>   hash  reason, v: who is in charge, by the newest snapshot
+                                   (lib.lua take_charge; reason '' = the bot)
+    bs:{sN}:pause:<conv>     string with PX = HUMAN_PAUSE_MS    (a human agent wrote)
+    bs:{sN}:sent:<conv>      zset  "<fingerprint>:<batch id>" -> post ms: replies we posted
+                                   whose echo has not come yet (lib.lua own_add)
+    bs:{sN}:rl:<conv>        string GCRA arrival time of the conversation's message limit
+    bs:{sN}:llm:<conv>       zset  the conversation's LLM calls of the last hour (spend guard)
+    bs:{sN}:tx:<acct>:<msg>:<n>       string  a voice note's transcript, JSON {"text"} or
+                                              {"error", "reason"}, kept HISTORY_TTL_S
+    bs:{sN}:txclaim:<acct>:<msg>:<n>  string  token of the process transcribing it, PX lease
+    bs:rl:global             string GCRA state of the limit of all conversations together
+    bs:flags                 hash  feature flags (flags.py)
+    bs:log:webhooks          stream, capped: one entry per webhook delivery (journal.py)
+    bs:log:sweeps            stream, capped: one entry per worker per sweep period (journal.py)
+    bs:wake                  pub/sub channel: "a deadline you do not know yet", and flag changes
+
+`conv` is "<account id>:<conversation display id>"; a batch id is "<shard>-<sequence>", so a
+batch's keys are found from its id alone.
+
+The untagged keys live in no shard: they are used by their own commands, never inside a shard's
+script, except the global rate limit, which the append script takes only while that limit is set
+(a Redis Cluster refuses a script whose keys span slots, so it cannot run there with it).
+
+Lua scripts get the keys they touch as KEYS, built here. A script that finds the name of another
+key only while it runs (a batch id read from an index, a conversation from a batch record)
+builds it from the shard prefix it is passed as an argument (`prefix`, e.g. "bs:{s3}:") and one
+of the names below, never by cutting up another key: same prefix, same hash tag, same slot.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from .config import Settings
+
+
+class Keys:
+    def __init__(self, settings: Settings) -> None:
+        self.base = settings.key_prefix
+        self.shards = settings.shards
+        self.flags = f"{self.base}:flags"
+        self.wake = f"{self.base}:wake"
+        self.global_rate = f"{self.base}:rl:global"
+        self.logs = {"webhooks": f"{self.base}:log:webhooks", "sweeps": f"{self.base}:log:sweeps"}
+
+    # -- shards -------------------------------------------------------------------------------
+    def shard_of(self, conv: str) -> int:
+        return zlib.crc32(conv.encode()) % self.shards
+
+    @staticmethod
+    def shard_of_batch(batch_id: str) -> int:
+        return int(batch_id.split("-", 1)[0])
+
+    def prefix(self, shard: int) -> str:
+        """The shard's prefix, hash tag included: what scripts build run-time names from."""
+        return f"{self.base}:{{s{shard}}}:"
+
+    def is_deadline(self, name: str) -> bool:
+        """Whether an expired key is a burst's TTL key (its expiry is a wake-up hint)."""
+        return name.startswith(f"{self.base}:{{s") and ":ttl:" in name
+
+    # -- per shard ------------------------------------------------------------------------------
+    def due(self, shard: int) -> str:
+        return self.prefix(shard) + "due"
+
+    def first(self, shard: int) -> str:
+        return self.prefix(shard) + "first"
+
+    def inflight(self, shard: int) -> str:
+        return self.prefix(shard) + "inflight"
+
+    def active(self, shard: int) -> str:
+        return self.prefix(shard) + "active"
+
+    def seq(self, shard: int) -> str:
+        return self.prefix(shard) + "seq"
+
+    def failed(self, shard: int) -> str:
+        return self.prefix(shard) + "failed"
+
+    def manual(self, shard: int) -> str:
+        return self.prefix(shard) + "manual"
+
+    def jobs(self, shard: int, state: str) -> str:
+        return self.prefix(shard) + f"jobs:{state}"
+
+    def stats(self, shard: int, hour: int) -> str:
+        return self.prefix(shard) + f"stats:{hour}"
+
+    # -- per conversation -----------------------------------------------------------------------
+    def _conv(self, name: str, conv: str) -> str:
+        return self.prefix(self.shard_of(conv)) + f"{name}:{conv}"
+
+    def buffer(self, conv: str) -> str:
+        return self._conv("buf", conv)
+
+    def ttl(self, conv: str) -> str:
+        return self._conv("ttl", conv)
+
+    def history(self, conv: str) -> str:
+        return self._conv("hist", conv)
+
+    def handoff(self, conv: str) -> str:
+        return self._conv("handoff", conv)
+
+    def pause(self, conv: str) -> str:
+        return self._conv("pause", conv)
+
+    def sent(self, conv: str) -> str:
+        return self._conv("sent", conv)
+
+    def rate(self, conv: str) -> str:
+        return self._conv("rl", conv)
+
+    def llm_calls(self, conv: str) -> str:
+        return self._conv("llm", conv)
+
+    def seen(self, conv: str, message_id: int) -> str:
+        """The de-duplication marker of one Chatwoot message of the conversation's account."""
+        return self._message("seen", conv, message_id)
+
+    def transcript(self, conv: str, message_id: int, index: int) -> str:
+        return self._message("tx", conv, message_id, index)
+
+    def transcript_claim(self, conv: str, message_id: int, index: int) -> str:
+        return self._message("txclaim", conv, message_id, index)
+
+    def _message(self, name: str, conv: str, message_id: int, *more: int) -> str:
+        account = conv.split(":", 1)[0]
+        return self.prefix(self.shard_of(conv)) + ":".join((name, account, str(message_id),
+                                                             *map(str, more)))
+
+    # -- per batch --------------------------------------------------------------------------------
+    def batch(self, batch_id: str) -> str:
+        return self.prefix(self.shard_of_batch(batch_id)) + f"batch:{batch_id}"
+
+    def messages(self, batch_id: str) -> str:
+        return self.prefix(self.shard_of_batch(batch_id)) + f"msgs:{batch_id}"

@@ -1,0 +1,145 @@
+"""What test modules share besides fixtures: waiting for a condition or a job state, claiming a
+batch, webhook events, and the environment an operator would set for the service and its command line,
+run as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from buffer_service.config import Settings
+from buffer_service.store import Batch, BufferStore
+from devtools.llm_standin import LLMCall
+from devtools.net import free_port
+from devtools.payloads import message_payload
+from devtools.processes import operator_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def user_texts(call: LLMCall) -> list[str]:
+    return [m["content"] for m in call.messages if m["role"] == "user"]
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment an operator would set, for running the service as a real process."""
+    return operator_env(**{
+        "REDIS_URL": settings.redis_url,
+        "HOST": settings.host,
+        "PORT": str(settings.port),
+        "OPENAI_API_KEY": settings.openai_api_key,
+        "OPENAI_BASE_URL": settings.openai_base_url,
+        "OPENAI_MODEL": settings.openai_model,
+        "CHATWOOT_BASE_URL": settings.chatwoot_base_url,
+        "CHATWOOT_API_TOKEN": settings.chatwoot_api_token,
+        "MESSAGE_BUFFER_DURATION_MS": str(settings.buffer_duration_ms),
+        "BUFFER_PROCESSING_INTERVAL_MS": str(settings.processing_interval_ms),
+        "MAX_BUFFER_SIZE": str(settings.max_buffer_size),
+        "MAX_BUFFER_AGE_MS": str(settings.max_buffer_age_ms),
+        "PROCESSING_LEASE_MS": str(settings.processing_lease_ms),
+        "RETRY_BASE_MS": str(settings.retry_base_ms),
+        "LLM_MAX_RETRIES": str(settings.llm_max_retries),
+        "LOG_LEVEL": "info",
+        **extra,
+    })
+
+
+def with_port(settings: Settings) -> Settings:
+    return replace(settings, port=free_port())
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    """Poll an async check until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def jobs(redis: Redis, conv: str) -> list[dict[str, str]]:
+    """The job records of one conversation, oldest first."""
+    found = []
+    async for key in redis.scan_iter(match="bs:*:batch:*", count=1000):
+        job = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+        if job.get("conv") == conv:
+            found.append(job)
+    return sorted(found, key=lambda j: int(j["id"].split("-")[1]))
+
+
+def job_in(state: str, redis: Redis, conv: str) -> Callable[[], Awaitable[dict[str, str] | None]]:
+    async def check() -> dict[str, str] | None:
+        return next((j for j in await jobs(redis, conv) if j["state"] == state), None)
+    return check
+
+
+def conversation_event(event: str, conversation_id: int, *, status: str = "pending",
+                       assignee: dict[str, Any] | None = None, can_reply: bool = True,
+                       at: datetime | None = None) -> dict[str, Any]:
+    """A conversation_* webhook: the conversation payload itself plus `event`."""
+    conversation = message_payload(message_id=1, conversation_id=conversation_id, status=status,
+                                   assignee=assignee, can_reply=can_reply,
+                                   created_at=at or datetime.now(UTC))["conversation"]
+    return {**conversation, "event": event, "changed_attributes": []}
+
+
+HUMAN = {"id": 9, "name": "Ana", "type": "user"}
+
+
+async def claim_one(store: BufferStore) -> Batch:
+    """Claim the first due batch of any shard, as a worker would."""
+    async def claim() -> Batch | None:
+        for shard in range(store.settings.shards):
+            _, _, batches = await store.claim(shard, 10)
+            if batches:
+                return batches[0]
+        return None
+    return await eventually(claim, timeout=5)
+
+
+def ops_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "CHATWOOT", "REDIS"))}
+    env.update({"REDIS_URL": settings.redis_url, **extra})
+    return env
+
+
+async def run_process(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def run_cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
+    """`buffer-service ARGS` as an operator runs it (asynchronously: the service under test
+    shares this event loop)."""
+    return await run_process([sys.executable, "-m", "buffer_service.cli", *args], ops_env(settings, **env))
+
+
+async def cli_json(settings: Settings, *args: str) -> object:
+    code, out, err = await run_cli(settings, *args, "--json")
+    assert code == 0, err
+    return orjson.loads(out)
