@@ -1,5 +1,5 @@
 -- wrk script: POST realistic Chatwoot message_created webhooks (a ~2 KB body built from a
--- template made by buffer_service.standins.message_payload), a new message id per request and
+-- template made by devtools.payloads.message_payload), a new message id per request and
 -- a conversation picked at random among WRK_CONVERSATIONS, so every request is stored.
 -- Settings come from the environment because wrk checks for delay() before init() sees args:
 --   WRK_TEMPLATE       file with the body, "@MID@" and "@CID@" where the ids go

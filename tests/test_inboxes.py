@@ -9,9 +9,10 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+from helpers import user_texts, wait_for
+
 from buffer_service.config import Settings
-from buffer_service.standins import message_payload
-from tests.test_pipeline import user_texts, wait_for
+from devtools.payloads import message_payload
 
 
 def _with_inboxes(settings: Settings, tmp_path: Path, toml: str) -> Settings:
