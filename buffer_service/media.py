@@ -93,8 +93,8 @@ class Media:
             TRANSCRIPTIONS.labels("reused", "").inc(reused)
         burst = [_entry(e, transcripts, images) for e in entries]
         shown = sum(isinstance(v, dict) for v in images.values())
-        text_images = {k: v if isinstance(v, str) else "[image: could not be shown]"
-                       for k, v in images.items()}
+        text_images: dict[Key, dict[str, Any] | str] = {
+            k: v if isinstance(v, str) else "[image: could not be shown]" for k, v in images.items()}
         return Rendered(
             burst=burst,
             history=[_entry(e, past, {}) for e in history],

@@ -136,9 +136,8 @@ class Worker:
         """Turn on expired-key events if the server allows it; the index works without them."""
         redis = self.store.redis
         try:
-            current = (await redis.config_get("notify-keyspace-events")).get(
-                "notify-keyspace-events", "")
-            current = current.decode() if isinstance(current, bytes) else current
+            # redis-py decodes CONFIG GET's names and values to str whatever the client's settings.
+            current = (await redis.config_get("notify-keyspace-events")).get("notify-keyspace-events") or ""
             has_expired = "x" in current or "A" in current
             if not (has_expired and "E" in current):
                 await redis.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
@@ -184,4 +183,5 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    # redis-py leaves PubSub.aclose unannotated; it returns None.
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
