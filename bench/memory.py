@@ -183,8 +183,10 @@ async def part_jobs_and_history(url: str, n: int, rounds: int) -> dict[str, Any]
         out["history_bytes_per_conv"] = b_hist / n
         out["history_text_bytes_per_conv"] = text_bytes / n
         out["history_ratio"] = b_hist / text_bytes
-        k_jobs, b_jobs = await drop(redis, f"{p}:*:batch:*")
-        out["job_record_bytes"] = b_jobs / max(1, k_jobs)
+        # A completed job's record: a whole hash as before, else its compact entry in a bucket.
+        _, b_jobs = await drop(redis, f"{p}:*:batch:*")
+        _, b_done = await drop(redis, f"{p}:*:done*")
+        out["job_record_bytes"] = (b_jobs + b_done) / max(1, finished)
         _, b_index = await drop(redis, f"{p}:*:jobs:*")
         out["job_index_bytes"] = b_index / max(1, finished)
         k_seen, b_seen = await drop(redis, f"{p}:*:seen:*")

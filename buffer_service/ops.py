@@ -103,7 +103,21 @@ class Operations:
         out = dict.fromkeys(names, 0)
         for i, size in enumerate(sizes):
             out[names[i % len(names)]] += int(size)
+        buckets = await self._done_buckets()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, key in buckets:
+                pipe.hlen(key)
+            out["completed"] += sum(await pipe.execute())
         return out
+
+    async def _done_buckets(self) -> list[tuple[int, str]]:
+        """Every live bucket of compact completed records (lib.lua compact), newest first per shard."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                pipe.zrevrange(self.keys.done(shard), 0, -1)
+            per_shard = await pipe.execute()
+        return [(shard, self.keys.done_bucket(shard, int(b))) for shard, buckets in enumerate(per_shard)
+                for b in buckets]
 
     async def stats(self, hours: int = 24) -> dict[str, Any]:
         if not 1 <= hours <= STATS_HOURS:
@@ -213,6 +227,8 @@ class Operations:
             raw = await pipe.execute()
         ids = [decoded(i) for ids in raw for i in ids]
         jobs = await self._records(ids)
+        if "completed" in chosen:
+            jobs += await self._compact_records(limit)
         # Newest first by what last happened to the job.
         jobs.sort(key=lambda j: j["_t"], reverse=True)
         for j in jobs:
@@ -220,11 +236,31 @@ class Operations:
         return jobs[:limit]
 
     async def _records(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The jobs' records: the whole one, else a completed job's compact one."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids:
                 pipe.hgetall(self.keys.batch(batch_id))
+                pipe.hget(*self.keys.done_of(batch_id))
             raw = await pipe.execute()
-        return [_job_view({decoded(k): decoded(v) for k, v in r.items()}) for r in raw if r]
+        out = []
+        for batch_id, full, compact in zip(ids, raw[::2], raw[1::2], strict=True):
+            if full:
+                out.append(_job_view({decoded(k): decoded(v) for k, v in full.items()}))
+            elif compact:
+                out.append(_compact_view(batch_id, compact))
+        return out
+
+    async def _compact_records(self, limit: int) -> list[dict[str, Any]]:
+        """The newest compact completed records, at least `limit` of each shard that has them."""
+        out: list[dict[str, Any]] = []
+        taken = dict.fromkeys(range(self.settings.shards), 0)
+        for shard, key in await self._done_buckets():
+            if taken[shard] >= limit:
+                continue
+            records = await self.redis.hgetall(key)
+            out += [_compact_view(f"{shard}-{decoded(seq)}", raw) for seq, raw in records.items()]
+            taken[shard] += len(records)
+        return out
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         _, batch_id = self.job_id(job_id)
@@ -340,6 +376,21 @@ def _figures(c: dict[str, int]) -> dict[str, Any]:
         "by_trigger": {t: c[f"t:{t}"] for t in _TRIGGERS if c[f"t:{t}"]},
         "refused_messages": {r: c[r] for r in _REFUSALS if c[r]},
     }
+
+
+def _compact_view(batch_id: str, raw: bytes) -> dict[str, Any]:
+    """A completed job's compact record (lib.lua compact) in the shape of _job_view; what it does
+    not keep (an earlier attempt's error) reads as absent."""
+    (conv, inbox, count, trigger, attempts, first, deadline, claimed, posting, finished, requeued,
+     reply_id, reason, media) = orjson.loads(raw)
+
+    return _job_view({
+        "id": batch_id, "state": "completed", "conv": conv, "inbox": str(inbox), "count": str(count),
+        "trigger": trigger, "attempts": str(attempts), "first_ms": str(first),
+        **{name: str(first + after) for name, after in (
+            ("deadline_ms", deadline), ("claimed_ms", claimed), ("posting_ms", posting),
+            ("finished_ms", finished), ("requeued_ms", requeued)) if after >= 0},
+        "reply_id": str(reply_id), "reason": reason, "media": media})
 
 
 def _job_view(h: dict[str, str]) -> dict[str, Any]:

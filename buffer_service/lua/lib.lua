@@ -74,11 +74,41 @@ local function unstamped(json)
   return (string.gsub(json, ',"t":%d+}$', '}'))
 end
 
+-- A completed job's record, kept JOB_RETENTION_DAYS, is most of what stays in Redis after a
+-- burst: so it is one JSON array in a hash of 256 batch sequence numbers, `done:<seq // 256>`
+-- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
+-- own), and the shard's zset `done` lists the buckets by their last write, for listing and
+-- trimming. Times are ms after the first message. ops.py (_compact_view) reads it back:
+--   [conv, inbox, count, trigger, attempts, first_ms, deadline, claimed, posting, finished,
+--    requeued, reply_id, reason, media]   (-1: no such time)
+-- The burst and the reply are not repeated: the conversation's history holds them.
+local function compact(P, bkey, id, retention, now)
+  local h = redis.call('HMGET', bkey, 'conv', 'inbox', 'count', 'trigger', 'attempts', 'first_ms',
+    'deadline_ms', 'claimed_ms', 'posting_ms', 'finished_ms', 'requeued_ms', 'reply_id', 'reason',
+    'media')
+  local first = tonumber(h[6]) or now
+  local function after(v) return v and tonumber(v) and tonumber(v) - first or -1 end
+  local rec = cjson.encode({h[1] or '', tonumber(h[2]) or 0, tonumber(h[3]) or 0, h[4] or '',
+    tonumber(h[5]) or 0, first, after(h[7]), after(h[8]), after(h[9]), after(h[10]), after(h[11]),
+    tonumber(h[12]) or 0, h[13] or '', h[14] or ''})
+  local seq = tonumber(string.match(id, '%-(%d+)$'))
+  local bucket = math.floor(seq / 256)
+  local key = P .. 'done:' .. bucket
+  redis.call('HSET', key, seq, rec)
+  redis.call('PEXPIRE', key, retention)
+  redis.call('ZADD', P .. 'done', now, bucket)
+  redis.call('ZREMRANGEBYSCORE', P .. 'done', '-inf', now - retention)
+  -- The index of whole completed records that a previous version wrote, until it is empty.
+  redis.call('ZREMRANGEBYSCORE', P .. 'jobs:completed', '-inf', now - retention)
+  redis.call('DEL', bkey)
+end
+
 -- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
--- history for later prompts; the record is kept `retention` ms, listed in the `jobs` index of
--- its state, which forgets what the records' own expiry forgets. (finish.lua; note.lua for a
--- failed batch that its reply's echo completes.)
-local function archive(bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
+-- history for later prompts. A completed batch's record shrinks to what operators read in
+-- `jobs` (compact, below); any other keeps its whole record for `retention` ms, listed in the
+-- `jobs` index of its state, which forgets what the records' own expiry forgets. (finish.lua;
+-- note.lua for a failed batch that its reply's echo completes.) P: the shard's key prefix.
+local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
   cap = tonumber(cap)
   if cap > 0 then
     for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
@@ -89,9 +119,14 @@ local function archive(bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jo
     redis.call('PEXPIRE', hist, hist_ttl)
   end
   redis.call('DEL', msgs)
-  redis.call('PEXPIRE', bkey, retention)
-  redis.call('ZADD', jobs, now, id)
-  redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - tonumber(retention))
+  retention = tonumber(retention)
+  if redis.call('HGET', bkey, 'state') == 'completed' then
+    compact(P, bkey, id, retention, now)
+  else
+    redis.call('PEXPIRE', bkey, retention)
+    redis.call('ZADD', jobs, now, id)
+    redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - retention)
+  end
 end
 
 -- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
