@@ -84,6 +84,10 @@ class Keys:
     def shard_of_batch(batch_id: str) -> int:
         return int(batch_id.split("-", 1)[0])
 
+    def shard_of_key(self, name: str) -> int:
+        """The shard of a per-shard key (its hash tag)."""
+        return int(name[len(self.base) + 3:name.index("}")])
+
     def prefix(self, shard: int) -> str:
         """The shard's prefix, hash tag included: what scripts build run-time names from."""
         return f"{self.base}:{{s{shard}}}:"

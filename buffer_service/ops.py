@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from .flags import Flags
-from .store import BufferStore, decoded
+from .store import BufferStore, decoded, record
 
 HOUR_MS = 3_600_000
 JOB_STATUSES = ("buffering", "processing", "completed", "failed", "skipped")
@@ -236,19 +236,7 @@ class Operations:
         return jobs[:limit]
 
     async def _records(self, ids: list[str]) -> list[dict[str, Any]]:
-        """The jobs' records: the whole one, else a completed job's compact one."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id in ids:
-                pipe.hgetall(self.keys.batch(batch_id))
-                pipe.hget(*self.keys.done_of(batch_id))
-            raw = await pipe.execute()
-        out = []
-        for batch_id, full, compact in zip(ids, raw[::2], raw[1::2], strict=True):
-            if full:
-                out.append(_job_view({decoded(k): decoded(v) for k, v in full.items()}))
-            elif compact:
-                out.append(_compact_view(batch_id, compact))
-        return out
+        return [_job_view(r) for r in await self.store.jobs(ids) if r]
 
     async def _compact_records(self, limit: int) -> list[dict[str, Any]]:
         """The newest compact completed records, at least `limit` of each shard that has them."""
@@ -258,7 +246,7 @@ class Operations:
             if taken[shard] >= limit:
                 continue
             records = await self.redis.hgetall(key)
-            out += [_compact_view(f"{shard}-{decoded(seq)}", raw) for seq, raw in records.items()]
+            out += [_job_view(record(f"{shard}-{decoded(seq)}", None, raw)) for seq, raw in records.items()]
             taken[shard] += len(records)
         return out
 
@@ -376,21 +364,6 @@ def _figures(c: dict[str, int]) -> dict[str, Any]:
         "by_trigger": {t: c[f"t:{t}"] for t in _TRIGGERS if c[f"t:{t}"]},
         "refused_messages": {r: c[r] for r in _REFUSALS if c[r]},
     }
-
-
-def _compact_view(batch_id: str, raw: bytes) -> dict[str, Any]:
-    """A completed job's compact record (lib.lua compact) in the shape of _job_view; what it does
-    not keep (an earlier attempt's error) reads as absent."""
-    (conv, inbox, count, trigger, attempts, first, deadline, claimed, posting, finished, requeued,
-     reply_id, reason, media) = orjson.loads(raw)
-
-    return _job_view({
-        "id": batch_id, "state": "completed", "conv": conv, "inbox": str(inbox), "count": str(count),
-        "trigger": trigger, "attempts": str(attempts), "first_ms": str(first),
-        **{name: str(first + after) for name, after in (
-            ("deadline_ms", deadline), ("claimed_ms", claimed), ("posting_ms", posting),
-            ("finished_ms", finished), ("requeued_ms", requeued)) if after >= 0},
-        "reply_id": str(reply_id), "reason": reason, "media": media})
 
 
 def _job_view(h: dict[str, str]) -> dict[str, Any]:
