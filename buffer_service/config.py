@@ -349,14 +349,16 @@ class Settings:
 
     # -- how a reply is sent --
     reply_split: str = _setting(
-        "REPLY_SPLIT", "paragraphs", "`paragraphs`: a long reply is posted as several messages, "
-        "split between paragraphs; `off`: as one message", _one_of("paragraphs", "off"),
-        per_inbox=True)
-    reply_max_parts: int = _setting("REPLY_MAX_PARTS", 4, "most messages one split reply becomes",
-                                    _whole(maximum=20))
+        "REPLY_SPLIT", "paragraphs", "`paragraphs`: a reply of several paragraphs goes out as "
+        "several WhatsApp messages, in order, each exactly once "
+        "([docs/delivery-guarantees.md](docs/delivery-guarantees.md)); `off`: one message",
+        _one_of("paragraphs", "off"), per_inbox=True)
+    reply_max_parts: int = _setting(
+        "REPLY_MAX_PARTS", 4, "most messages a reply is split into (1-20); the rest joins the last "
+        "part", _whole(maximum=20))
     reply_pacing_ms_per_char: int = _setting(
-        "REPLY_PACING_MS_PER_CHAR", 20, "pause before each further part of a split reply, per "
-        "character, at most 4 s", _whole(minimum=0, maximum=1000))
+        "REPLY_PACING_MS_PER_CHAR", 20, "pause before each further part, per character of it (at "
+        "most 4 s; `0`: none), with typing on", _whole(minimum=0, maximum=1000))
 
     # -- handing a conversation to a human (handoff.py) --
     handoff_keywords: tuple[str, ...] = _setting(

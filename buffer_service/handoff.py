@@ -6,8 +6,8 @@ retries, the exactly-once post of HANDOFF_MESSAGE). Its other effects follow the
 service remembers the handoff (the conversation's handoff record, lib.lua take_charge, a human
 reason versioned by the conversation's `updated_at` after Chatwoot set it `open`), a private
 note tells the agents why and what was said, and `toggle_status open` is Chatwoot's bot
-handoff. A webhook still showing the conversation `pending` with an older or equal snapshot
-does not wake the bot; a newer snapshot back in the bot's statuses does.
+handoff. Only a newer snapshot that shows the conversation `pending` gives it back to the bot
+(lib.lua take_charge): not the customer's next message, still `open`.
 """
 
 from __future__ import annotations

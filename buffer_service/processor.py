@@ -9,14 +9,17 @@ Steps, each recorded before the next so that a retry after a crash repeats nothi
 3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
    customer wrote again (old and new are answered together), else store the reply with the
    batch as "posting", unsure until its outcome is known;
-4. post the reply to Chatwoot;
+4. post the reply to Chatwoot: as one message, or split at its paragraphs (parts.py) part by
+   part with a typing pause before each further part; each part's message id is recorded
+   (part.lua) before the next part, the handoff or the finish, so a retry resumes at the next
+   part, and once a part is out the reply is no longer superseded;
 5. a handoff: remember it, note it for the agents, set the conversation open;
-6. finish the batch with Chatwoot's message id.
-A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to 5. A retry
-after a post whose outcome is unknown (a crash, a timeout, a lost connection, a 5xx) first asks
-Chatwoot whether the message exists, and posts only when it does not; such a reply is never
-superseded, as the customer may have it. What is left of the windows for a duplicate reply is
-in docs/delivery-guarantees.md.
+6. finish the batch with Chatwoot's message id (its last part's).
+A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to the next
+part or to 5. A retry after a post whose outcome is unknown (a crash, a timeout, a lost
+connection, a 5xx) first asks Chatwoot whether that part exists, and posts it only when it does
+not; such a reply is never superseded, as the customer may have it. What is left of the
+windows for a duplicate reply is in docs/delivery-guarantees.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .handoff import TOOL, Handover, burst_keyword, model_handoff
 from .limits import Limits
 from .llm import LLMClient, LLMError, LLMReply
 from .media import Media
+from .parts import pause_s, split_reply
 from .presence import Presence, Typing
 from .store import Batch, BufferStore
 
@@ -178,10 +182,15 @@ class Processor:
             await self.handover.hand_over(batch, handoff, summary)
             return await self._skip(batch, _handoff_reason(handoff))
 
+        parts = split_reply(reply, self.settings.reply_split, self.settings.reply_max_parts)
+        # A retry resumes after the parts an earlier attempt got out (part.lua).
+        out, reply_id = await self.store.progress(batch) if batch.reply else (0, 0)
+        out = min(out, len(parts))
+        part = parts[min(out, len(parts) - 1)]
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
-        verdict, detail = await self.store.before_post(batch, reply)
+        verdict, detail = await self.store.before_post(batch, reply, part=part)
         if verdict == "confirm":
-            verdict, detail = await self._settle_earlier_post(batch, reply)
+            verdict, detail = await self._settle_earlier_post(batch, reply, part, reply_id)
         if verdict == "lost":
             raise LeaseLost
         if verdict == "skip":
@@ -192,38 +201,59 @@ class Processor:
         started = time.monotonic()
         if verdict == "posted":
             reply_id = int(detail)
-            log.warning("earlier_post_confirmed", reply_id=reply_id)
-        else:
-            reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id, reply)
-            metrics.chatwoot_posted(time.monotonic() - started)
-            if not await self.store.part_out(batch, 1, reply_id, ""):
-                raise LeaseLost
+            log.warning("earlier_post_confirmed", reply_id=reply_id, part=min(out + 1, len(parts)))
+            if out < len(parts):  # the part in flight, confirmed by its echo or by Chatwoot
+                out += 1
+                await self._part_out(batch, out, reply_id, len(parts))
+        while out < len(parts):
+            if verdict != "post":
+                # A further part: after its pause (typing shows, also when no LLM call started
+                # it), marked in flight like the first.
+                typing.start()
+                await asyncio.sleep(pause_s(parts[out], self.settings.reply_pacing_ms_per_char))
+                verdict, _ = await self.store.before_post(batch, reply, part=parts[out])
+                if verdict != "post":  # the rest of a reply begun is neither skipped nor superseded
+                    raise LeaseLost
+            posting = time.monotonic()
+            reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id,
+                                                      parts[out])
+            metrics.chatwoot_posted(time.monotonic() - posting)
+            out += 1
+            await self._part_out(batch, out, reply_id, len(parts))
+            verdict = ""
         post_ms = round((time.monotonic() - started) * 1000)
         if handoff:
             await self.handover.hand_over(batch, handoff, summary)
         await self._finish_posted(batch, reply, reply_id, _handoff_reason(handoff) if handoff else "")
-        log.info("reply_posted", reply_id=reply_id, post_ms=post_ms, messages=len(batch.messages),
+        log.info("reply_posted", reply_id=reply_id, parts=len(parts), post_ms=post_ms,
+                 messages=len(batch.messages),
                  trigger=batch.trigger, lateness_ms=batch.claimed_ms - batch.deadline_ms,
                  wait_ms=batch.claimed_ms - batch.first_ms)
         return "completed"
 
-    async def _settle_earlier_post(self, batch: Batch, reply: str) -> tuple[str, str]:
-        """An earlier attempt may have posted `reply`: Chatwoot's messages after the burst say
-        whether it did, and whether a person answered meanwhile (then the bot stays out).
-        Undecidable raises, and the batch waits for a retry, or for the echo, rather than risk
-        a duplicate."""
-        after = max((int(m.get("id", 0)) for m in batch.messages), default=0)
+    async def _settle_earlier_post(self, batch: Batch, reply: str, part: str,
+                                   last_part_id: int) -> tuple[str, str]:
+        """An earlier attempt may have posted `part` of `reply`: Chatwoot's messages after the
+        burst and the parts already out (`last_part_id`, 0 for none) say whether it did, and
+        whether a person answered meanwhile (then the bot stays out). Undecidable raises, and
+        the batch waits for a retry, or for the echo, rather than risk a duplicate."""
+        after = max([last_part_id, *(int(m.get("id", 0)) for m in batch.messages)])
         messages, complete = await self.chatwoot.messages_after(batch.account_id,
                                                                 batch.conversation_id, after)
         known = await self.store.known_messages(batch, [int(m["id"]) for m in messages])
-        found, message_id = earlier_post(messages, complete, reply, known)
+        found, message_id = earlier_post(messages, complete, part, known)
         if found == "posted":
             return "posted", str(message_id)
         if found == "human":
             log.info("person_answered_meanwhile", message_id=message_id)
             return "skip", "human_agent_replied"
         log.info("earlier_post_not_found")
-        return await self.store.before_post(batch, reply, absent=True)
+        return await self.store.before_post(batch, reply, absent=True, part=part)
+
+    async def _part_out(self, batch: Batch, out: int, message_id: int, parts: int) -> None:
+        # Recorded before the next part, the handoff's note or the finish (part.lua).
+        if not await self.store.part_out(batch, out, message_id, out == parts):
+            raise LeaseLost
 
     async def _ask_llm(self, batch: Batch) -> LLMReply:
         # The response_quality_enhancement flag: history and the contact's name, or the burst only.

@@ -196,12 +196,13 @@ class BufferStore:
         reason, summary = await self.redis.hmget(self.keys.batch(batch.id), "handoff", "handoff_summary")
         return decoded(reason or ""), decoded(summary or "")
 
-    async def before_post(self, batch: Batch, reply: str, *, absent: bool = False) -> tuple[str, str]:
+    async def before_post(self, batch: Batch, reply: str, *, absent: bool = False,
+                          part: str | None = None) -> tuple[str, str]:
         """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
         verdict one of 'post', 'posted' (detail: the message id), 'confirm' (an earlier post may
         have gone through: ask Chatwoot, then call again with absent=True if it has no such
         message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
-        'lost'."""
+        'lost'. `part`: the part of `reply` to post now (parts.py), when it is split."""
         s, k, conv, shard = self.settings.for_inbox(batch.inbox_id), self.keys, batch.conv, batch.shard
         verdict, detail = await self.scripts.before_post(
             keys={"batch": k.batch(batch.id), "due": k.due(shard), "first": k.first(shard),
@@ -212,21 +213,27 @@ class BufferStore:
                   "max_size": s.max_buffer_size, "lease_ms": s.processing_lease_ms,
                   "own_memory_ms": _OWN_REPLY_MEMORY_MS, "own_kept": _OWN_REPLIES_KEPT,
                   "retention_ms": s.job_retention_days * 86_400_000, "wake": k.wake,
-                  "absent": int(absent), "prefix": k.prefix(shard)},
+                  "absent": int(absent), "prefix": k.prefix(shard),
+                  "part": reply if part is None else part},
         )
         return decoded(verdict), decoded(detail)
 
-    async def part_out(self, batch: Batch, parts_out: int, message_id: int, next_part: str) -> bool:
-        """Record that the reply's first `parts_out` parts are out, the last as `message_id`, and
-        that `next_part` ('' after the last) is now in flight (part.lua); False: lease lost."""
-        s, k = self.settings, self.keys
+    async def progress(self, batch: Batch) -> tuple[int, int]:
+        """How many parts of its stored reply an earlier attempt got out, and the message id of
+        the last of them (part.lua); (0, 0) for none."""
+        out, last_id = await self.redis.hmget(self.keys.batch(batch.id), "parts_out", "last_id")
+        return int(out or 0), int(last_id or 0)
+
+    async def part_out(self, batch: Batch, parts_out: int, message_id: int, last: bool) -> bool:
+        """Record that the reply's first `parts_out` parts are out, the last of them as
+        `message_id` (part.lua); `last`: the whole reply is. False: lease lost."""
+        k = self.keys
         return bool(await self.scripts.part(
             keys={"batch": k.batch(batch.id), "sent": k.sent(batch.conv),
-                  "seen": k.seen(batch.conv, message_id), "inflight": k.inflight(batch.shard)},
+                  "seen": k.seen(batch.conv, message_id)},
             args={"batch_id": batch.id, "token": batch.token, "parts_out": parts_out,
-                  "message_id": message_id, "next_part": next_part,
-                  "own_memory_ms": _OWN_REPLY_MEMORY_MS, "own_kept": _OWN_REPLIES_KEPT,
-                  "lease_ms": s.processing_lease_ms, "dedup_ms": s.dedup_ttl_s * 1000}))
+                  "message_id": message_id, "last": int(last),
+                  "dedup_ms": self.settings.dedup_ttl_s * 1000}))
 
     async def release(self, batch: Batch) -> bool:
         """Hand a batch back for any worker to take at once, its attempt not counted (shutdown)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import HeldChatwoot, Workers
 from redis.asyncio import Redis
 
 from buffer_service import logs, service
@@ -129,3 +130,22 @@ async def make_service() -> AsyncIterator:
     yield make
     for svc in started:
         await svc.close()
+
+
+@pytest.fixture
+async def held_chatwoot() -> AsyncIterator[HeldChatwoot]:
+    server = HeldChatwoot()
+    await server.start()
+    yield server
+    server.opened.set()
+    await server.stop()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    started = Workers(tmp_path)
+    yield started
+    for proc in started.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

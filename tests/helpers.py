@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -15,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 from redis.asyncio import Redis
 
 from buffer_service.config import Settings
 from buffer_service.store import Batch, BufferStore
+from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMCall
 from devtools.net import free_port
 from devtools.payloads import message_payload
-from devtools.processes import operator_env
+from devtools.processes import operator_env, spawn_service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,3 +143,73 @@ async def cli_json(settings: Settings, *args: str) -> object:
     code, out, err = await run_cli(settings, *args, "--json")
     assert code == 0, err
     return orjson.loads(out)
+
+
+class HeldChatwoot(ChatwootStandIn):
+    """The Chatwoot stand-in with a door on its message endpoint, to stop a worker at an exact
+    step. `hold_before`: a request waits at the door, and one whose client died meanwhile is
+    dropped, as if it never reached Chatwoot. `hold_after`: the post is created, and the
+    response waits. `opened` lets everything through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_before = False
+        self.hold_after = False
+        self.opened = asyncio.Event()
+        self.arrived = 0
+        self.dropped = 0
+
+    def _make_app(self) -> web.Application:
+        app = super()._make_app()
+        app.middlewares.insert(0, self._door)  # outside the stand-in's own recording
+        return app
+
+    @web.middleware
+    async def _door(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.endswith("/toggle_typing_status"):  # beside the steps, not one of them
+            return await handler(request)
+        self.arrived += 1
+        if self.hold_before:
+            await self.opened.wait()
+            if request.transport is None:
+                self.dropped += 1
+                return web.Response(status=499)
+        response = await handler(request)
+        if self.hold_after:
+            await self.opened.wait()
+        return response
+
+
+class Workers:
+    """Worker processes of the service, started and killed like an orchestrator would."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    async def start(self, settings: Settings, **env: str) -> subprocess.Popen[bytes]:
+        log = self.logs / f"worker{len(self.procs)}.log"
+        proc = spawn_service(["worker"], service_env(with_port(settings), **env), log)
+        self.procs.append(proc)
+
+        async def started() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return log.exists() and b"worker_started" in log.read_bytes()
+        await eventually(started, timeout=30)
+        return proc
+
+    def log_text(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.logs.glob("worker*.log")))
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "process did not exit"
+        await asyncio.sleep(0.05)
+    return proc.returncode

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from buffer_service.config import Settings
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn, Post
-from devtools.llm_standin import LLMCall, LLMStandIn
+from devtools.llm_standin import LLMCall, LLMStandIn, default_reply
 from devtools.payloads import message_payload
 from devtools.processes import spawn_service
 
@@ -37,8 +37,15 @@ WORKERS = 3
 KILLS = 3
 
 
-def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[LLMCall]) -> list[str]:
-    """Every way the run can have gone wrong, as readable lines; empty when it did not."""
+def in_paragraphs(reply: str, parts: int) -> str:
+    """The LLM's reply as `parts` paragraphs, each a message of its own (REPLY_SPLIT)."""
+    return "\n\n".join([reply, *(f"({i}/{parts}) {reply}" for i in range(2, parts + 1))])
+
+
+def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[LLMCall],
+                     parts: int = 1) -> list[str]:
+    """Every way the run can have gone wrong, as readable lines; empty when it did not. A reply
+    of `parts` paragraphs is `parts` posts, each once, in order."""
     problems = []
     by_conv: dict[int, list[Post]] = collections.defaultdict(list)
     for post in posts:
@@ -46,11 +53,11 @@ def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[
     llm_replies = {c.reply for c in calls if c.status == 200}
     for conv, texts in sent.items():
         got = by_conv.pop(conv, [])
-        if len(got) != 1:
-            problems.append(f"conversation {conv}: {len(got)} replies")
+        if len(got) != parts:
+            problems.append(f"conversation {conv}: {len(got)} posts for a reply of {parts}")
             continue
-        content = got[0].body["content"]
-        expected = "Reply to: " + " | ".join(texts)
+        content = "\n\n".join(p.body["content"] for p in got)
+        expected = in_paragraphs("Reply to: " + " | ".join(texts), parts)
         if content != expected:
             problems.append(f"conversation {conv}: replied {content!r}, expected {expected!r}")
         if content not in llm_replies:
@@ -59,10 +66,12 @@ def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[
     return problems
 
 
-@pytest.mark.parametrize("slow_share", [0.0, 0.1], ids=["chatwoot-fine", "chatwoot-slow"])
+@pytest.mark.parametrize(("slow_share", "parts"), [(0.0, 1), (0.1, 1), (0.0, 3), (0.1, 3)],
+                         ids=["chatwoot-fine", "chatwoot-slow", "split-chatwoot-fine",
+                              "split-chatwoot-slow"])
 async def test_three_workers_one_killed_at_random_every_conversation_answered_once(
         settings, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis, tmp_path: Path,
-        slow_share: float) -> None:
+        slow_share: float, parts: int) -> None:
     seed = int(os.environ.get("CHAOS_SEED", time.time()))
     rng = random.Random(seed)
     print(f"chaos seed {seed} (set CHAOS_SEED to replay the same schedule)")
@@ -70,10 +79,14 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
                        processing_lease_ms=3000)
     # Batches stay in flight long enough for a kill to catch some of them.
     llm.delay = 0.2
+    # Split: every reply is several posts (REPLY_SPLIT=paragraphs, the default), so a kill or a
+    # slow post also lands between parts.
+    llm.reply_fn = lambda messages: in_paragraphs(default_reply(messages), parts)
     # Chatwoot echoes every reply to the webhook, as it does in production, except the slow ones.
     chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
     chatwoot.slow_share, chatwoot.slow_answer_s, chatwoot.rng = slow_share, 2.0, random.Random(seed)
-    env = {"CHATWOOT_TIMEOUT_S": "1"}
+    # Short pauses between parts: the run is about kills and slow posts, not pacing.
+    env = {"CHATWOOT_TIMEOUT_S": "1", "REPLY_PACING_MS_PER_CHAR": "1"}
 
     server = spawn_service(["serve", "--no-worker"], service_env(settings, **env), tmp_path / "server.log")
     procs: list[subprocess.Popen[bytes]] = [server]
@@ -129,7 +142,7 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
                     live.append(start_worker())
 
             await asyncio.gather(send_all(), kill_at_random())
-        await wait_for(lambda: len({p.conversation_id for p in chatwoot.posts}) >= CONVERSATIONS, timeout=45)
+        await wait_for(lambda: len(chatwoot.posts) >= CONVERSATIONS * parts, timeout=60)
 
         async def settled() -> bool:
             keys = [k async for k in redis.scan_iter(match="bs:*:inflight")]
@@ -148,7 +161,7 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
 
     assert kills == KILLS
     assert exits.count(-signal.SIGKILL) == KILLS and exits.count(0) == len(procs) - KILLS, exits
-    problems = check_invariants(sent, chatwoot.posts, llm.calls)
+    problems = check_invariants(sent, chatwoot.posts, llm.calls, parts)
     assert not problems, f"seed {seed}: {len(problems)} violations, e.g. {problems[:5]}"
     assert await settled()
     failed = [(k, i) async for k in redis.scan_iter(match="bs:*:failed")

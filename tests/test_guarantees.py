@@ -9,13 +9,9 @@ machine makes a test slower, not red.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,107 +24,18 @@ from helpers import (
     eventually,
     job_in,
     jobs,
+    kill9,
     service_env,
+    wait_exit,
     wait_for,
-    with_port,
 )
 from redis.asyncio import Redis
 
 from buffer_service.chatwoot import ChatMessage, Decision
-from buffer_service.config import Settings
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.payloads import message_payload
 from devtools.processes import spawn_service
-
-
-class HeldChatwoot(ChatwootStandIn):
-    """The Chatwoot stand-in with a door on its message endpoint, to stop a worker at an exact
-    step. `hold_before`: a request waits at the door, and one whose client died meanwhile is
-    dropped, as if it never reached Chatwoot. `hold_after`: the post is created, and the
-    response waits. `opened` lets everything through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hold_before = False
-        self.hold_after = False
-        self.opened = asyncio.Event()
-        self.arrived = 0
-        self.dropped = 0
-
-    def _make_app(self) -> web.Application:
-        app = super()._make_app()
-        app.middlewares.insert(0, self._door)  # outside the stand-in's own recording
-        return app
-
-    @web.middleware
-    async def _door(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path.endswith("/toggle_typing_status"):  # beside the steps, not one of them
-            return await handler(request)
-        self.arrived += 1
-        if self.hold_before:
-            await self.opened.wait()
-            if request.transport is None:
-                self.dropped += 1
-                return web.Response(status=499)
-        response = await handler(request)
-        if self.hold_after:
-            await self.opened.wait()
-        return response
-
-
-@pytest.fixture
-async def held_chatwoot() -> AsyncIterator[HeldChatwoot]:
-    server = HeldChatwoot()
-    await server.start()
-    yield server
-    server.opened.set()
-    await server.stop()
-
-
-class Workers:
-    """Worker processes of the service, started and killed like an orchestrator would."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def start(self, settings: Settings, **env: str) -> subprocess.Popen[bytes]:
-        log = self.logs / f"worker{len(self.procs)}.log"
-        proc = spawn_service(["worker"], service_env(with_port(settings), **env), log)
-        self.procs.append(proc)
-
-        async def started() -> bool:
-            assert proc.poll() is None, log.read_text()
-            return log.exists() and b"worker_started" in log.read_bytes()
-        await eventually(started, timeout=30)
-        return proc
-
-    def log_text(self) -> str:
-        return "".join(p.read_text() for p in sorted(self.logs.glob("worker*.log")))
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    started = Workers(tmp_path)
-    yield started
-    for proc in started.procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def kill9(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        assert time.monotonic() < deadline, "process did not exit"
-        await asyncio.sleep(0.05)
-    return proc.returncode
 
 
 # -- leases and fencing (the scripts, driven directly) -----------------------------------------

@@ -12,15 +12,18 @@
 --   flush. Not when old and new together would not fit in one burst, or once the burst is
 --   MAX_BUFFER_AGE_MS old: then this reply goes out and the new messages make the next burst.
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
---   again) and marked unsure until the post's outcome is known, its fingerprint is remembered
---   so that its webhook echo is recognised as ours, and the lease is renewed for the post.
+--   again) and marked unsure until the post's outcome is known, the fingerprint of the part
+--   about to go (the whole reply when it is not split; part.lua records each part that is out)
+--   is remembered so that its webhook echo is recognised as ours, and the lease is renewed for
+--   the post. Once a part is out, the rest of the reply follows: neither superseded (the
+--   customer has its beginning) nor stopped by a takeover seen since.
 -- KEYS: batch due first buffer ttl messages pause handoff sent
 -- ARGV: batch_id token reply supersede max_age_ms max_size lease_ms own_memory_ms own_kept
---       retention_ms wake absent prefix
+--       retention_ms wake absent prefix part
 -- batch: the batch hash; messages: msgs:<id>; supersede: 0|1; own_memory_ms, own_kept: how
 -- long and how many posted replies are remembered for their echo; retention_ms: of the job
 -- record; absent: 1 when the caller made sure Chatwoot has no such message; prefix: the shard's
--- key prefix (keys.py).
+-- key prefix (keys.py); part: the part to post now.
 -- Returns {verdict, detail}: the posted message id for 'posted', the reason for 'skip', the
 -- number of messages now waiting for 'superseded'.
 if not holds(KEYS[1], ARGV[2]) then return {'lost', ''} end
@@ -32,36 +35,39 @@ if redis.call('HGET', KEYS[1], 'unsure') == '1' then
   if ARGV[12] ~= '1' then return {'confirm', ''} end
   redis.call('HDEL', KEYS[1], 'unsure')
 end
-local reason = takeover_reason(KEYS[8], KEYS[7])
-if reason then return {'skip', reason} end
+-- Once a part is out, the rest follows (see 'post' above).
+if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
+  local reason = takeover_reason(KEYS[8], KEYS[7])
+  if reason then return {'skip', reason} end
 
-local conv = redis.call('HGET', KEYS[1], 'conv')
-local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms')) or now
-local max_age = tonumber(ARGV[5])
-local waiting = redis.call('LLEN', KEYS[4])
-local held = redis.call('LLEN', KEYS[6])
-local n = waiting + held
-if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(ARGV[6]) then
-  for _ = 1, held do
-    redis.call('LMOVE', KEYS[6], KEYS[4], 'RIGHT', 'LEFT')
+  local conv = redis.call('HGET', KEYS[1], 'conv')
+  local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms')) or now
+  local max_age = tonumber(ARGV[5])
+  local waiting = redis.call('LLEN', KEYS[4])
+  local held = redis.call('LLEN', KEYS[6])
+  local n = waiting + held
+  if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(ARGV[6]) then
+    for _ = 1, held do
+      redis.call('LMOVE', KEYS[6], KEYS[4], 'RIGHT', 'LEFT')
+    end
+    redis.call('HSET', KEYS[3], conv, first)
+    -- Due when the new messages' window ends, but never past the age cap of the first message.
+    -- No due entry: the claim parked the conversation behind this batch, so it is due now.
+    local deadline = tonumber(redis.call('ZSCORE', KEYS[2], conv)) or now
+    if deadline > first + max_age then deadline = first + max_age end
+    if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
+    redis.call('ZADD', KEYS[2], deadline, conv)
+    redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
+    redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
+    redis.call('HDEL', KEYS[1], 'reply')
+    close_batch(P, KEYS[1], ARGV[1], conv, now)
+    redis.call('PEXPIRE', KEYS[1], ARGV[10])
+    redis.call('PUBLISH', ARGV[11], deadline)
+    return {'superseded', n}
   end
-  redis.call('HSET', KEYS[3], conv, first)
-  -- Due when the new messages' window ends, but never past the age cap of the first message.
-  -- No due entry: the claim parked the conversation behind this batch, so it is due now.
-  local deadline = tonumber(redis.call('ZSCORE', KEYS[2], conv)) or now
-  if deadline > first + max_age then deadline = first + max_age end
-  if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
-  redis.call('ZADD', KEYS[2], deadline, conv)
-  redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
-  redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
-  redis.call('HDEL', KEYS[1], 'reply')
-  close_batch(P, KEYS[1], ARGV[1], conv, now)
-  redis.call('PEXPIRE', KEYS[1], ARGV[10])
-  redis.call('PUBLISH', ARGV[11], deadline)
-  return {'superseded', n}
 end
 
-local fp = fingerprint(ARGV[3])
+local fp = fingerprint(ARGV[14])
 redis.call('HSET', KEYS[1], 'state', 'posting', 'reply', ARGV[3], 'fp', fp, 'posting_ms', now,
   'unsure', '1')
 own_add(KEYS[9], fp, ARGV[1], now, tonumber(ARGV[8]), tonumber(ARGV[9]))

@@ -61,7 +61,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
       -- Not its turn: another batch of the conversation runs (requeue.lua queues a batch
       -- behind the holder instead; this only guards the one-batch-per-conversation rule).
       redis.call('ZADD', KEYS[3], now + 1000, id)
-    elseif attempts >= max_attempts and not b[8] then
+    elseif attempts_spent(bkey, attempts) >= max_attempts and not b[8] then
       redis.call('HSET', bkey, 'state', 'failed')
       redis.call('ZADD', KEYS[6], now, id)
       close_batch(P, bkey, id, conv, now)

@@ -17,7 +17,7 @@ local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0
 redis.call('HSET', KEYS[1], 'error', ARGV[3], 'error_ms', now)
 if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'unsure') end
 
-if ARGV[6] == '0' and attempts < tonumber(ARGV[5]) then
+if ARGV[6] == '0' and attempts_spent(KEYS[1], attempts) < tonumber(ARGV[5]) then
   local retry_at = now + tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'state', 'retrying', 'token', '', 'retry_ms', retry_at)
   redis.call('ZADD', ARGV[9] .. 'inflight', retry_at, ARGV[1])

@@ -129,6 +129,12 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
   end
 end
 
+-- The attempts a batch used up against MAX_ATTEMPTS: those since its last attempt that got a
+-- part of its reply out (part.lua), all of them for a batch that got none out.
+local function attempts_spent(bkey, attempts)
+  return attempts - (tonumber(redis.call('HGET', bkey, 'progress_attempt')) or 0)
+end
+
 -- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
 -- that said so, because webhooks overtake each other. A newer snapshot wins; on a tie the
 -- human view wins, so an ambiguous order never makes the bot talk over a person. A snapshot
