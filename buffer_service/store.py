@@ -355,12 +355,12 @@ def record(batch_id: str, whole: dict[Any, Any] | None, compact: bytes | None) -
     if not compact:
         return {}
     (conv, inbox, count, trigger, attempts, first, deadline, claimed, posting, finished, requeued,
-     reply_id, reason, media) = orjson.loads(compact)
+     reply_id, parts_out, reason, media) = orjson.loads(compact)
     out = {"id": batch_id, "state": "completed", "conv": conv, "inbox": str(inbox), "count": str(count),
            "trigger": trigger, "attempts": str(attempts), "first_ms": str(first),
-           "reply_id": str(reply_id), "reason": reason, "media": media}
+           "reply_id": str(reply_id), "parts_out": str(parts_out or ""), "reason": reason, "media": media}
     for name, after in (("deadline_ms", deadline), ("claimed_ms", claimed), ("posting_ms", posting),
                         ("finished_ms", finished), ("requeued_ms", requeued)):
         if after >= 0:
             out[name] = str(first + after)
-    return {k: v for k, v in out.items() if k != "media" or v}
+    return {k: v for k, v in out.items() if k not in ("media", "parts_out") or v}

@@ -80,17 +80,18 @@ end
 -- own), and the shard's zset `done` lists the buckets by their last write, for listing and
 -- trimming. Times are ms after the first message. ops.py (_compact_view) reads it back:
 --   [conv, inbox, count, trigger, attempts, first_ms, deadline, claimed, posting, finished,
---    requeued, reply_id, reason, media]   (-1: no such time)
+--    requeued, reply_id, parts_out, reason, media]   (-1: no such time; parts_out: the
+--    messages a split reply went out as, 0 for one)
 -- The burst and the reply are not repeated: the conversation's history holds them.
 local function compact(P, bkey, id, retention, now)
   local h = redis.call('HMGET', bkey, 'conv', 'inbox', 'count', 'trigger', 'attempts', 'first_ms',
-    'deadline_ms', 'claimed_ms', 'posting_ms', 'finished_ms', 'requeued_ms', 'reply_id', 'reason',
-    'media')
+    'deadline_ms', 'claimed_ms', 'posting_ms', 'finished_ms', 'requeued_ms', 'reply_id', 'parts_out',
+    'reason', 'media')
   local first = tonumber(h[6]) or now
   local function after(v) return v and tonumber(v) and tonumber(v) - first or -1 end
   local rec = cjson.encode({h[1] or '', tonumber(h[2]) or 0, tonumber(h[3]) or 0, h[4] or '',
     tonumber(h[5]) or 0, first, after(h[7]), after(h[8]), after(h[9]), after(h[10]), after(h[11]),
-    tonumber(h[12]) or 0, h[13] or '', h[14] or ''})
+    tonumber(h[12]) or 0, tonumber(h[13]) or 0, h[14] or '', h[15] or ''})
   local seq = tonumber(string.match(id, '%-(%d+)$'))
   local bucket = math.floor(seq / 256)
   local key = P .. 'done:' .. bucket
