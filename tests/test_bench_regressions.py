@@ -12,7 +12,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from buffer_service.chatwoot import ChatMessage
+import orjson
+
+from buffer_service.attachments import Attachment
+from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.store import BufferStore
 from devtools.payloads import message_payload
 
@@ -124,7 +127,32 @@ async def test_what_a_completed_burst_leaves_in_redis_for_a_fixed_payload(settin
     text = len(memory.TEXT.encode())
     hist = store.keys.history("1:1000")
     entries = [len(e) for e in await redis.lrange(hist, 0, -1)]
-    assert entries[:3] == [text + 35] * 3  # {"id":10000000,"text":"...","inbox":1}
+    assert entries[:3] == [text + 25] * 3  # {"id":10000000,"text":"..."}
     assert entries[3] == len(memory.REPLY.encode()) + 44  # {"id":50000000,"text":"...","role":"assistant"}
-    # One burst's history, key and list included: 792 B measured for 453 B of text (Redis 7.0).
-    assert await redis.memory_usage(hist, samples=0) <= 830
+    # One burst's history, key and list included: 760 B measured for 453 B of text (Redis 7.0).
+    assert await redis.memory_usage(hist, samples=0) <= 800
+
+
+async def test_the_history_keeps_id_text_attachments_and_role_and_reads_older_entries(settings, redis):
+    """The history drops what only the burst is read for (inbox, contact name, phone, typed text),
+    whichever way a message gets there; entries an earlier version wrote stay readable."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
+    att = (Attachment("file", url="https://x/f.pdf", title="t", name="n.pdf"),)
+    msg = ChatMessage(1, 5, 11, 'say "hi", "inbox":2', attachments=att, inbox_id=3, sender_name="Ana",
+                      phone="5511999990000", content='"typed"')
+    hist = store.keys.history(msg.conv)
+    await redis.rpush(hist, orjson.dumps({"id": 9, "text": "old", "inbox": 3, "name": "Ana"}))
+    await store.append(msg)
+    await asyncio.sleep(0.05)
+    [batch] = (await store.claim(store.keys.shard_of(msg.conv), 10))[2]
+    assert batch.messages[0]["name"] == "Ana" and batch.messages[0]["ph"] == "5511999990000"
+    assert await store.finish(batch, "completed", reply="ok", reply_id=12)
+    agent = ChatMessage(1, 5, 13, "an agent", inbox_id=3, sender_name="Bia")
+    assert await store.note(Decision("note", "human", agent)) in ("recorded", "paused")
+
+    kept = [orjson.loads(e) for e in await redis.lrange(hist, 0, -1)]
+    assert kept == [{"id": 9, "text": "old", "inbox": 3, "name": "Ana"},
+                    {"id": 11, "text": 'say "hi", "inbox":2', "att": [a.to_dict() for a in att]},
+                    {"id": 12, "text": "ok", "role": "assistant"},
+                    {"id": 13, "text": "an agent"}]
+    assert [e["text"] for e in await store.history(msg.conv, 10)] == [e["text"] for e in kept]

@@ -56,22 +56,35 @@ local function gcra(key, limit, period, now)
   return 0
 end
 
--- Keep one message in the conversation's history (prompt context), capped and expiring.
-local function remember(hist, entry, cap, ttl)
-  if tonumber(cap) > 0 then
-    redis.call('RPUSH', hist, entry)
-    redis.call('LTRIM', hist, -tonumber(cap), -1)
-    redis.call('PEXPIRE', hist, ttl)
-  end
-end
-
 -- A buffered message carries its arrival time ("t", Redis ms) so that a burst split by the
 -- size cap keeps its real age; the history has no use for it.
 local function stamped(json, now)
   return string.sub(json, 1, -2) .. ',"t":' .. now .. '}'
 end
-local function unstamped(json)
-  return (string.gsub(json, ',"t":%d+}$', '}'))
+
+-- A message as the history keeps it, 7 days: the id, text, attachments and role that prompts,
+-- handoff notes and transcripts read there, not the inbox, contact name, phone and typed text
+-- that only the burst itself is read for (claim.lua, processor.py, presence.py, handoff.py).
+-- ChatMessage.to_json writes those after id, text and attachments, in that order, and the
+-- arrival time comes last; a key with a quote before it cannot be inside a JSON string, and the
+-- attachments' own keys are other ones. Entries of any earlier version pass through unchanged.
+local function for_history(json)
+  json = string.gsub(json, ',"t":%d+}$', '}')
+  local cut
+  for _, key in ipairs({',"inbox":', ',"name":', ',"ph":', ',"typed":'}) do
+    local at = string.find(json, key, 1, true)
+    if at and (not cut or at < cut) then cut = at end
+  end
+  return cut and string.sub(json, 1, cut - 1) .. '}' or json
+end
+
+-- Keep one message in the conversation's history (prompt context), capped and expiring.
+local function remember(hist, entry, cap, ttl)
+  if tonumber(cap) > 0 then
+    redis.call('RPUSH', hist, for_history(entry))
+    redis.call('LTRIM', hist, -tonumber(cap), -1)
+    redis.call('PEXPIRE', hist, ttl)
+  end
 end
 
 -- A completed job's record, kept JOB_RETENTION_DAYS, is most of what stays in Redis after a
@@ -113,7 +126,7 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
   cap = tonumber(cap)
   if cap > 0 then
     for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
-      redis.call('RPUSH', hist, unstamped(m))
+      redis.call('RPUSH', hist, for_history(m))
     end
     if entry ~= '' then redis.call('RPUSH', hist, entry) end
     redis.call('LTRIM', hist, -cap, -1)
