@@ -158,10 +158,17 @@ async def part_history_layouts(url: str, n: int, rounds: int) -> dict[str, Any]:
     redis = Redis.from_url(url)
     store = BufferStore(redis, Settings(redis_url=url))
     reply = {"id": 50_000_000, "text": REPLY, "role": "assistant"}
+    whatsapp = {"inbox": 1, "name": "Maria Aparecida", "ph": "5511987654321"}
+
+    def kept(e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if k in ("id", "text", "att", "role")}
+
     layouts = {
-        "as the service writes it (JSON object per entry)": orjson.dumps,
-        "JSON arrays [id, text, inbox] / [id, text, role]": lambda e: orjson.dumps(
-            [e["id"], e["text"], e.get("inbox", e.get("role"))]),
+        "JSON object with the burst's inbox (before lib.lua for_history)": orjson.dumps,
+        "  the same, WhatsApp message with contact name and phone": lambda e: orjson.dumps(
+            e if "role" in e else {**e, **whatsapp}),
+        "JSON object of id, text, role (as the service writes it)": lambda e: orjson.dumps(kept(e)),
+        "JSON arrays [id, text] / [id, text, role]": lambda e: orjson.dumps(list(kept(e).values())),
         "text only, role as a one-byte prefix": lambda e: (e.get("role", "u")[:1] + e["text"]).encode(),
     }
     text = rounds * (3 * len(TEXT.encode()) + len(REPLY.encode()))
