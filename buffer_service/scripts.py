@@ -122,6 +122,7 @@ class Scripts:
     llmquota: Script
     mark: Script
     mediaclaim: Script
+    medianote: Script
     note: Script
     part: Script
     purge: Script

@@ -191,6 +191,11 @@ class BufferStore:
             keys={"batch": self.keys.batch(batch.id)},
             args={"token": batch.token, "reason": reason, "summary": summary[:2000]}))
 
+    async def note_media(self, batch: Batch, note: str) -> bool:
+        """Store with the batch what the model could not see or hear; False: lease lost."""
+        return bool(await self.scripts.medianote(
+            keys={"batch": self.keys.batch(batch.id)}, args={"token": batch.token, "note": note}))
+
     async def handoff_mark(self, batch: Batch) -> tuple[str, str]:
         """(reason, summary) an earlier attempt stored with its reply; reason '' for none."""
         reason, summary = await self.redis.hmget(self.keys.batch(batch.id), "handoff", "handoff_summary")

@@ -473,3 +473,19 @@ async def test_a_completed_job_keeps_a_compact_record_and_whole_ones_of_older_ve
     assert [j["id"] for j in await operator.jobs()][:3] == [skipped, done, old_id]
     assert (await operator.counts())["completed"] == 2
     assert (await operator.job(done))["burst"] == [] and (await operator.job(old_id))["attempts"] == 2
+
+
+async def test_a_late_media_note_does_not_bring_back_the_record_of_a_completed_job(settings, redis):
+    """A worker whose lease lapsed notes what the model could not see after another worker
+    completed the batch: the completed job keeps its compact record and no stray key appears."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=50, processing_lease_ms=100))
+    await store.append(ChatMessage(1, 95, 1, "a photo", inbox_id=1))
+    shard = store.keys.shard_of("1:95")
+    [late] = await eventually(lambda: _claimed(store, shard))
+    await asyncio.sleep(0.15)
+    [taken] = await eventually(lambda: _claimed(store, shard))
+    assert await store.note_media(taken, "image not loaded")
+    assert await store.finish(taken, "completed", reply="ok", reply_id=9)
+    assert not await store.note_media(late, "image not loaded")
+    assert await redis.exists(store.keys.batch(taken.id)) == 0
+    assert (await store.job(taken.id))["media"] == "image not loaded"
