@@ -105,6 +105,12 @@ async def test_what_a_completed_burst_leaves_in_redis_for_a_fixed_payload(settin
     for i in range(n):
         for j in range(3):
             await store.append(ChatMessage(1, 1000 + i, 10_000_000 + 3 * i + j, memory.TEXT, inbox_id=1))
+    # An open conversation's buffer: {"id":10000000,"text":"...","inbox":1,"t":<13-digit ms>} per
+    # message; the list of three, key included, 664 B measured (Redis 7.0).
+    text = len(memory.TEXT.encode())
+    buffered = store.keys.buffer("1:1000")
+    assert [len(m) for m in await redis.lrange(buffered, 0, -1)] == [text + 53] * 3
+    assert await redis.memory_usage(buffered, samples=0) <= 700
     await asyncio.sleep(0.05)
     finished = 0
     for shard in range(settings.shards):
@@ -124,7 +130,6 @@ async def test_what_a_completed_burst_leaves_in_redis_for_a_fixed_payload(settin
     # records a bucket here carry the bucket key's own cost too.
     assert bucket_bytes / n <= 130, bucket_bytes / n
 
-    text = len(memory.TEXT.encode())
     hist = store.keys.history("1:1000")
     entries = [len(e) for e in await redis.lrange(hist, 0, -1)]
     assert entries[:3] == [text + 25] * 3  # {"id":10000000,"text":"..."}
