@@ -24,6 +24,7 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
                                    array, lib.lua compact), bucket = sequence // 256, kept
                                    JOB_RETENTION_DAYS after its last write
     bs:{sN}:done             zset  bucket -> last write ms: the buckets that still live
+    bs:{sN}:donecount        hash  bucket -> its number of records
     bs:{sN}:stats:<hour>     hash  hourly counters of flushes and outcomes, hour = epoch ms //
                                    3600000, kept 8 days (the monitoring figures of ops.py)
     bs:{sN}:manual           hash  conv -> 1: an operator flushed it (the claim labels it "manual")
@@ -123,6 +124,9 @@ class Keys:
 
     def done(self, shard: int) -> str:
         return self.prefix(shard) + "done"
+
+    def done_counts(self, shard: int) -> str:
+        return self.prefix(shard) + "donecount"
 
     def done_bucket(self, shard: int, bucket: int) -> str:
         return self.prefix(shard) + f"done:{bucket}"

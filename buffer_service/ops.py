@@ -103,11 +103,10 @@ class Operations:
         out = dict.fromkeys(names, 0)
         for i, size in enumerate(sizes):
             out[names[i % len(names)]] += int(size)
-        buckets = await self._done_buckets()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for _, key in buckets:
-                pipe.hlen(key)
-            out["completed"] += sum(await pipe.execute())
+            for shard in range(self.settings.shards):
+                pipe.hvals(self.keys.done_counts(shard))
+            out["completed"] += sum(int(n) for counts in await pipe.execute() for n in counts)
         return out
 
     async def _done_buckets(self) -> list[tuple[int, str]]:

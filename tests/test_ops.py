@@ -489,3 +489,21 @@ async def test_a_late_media_note_does_not_bring_back_the_record_of_a_completed_j
     assert not await store.note_media(late, "image not loaded")
     assert await redis.exists(store.keys.batch(taken.id)) == 0
     assert (await store.job(taken.id))["media"] == "image not loaded"
+
+
+async def test_buckets_past_retention_leave_the_listing_and_the_count(settings, redis):
+    s = replace(settings, buffer_duration_ms=50, max_buffer_age_ms=200, shards=1)
+    store = BufferStore(redis, s)
+    operator = Operations(store, Flags(redis, s))
+    first = await _answered(store, 96, 1, "completed", reply="a", reply_id=1)
+    assert (await operator.counts())["completed"] == 1
+    # The first job's bucket was last written longer ago than JOB_RETENTION_DAYS (its hash
+    # expires by itself; here it stays, to show that listing and count go by the index).
+    await redis.zadd(store.keys.done(0), {"0": 1}, xx=True)
+    await redis.set(store.keys.seq(0), 600)  # the next job goes to bucket 2
+    second = await _answered(store, 97, 2, "completed", reply="b", reply_id=2)
+    assert store.keys.done_of(first)[0] != store.keys.done_of(second)[0]
+    assert await redis.zrange(store.keys.done(0), 0, -1) == [b"2"]
+    assert await redis.hgetall(store.keys.done_counts(0)) == {b"2": b"1"}
+    assert [j["id"] for j in await operator.jobs("completed")] == [second]
+    assert (await operator.counts())["completed"] == 1

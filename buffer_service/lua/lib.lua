@@ -91,7 +91,8 @@ end
 -- burst: so it is one JSON array in a hash of 256 batch sequence numbers, `done:<seq // 256>`
 -- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
 -- own), and the shard's zset `done` lists the buckets by their last write, for listing and
--- trimming. Times are ms after the first message. ops.py (_compact_view) reads it back:
+-- trimming, and its hash `donecount` counts their records (what ops.py counts reads: one reply
+-- per shard, not one per bucket). Times are ms after the first message. ops.py (_compact_view) reads it back:
 --   [conv, inbox, count, trigger, attempts, first_ms, deadline, claimed, posting, finished,
 --    requeued, reply_id, parts_out, reason, media]   (-1: no such time; parts_out: the
 --    messages a split reply went out as, 0 for one)
@@ -108,10 +109,15 @@ local function compact(P, bkey, id, retention, now)
   local seq = tonumber(string.match(id, '%-(%d+)$'))
   local bucket = math.floor(seq / 256)
   local key = P .. 'done:' .. bucket
-  redis.call('HSET', key, seq, rec)
+  local counts = P .. 'donecount'
+  redis.call('HINCRBY', counts, bucket, redis.call('HSET', key, seq, rec))
   redis.call('PEXPIRE', key, retention)
   redis.call('ZADD', P .. 'done', now, bucket)
-  redis.call('ZREMRANGEBYSCORE', P .. 'done', '-inf', now - retention)
+  local gone = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', now - retention)
+  if #gone > 0 then
+    redis.call('ZREM', P .. 'done', unpack(gone))
+    redis.call('HDEL', counts, unpack(gone))
+  end
   -- The index of whole completed records that a previous version wrote, until it is empty.
   redis.call('ZREMRANGEBYSCORE', P .. 'jobs:completed', '-inf', now - retention)
   redis.call('DEL', bkey)
