@@ -109,15 +109,6 @@ class Operations:
             out["completed"] += sum(int(n) for counts in await pipe.execute() for n in counts)
         return out
 
-    async def _done_buckets(self) -> list[tuple[int, str]]:
-        """Every live bucket of compact completed records (lib.lua compact), newest first per shard."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in range(self.settings.shards):
-                pipe.zrevrange(self.keys.done(shard), 0, -1)
-            per_shard = await pipe.execute()
-        return [(shard, self.keys.done_bucket(shard, int(b))) for shard, buckets in enumerate(per_shard)
-                for b in buckets]
-
     async def stats(self, hours: int = 24) -> dict[str, Any]:
         if not 1 <= hours <= STATS_HOURS:
             raise OpsError(f"hours must be from 1 to {STATS_HOURS}, got {hours}")
@@ -238,15 +229,24 @@ class Operations:
         return [_job_view(r) for r in await self.store.jobs(ids) if r]
 
     async def _compact_records(self, limit: int) -> list[dict[str, Any]]:
-        """The newest compact completed records, at least `limit` of each shard that has them."""
+        """The newest compact completed records, at least `limit` of each shard that has them
+        (buckets newest first, a few at a time: most of a bucket's records are completed ones)."""
         out: list[dict[str, Any]] = []
-        taken = dict.fromkeys(range(self.settings.shards), 0)
-        for shard, key in await self._done_buckets():
-            if taken[shard] >= limit:
-                continue
-            records = await self.redis.hgetall(key)
-            out += [_job_view(record(f"{shard}-{decoded(seq)}", None, raw)) for seq, raw in records.items()]
-            taken[shard] += len(records)
+        for shard in range(self.settings.shards):
+            taken, start = 0, 0
+            while taken < limit:
+                buckets = await self.redis.zrevrange(self.keys.done(shard), start, start + 3)
+                if not buckets:
+                    break
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for bucket in buckets:
+                        pipe.hgetall(self.keys.done_bucket(shard, int(bucket)))
+                    found = await pipe.execute()
+                for records in found:
+                    out += [_job_view(record(f"{shard}-{decoded(seq)}", None, raw))
+                            for seq, raw in records.items()]
+                    taken += len(records)
+                start += len(buckets)
         return out
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
