@@ -92,7 +92,8 @@ end
 -- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
 -- own), and the shard's zset `done` lists the buckets by their last write, for listing and
 -- trimming, and its hash `donecount` counts their records (what ops.py counts reads: one reply
--- per shard, not one per bucket). Times are ms after the first message. ops.py (_compact_view) reads it back:
+-- per shard, not one per bucket). Times are ms after the first message; store.py `record` reads
+-- it back:
 --   [conv, inbox, count, trigger, attempts, first_ms, deadline, claimed, posting, finished,
 --    requeued, reply_id, parts_out, reason, media]   (-1: no such time; parts_out: the
 --    messages a split reply went out as, 0 for one)
