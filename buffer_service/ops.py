@@ -216,11 +216,16 @@ class Operations:
                     pipe.zrevrange(self._index(shard, index), 0, limit - 1)
             raw = await pipe.execute()
         ids = [decoded(i) for ids in raw for i in ids]
-        jobs = await self._records(ids)
+        found = await self._records(ids)
         if "completed" in chosen:
-            jobs += await self._compact_records(limit)
+            found += await self._compact_records(limit)
+        # A job that finished between the reads above is in both: its newest record counts.
+        newest: dict[str, dict[str, Any]] = {}
+        for j in found:
+            if j["id"] not in newest or j["_t"] >= newest[j["id"]]["_t"]:
+                newest[j["id"]] = j
         # Newest first by what last happened to the job.
-        jobs.sort(key=lambda j: j["_t"], reverse=True)
+        jobs = sorted(newest.values(), key=lambda j: j["_t"], reverse=True)
         for j in jobs:
             del j["_t"]
         return jobs[:limit]

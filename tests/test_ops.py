@@ -507,3 +507,19 @@ async def test_buckets_past_retention_leave_the_listing_and_the_count(settings, 
     assert await redis.hgetall(store.keys.done_counts(0)) == {b"2": b"1"}
     assert [j["id"] for j in await operator.jobs("completed")] == [second]
     assert (await operator.counts())["completed"] == 1
+
+
+async def test_a_job_that_finishes_while_it_is_listed_is_listed_once(settings, redis, operator):
+    """The listing reads the indexes, then the records, then the compact records: a job seen
+    in flight by the first read and completed by the last is one job, shown completed."""
+    store = operator.store
+    s = replace(settings, buffer_duration_ms=50, max_buffer_age_ms=200)
+    done = await _answered(BufferStore(redis, s), 98, 1, "completed", reply="ok", reply_id=3)
+    shard = store.keys.shard_of_batch(done)
+    view = (await store.job(done))
+    # As the first reads saw it: in flight, its whole record still there.
+    await redis.zadd(store.keys.inflight(shard), {done: 1})
+    await redis.hset(store.keys.batch(done), mapping={
+        "id": done, "conv": "1:98", "state": "posting", "claimed_ms": view["claimed_ms"]})
+    listed = await operator.jobs()
+    assert [(j["id"], j["status"]) for j in listed] == [(done, "completed")]
