@@ -6,7 +6,7 @@ service processes.
           the slowest process.
   flush   N conversations (default 600) due over --spread seconds, claimed by P `worker`
           processes (LLM and Chatwoot stand-ins answer at once): deadline-to-claim lateness from
-          the job records (claimed_ms - deadline_ms), every burst answered once.
+          the compact job records (claimed - deadline), every burst answered once.
 
 Every redis-server, cluster node and service process runs on this machine, so the cluster does
 not add CPU: it shows what the routing, the per-node pipelines and the subscriptions cost, not
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import ingest
+import orjson
 from common import parser, percentile, save, service_env, table, workdir, wrk
 from flush import open_conversations
 
@@ -127,14 +128,15 @@ async def flush_with(url: str, processes: int, n: int, spread_s: float, tmp: Pat
 
 
 async def lateness(redis: Any, settings: Settings) -> list[int]:
-    """claimed_ms - deadline_ms of every completed job, from the job records."""
+    """claimed - deadline of every completed job, from its compact record (lib.lua compact:
+    times in ms after the first message, the deadline 7th, the claim 8th)."""
     keys = Keys(settings)
     late = []
     for shard in range(settings.shards):
-        for batch_id in await redis.zrange(keys.jobs(shard, "completed"), 0, -1):
-            claimed, deadline = await redis.hmget(keys.batch(batch_id.decode()), "claimed_ms", "deadline_ms")
-            if claimed and deadline:
-                late.append(int(claimed) - int(deadline))
+        for bucket in await redis.zrange(keys.done(shard), 0, -1):
+            for raw in (await redis.hgetall(keys.done_bucket(shard, int(bucket)))).values():
+                record = orjson.loads(raw)
+                late.append(record[7] - record[6])
     return late
 
 

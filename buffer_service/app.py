@@ -28,6 +28,7 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from . import admin, metrics
@@ -109,10 +110,6 @@ async def _read_capped(request: web.Request, limit: int) -> bytes | None:
         if size > limit:
             return None
     return b"".join(chunks)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web.Response]]:

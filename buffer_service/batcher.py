@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
+from redis.typing import EncodableT, KeyT
 
 from .redis_client import AnyRedis
 
-_Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
+# The futures hold the script's reply, whatever Redis made of what the Lua returned.
+_Call = tuple[Sequence[KeyT], Sequence[EncodableT], asyncio.Future[Any]]
 # Bounded like every Redis call; a replica that lags longer than this fails the call instead.
 WAIT_TIMEOUT_MS = 2000
 
@@ -52,7 +54,7 @@ class ScriptBatcher:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[KeyT], args: Sequence[EncodableT]) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, args, future))
@@ -127,7 +129,8 @@ class ScriptBatcher:
         nodes: dict[str, int] = {}
         waits: list[int | None] = []
         for keys, _, _ in batch:
-            node = self._redis.get_node_from_key(keys[0])
+            # Typed str, but it hashes whatever a key may be (bytes here) through the encoder.
+            node = self._redis.get_node_from_key(cast(str, keys[0]))
             if node is None:
                 waits.append(None)
                 continue

@@ -21,9 +21,11 @@ import asyncio
 import os
 import socket
 import time
+from typing import cast
 
 import structlog
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from .config import Settings
 from .keys import Keys
@@ -41,6 +43,12 @@ _LATE_MS = 1_000
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
+    # redis-py types XADD's fields as a dict of its widest key and value types, and dict is
+    # invariant: a dict of str to str | int is one at run time, only not to the type checker.
+    return cast("dict[FieldT, EncodableT]", entry)
 
 
 class WebhookLog:
@@ -67,7 +75,7 @@ class WebhookLog:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for entry in batch:
-                            pipe.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+                            pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
                         await pipe.execute()
                 except RedisError as exc:
                     self.dropped += len(batch)
@@ -127,6 +135,6 @@ class SweepLog:
         }
         self._reset()
         try:
-            await self.redis.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+            await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
         except RedisError as exc:
             log.warning("sweep_log_write_failed", error=str(exc))

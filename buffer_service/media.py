@@ -93,8 +93,8 @@ class Media:
             TRANSCRIPTIONS.labels("reused", "").inc(reused)
         burst = [_entry(e, transcripts, images) for e in entries]
         shown = sum(isinstance(v, dict) for v in images.values())
-        text_images = {k: v if isinstance(v, str) else "[image: could not be shown]"
-                       for k, v in images.items()}
+        text_images: dict[Key, dict[str, Any] | str] = {
+            k: v if isinstance(v, str) else "[image: could not be shown]" for k, v in images.items()}
         return Rendered(
             burst=burst,
             history=[_entry(e, past, {}) for e in history],
@@ -163,8 +163,7 @@ class Media:
     async def record(self, batch: Batch, rendered: Rendered) -> None:
         """Say in the job record what the model could not see or hear, and why."""
         if rendered.notes:
-            await self.store.redis.hset(self.store.keys.batch(batch.id), "media",
-                                        "; ".join(rendered.notes)[:_NOTE_CHARS])
+            await self.store.note_media(batch, "; ".join(rendered.notes)[:_NOTE_CHARS])
 
 
 def _entry(entry: dict[str, Any], transcripts: dict[Key, Outcome],

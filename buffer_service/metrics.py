@@ -148,6 +148,8 @@ async def _redis_gauges(ops: Operations) -> list[Metric]:
 def _process_registry() -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
+        # prometheus-client leaves this constructor unannotated (it registers itself; nothing returned
+        # is used).
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY

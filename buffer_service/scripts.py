@@ -20,11 +20,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
+from redis.typing import EncodableT, KeyT
 
 from .batcher import ScriptBatcher
 from .redis_client import AnyRedis
@@ -81,8 +83,8 @@ class Signature:
             raise ScriptCallError(f"{name}.lua: ARGV names must be plain words")
         return cls(tuple(keys), tuple(found["ARGV"]), frozenset(optional))
 
-    def bind(self, name: str, keys: Mapping[str, Any],
-             args: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    def bind(self, name: str, keys: Mapping[str, KeyT],
+             args: Mapping[str, EncodableT]) -> tuple[list[KeyT], list[EncodableT]]:
         """The positional KEYS and ARGV for a call by name; ScriptCallError on any mismatch."""
         missing = [k for k in self.keys if k not in keys and k not in self.optional_keys]
         missing += [a for a in self.args if a not in args]
@@ -107,7 +109,7 @@ class Script:
         self._batcher = (ScriptBatcher(redis, self._script, replicas=replicas)
                          if batched or replicas else None)
 
-    async def __call__(self, *, keys: Mapping[str, Any], args: Mapping[str, Any],
+    async def __call__(self, *, keys: Mapping[str, KeyT], args: Mapping[str, EncodableT],
                        client: Pipeline | ClusterPipeline | None = None) -> Any:
         """Run the script; with `client`, queue it in that pipeline instead."""
         bound_keys, bound_args = self.signature.bind(self.name, keys, args)
@@ -134,6 +136,7 @@ class Scripts:
     llmquota: Script
     mark: Script
     mediaclaim: Script
+    medianote: Script
     note: Script
     part: Script
     purge: Script
@@ -153,7 +156,7 @@ class Scripts:
                                        replicas=wait_replicas if name in _DURABLE else 0))
 
 
-def _lua() -> Any:
+def _lua() -> Traversable:
     return resources.files(__package__).joinpath("lua")
 
 

@@ -80,7 +80,7 @@ class Outcome:
                              "transient": self.transient, "attempts": self.attempts})
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Outcome:
+    def from_json(cls, raw: bytes | str) -> Outcome:
         data = orjson.loads(raw)
         return cls(data.get("text", ""), data.get("error", ""), data.get("reason", ""),
                    data.get("transient", False), data.get("attempts", 1))

@@ -140,9 +140,8 @@ class Worker:
         """Turn on expired-key events on one node if it allows it; the index works without them.
         Asked on every (re)subscription: a promoted replica or a restarted server may lack them."""
         try:
-            current = (await node.config_get("notify-keyspace-events")).get(
-                "notify-keyspace-events", "")
-            current = current.decode() if isinstance(current, bytes) else current
+            # redis-py decodes CONFIG GET's names and values to str whatever the client's settings.
+            current = (await node.config_get("notify-keyspace-events")).get("notify-keyspace-events") or ""
             has_expired = "x" in current or "A" in current
             if not (has_expired and "E" in current):
                 await node.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
@@ -214,7 +213,8 @@ class Worker:
                 self._wake.set()
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                # redis-py leaves PubSub.aclose unannotated; it returns None.
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class _TopologyChanged(Exception):
