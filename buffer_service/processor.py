@@ -335,7 +335,7 @@ class Processor:
             released = await self.store.release(batch)
         except RedisError:
             released = False
-        # Not released (posting, or Redis away): the lease lapses and a worker takes it then.
+        # Not released (a post in doubt, or Redis away): the lease lapses and a worker takes it then.
         log.warning("batch_released" if released else "batch_left_to_lease_expiry")
 
     async def _keep_lease(self, batch: Batch) -> None:
