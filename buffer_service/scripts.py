@@ -123,6 +123,7 @@ class Scripts:
     mark: Script
     mediaclaim: Script
     note: Script
+    noted: Script
     part: Script
     purge: Script
     release: Script
