@@ -241,9 +241,9 @@ class Processor:
                                    last_part_id: int) -> tuple[str, str]:
         """An earlier attempt may have posted the part after the `out` parts out of `reply`:
         Chatwoot's messages after the burst and the parts already out (`last_part_id`, 0 for
-        none) say whether it did, and
-        whether a person answered meanwhile (then the bot stays out). Undecidable raises, and
-        the batch waits for a retry, or for the echo, rather than risk a duplicate."""
+        none) say whether it did, and whether a person answered meanwhile (then the bot stays
+        out). Undecidable raises, and the batch waits for a retry, or for the echo, rather than
+        risk a duplicate."""
         after = max([last_part_id, *(int(m.get("id", 0)) for m in batch.messages)])
         messages, complete = await self.chatwoot.messages_after(batch.account_id,
                                                                 batch.conversation_id, after)
