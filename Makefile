@@ -32,6 +32,7 @@ demo: install redis
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy buffer_service
 
 test: install redis chromium lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -7,7 +7,7 @@ One redis-server (repo redis.conf) holds, at the same time:
     markers, cached history and rate-limit counters are in production,
   * and, for the comparison, one timer key per conversation with PX = time to its deadline:
     what a design that flushes on keyspace `expired` events would have.
-The service's real Worker (scheduler.py: deadline index, claim.lua, wake-ups) claims the
+The service's real Worker (worker.py: deadline index, claim.lua, wake-ups) claims the
 bursts; its processor only records `claimed_ms - deadline_ms` (both Redis TIME) so that LLM
 work does not enter the figure. A separate process subscribed to __keyevent@0__:expired records
 when each timer's event arrives. Both are reported side by side.
@@ -33,9 +33,10 @@ from redis.asyncio import Redis
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.flags import Flags
-from buffer_service.scheduler import Worker
+from buffer_service.journal import SweepLog
 from buffer_service.service import make_redis
 from buffer_service.store import Batch, BufferStore
+from buffer_service.worker import Worker
 from devtools.redis_server import running_redis
 
 # Creates unrelated volatile keys server-side: a Python pipeline of a million SETs takes longer
@@ -60,8 +61,7 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 class Recorder:
     """The Worker's processor: note how late each claim was, nothing else."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.flags = Flags(redis, settings)  # the worker asks them whether processing is on
+    def __init__(self) -> None:
         self.lateness: list[int] = []
         self.messages = 0
 
@@ -168,9 +168,10 @@ async def run_once(redis_url: str, tmp: Path, n: int, junk: int, spread_s: float
         deadlines, timer_deadlines, load_s = await open_conversations(
             settings, redis, n, lead_ms, spread_ms, messages, timer_keys=expiry_events)
         store = BufferStore(redis, settings)
-        recorder = Recorder(redis, settings)
+        recorder = Recorder()
         pubsub_redis = make_redis(settings, blocking=True)
-        worker = Worker(store, recorder, pubsub_redis)  # type: ignore[arg-type]
+        worker = Worker(store, recorder, flags=Flags(redis, settings),  # type: ignore[arg-type]
+                        sweep_log=SweepLog(redis, settings), pubsub_redis=pubsub_redis)
         stop = asyncio.Event()
         cpu0 = time.process_time()
         info0 = await redis.info("cpu")

@@ -1,14 +1,13 @@
-"""The admin HTTP API under /admin/ (JSON, described in admin_openapi.json) and GET /metrics.
+"""The admin HTTP API under /admin/ (JSON, described in admin_openapi.json).
 
 Every /admin path needs `Authorization: Bearer <ADMIN_TOKEN>` or an operator page session
 (auth.py; 403 while no token is configured); the page itself is /admin/ (page.py). The handlers
 are thin: what they do is in ops.py, which the CLI uses as well.
-`setup` also hangs the webhook log (journal.py) on the webhook paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -16,14 +15,11 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import metrics, page
+from . import page
 from .auth import admin_middleware
-from .flags import FlagError, Flags
-from .journal import WEBHOOK_LOG, WebhookLog, webhook_middleware
+from .flags import FlagError
 from .ops import STATS_HOURS, NotFound, Operations, OpsError
-from .store import BufferStore
 
-FLAGS = web.AppKey("flags", Flags)
 OPS = web.AppKey("ops", Operations)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,19 +153,11 @@ def _openapi() -> Handler:
     return serve
 
 
-async def metrics_view(request: web.Request) -> web.Response:
-    try:
-        body, content_type = await metrics.exposition(request.config_dict[OPS])
-    except RedisError as exc:
-        return _json({"error": f"storage unavailable: {type(exc).__name__}"}, status=503)
-    # aiohttp wants the charset apart from the content type.
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-def admin_app() -> web.Application:
+def admin_app(operations: Operations) -> web.Application:
     # The parent app's middleware checks the token already; this one keeps the admin API closed
     # even if it is ever mounted somewhere without it.
     app = web.Application(middlewares=[admin_middleware, _errors])
+    app[OPS] = operations
     r = app.router
     r.add_get("/openapi.json", _openapi())
     r.add_get("/stats", stats)
@@ -190,29 +178,7 @@ def admin_app() -> web.Application:
     return app
 
 
-def setup(app: web.Application, store: BufferStore, flags: Flags,
-          webhook_handlers: Iterable[Handler]) -> None:
-    """Mount /admin and /metrics on the service's app and log what the webhook paths answer."""
-    app[FLAGS] = flags
-    app[OPS] = Operations(store, flags)
-    app[WEBHOOK_LOG] = WebhookLog(store.redis, store.settings)
-    handlers = set(webhook_handlers)
-    paths = [route.resource.canonical for route in app.router.routes()
-             if route.handler in handlers and route.resource is not None]
-    app.middlewares.append(webhook_middleware(paths))
-    app.router.add_get("/metrics", metrics_view)
+def setup(app: web.Application, operations: Operations) -> None:
+    """Mount /admin (the API and the operator page) on the service's app."""
     app.router.add_get(page.PAGE_PATH.rstrip("/"), page.to_page)  # before the sub-app takes /admin
-    app.add_subapp("/admin", admin_app())
-
-    async def close_log(app: web.Application) -> None:
-        await app[WEBHOOK_LOG].aclose()
-
-    app.on_cleanup.append(close_log)
-
-
-def metrics_app(store: BufferStore, flags: Flags) -> web.Application:
-    """/metrics alone, for a worker-only process (METRICS_PORT)."""
-    app = web.Application()
-    app[OPS] = Operations(store, flags)
-    app.router.add_get("/metrics", metrics_view)
-    return app
+    app.add_subapp("/admin", admin_app(operations))

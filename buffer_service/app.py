@@ -1,4 +1,6 @@
-"""The HTTP app: Chatwoot webhooks in, a quick answer out, plus health checks.
+"""The HTTP app: Chatwoot webhooks in, a quick answer out, plus health checks, GET /metrics
+(metrics.py) and the admin API mounted under /admin (admin.py). Every webhook answer is logged to
+the webhook log (journal.py) and counted, by this app's own middleware.
 
 A webhook is acknowledged as soon as its message is stored in Redis, never after the LLM:
 Chatwoot waits at most 5 s and, for agent bots, hands the conversation to humans when a
@@ -19,16 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
-from . import admin
+from . import admin, metrics
 from .auth import (
     NO_WEBHOOK_AUTH_WARNING,
     SETTINGS,
@@ -39,17 +42,18 @@ from .auth import (
 )
 from .chatwoot import ChatMessage, Handoff, PayloadError, classify
 from .config import Settings
-from .downloads import Downloader
 from .flags import Flags
+from .journal import WebhookLog
 from .keywords import keyword_in
-from .limits import RATE_LIMITED, Limits
+from .limits import RATE_LIMITED
+from .ops import Operations
 from .store import BufferStore
 from .transcripts import Transcripts
 
 log = structlog.get_logger("buffer_service.app")
 
 STORE = web.AppKey("store", BufferStore)
-LIMITS = web.AppKey("limits", Limits)
+FLAGS = web.AppKey("flags", Flags)
 TRANSCRIPTS = web.AppKey("transcripts", Transcripts)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
@@ -137,7 +141,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         try:
             async with asyncio.timeout(_REDIS_BUDGET_S):
                 if decision.action == "buffer" and msg is not None:
-                    body = await _buffer(store, msg, request.app[admin.FLAGS], decision.handoff)
+                    body = await _buffer(store, msg, request.app[FLAGS], decision.handoff)
                     if body["status"] == "buffered":
                         # Voice notes are transcribed while the window runs (transcripts.py).
                         request.app[TRANSCRIPTS].start(msg)
@@ -248,29 +252,85 @@ async def _warm_transcripts(app: web.Application) -> None:
 
 async def _stop_transcripts(app: web.Application) -> None:
     # Running transcriptions get a moment to finish; the rest are redone by the burst's worker.
-    transcripts = app[TRANSCRIPTS]
-    await transcripts.close(grace_s=app[SETTINGS].shutdown_grace_s / 2)
-    await transcripts.downloader.close()
+    await app[TRANSCRIPTS].stop(grace_s=app[SETTINGS].shutdown_grace_s / 2)
 
 
-def create_app(settings: Settings, store: BufferStore, flags: Flags | None = None) -> web.Application:
-    app = web.Application(client_max_size=settings.max_webhook_bytes, middlewares=[admin_middleware])
+def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
+    body: dict[str, object] = {}
+    if isinstance(resp, web.Response) and isinstance(resp.body, bytes | bytearray):
+        try:
+            parsed = orjson.loads(resp.body)
+            if isinstance(parsed, dict):
+                body = parsed
+        except orjson.JSONDecodeError:
+            pass
+    status = body.get("status")
+    if status in ("buffered", "duplicate", "ignored", "rejected", "unavailable"):
+        return str(status), body
+    return ("unavailable" if resp.status >= 500 else
+            "rejected" if resp.status >= 400 else "ignored"), body
+
+
+def _webhook_log(webhook_log: WebhookLog, paths: Iterable[str]) -> Middleware:
+    """Log (journal.py) and count every answer of the webhook paths, whichever check produced it."""
+    watched = frozenset(paths)
+
+    def record(request: web.Request, resp: web.StreamResponse) -> None:
+        outcome, body = _outcome(resp)
+        reason = str(body.get("reason") or body.get("error") or "")[:200]
+        metrics.webhook(outcome, reason, resp.status)
+        webhook_log.record(request.path, outcome, resp.status, reason, body)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in watched:
+            return await handler(request)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:  # e.g. 413 from aiohttp's body size limit
+            record(request, exc)
+            raise
+        record(request, resp)
+        return resp
+
+    return middleware
+
+
+_chatwoot_webhook = _webhook(None)
+# The paths Chatwoot (or the old edge functions' callers) deliver webhooks to; each answer is logged.
+_WEBHOOKS: dict[str, Handler] = {
+    "/webhooks/chatwoot": _chatwoot_webhook,
+    "/functions/v1/chatwoot-webhook-v2": _chatwoot_webhook,
+    "/functions/v1/message-buffer-manager": _legacy_buffer_manager,
+}
+
+
+def create_app(settings: Settings, store: BufferStore, *, flags: Flags, operations: Operations,
+               webhook_log: WebhookLog, transcripts: Transcripts) -> web.Application:
+    """The service's HTTP app; its parts are built (and closed) by the caller (service.py)."""
+    app = web.Application(client_max_size=settings.max_webhook_bytes,
+                          middlewares=[admin_middleware, _webhook_log(webhook_log, _WEBHOOKS)])
     app[STORE] = store
     app[SETTINGS] = settings
-    app[LIMITS] = Limits(store)
-    app[TRANSCRIPTS] = Transcripts(settings, store, app[LIMITS], Downloader(settings))
+    app[FLAGS] = flags
+    app[TRANSCRIPTS] = transcripts
     app.on_startup.append(_announce_auth)
     app.on_startup.append(_warm_transcripts)
     app.on_shutdown.append(_stop_transcripts)
     logging.getLogger("aiohttp.server").addFilter(_BAD_REQUESTS)
-    webhook = _webhook(None)
-    app.router.add_post("/webhooks/chatwoot", webhook)
-    app.router.add_post("/functions/v1/chatwoot-webhook-v2", webhook)
-    app.router.add_post("/functions/v1/message-buffer-manager", _legacy_buffer_manager)
+    for path, handler in _WEBHOOKS.items():
+        app.router.add_post(path, handler)
     app.router.add_post("/functions/v1/buffer-processor", _process_now)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi())
-    admin.setup(app, store, flags or Flags(store.redis, settings),
-                webhook_handlers=(webhook, _legacy_buffer_manager))
+    app.router.add_get("/metrics", metrics.handler(operations))
+    admin.setup(app, operations)
+    return app
+
+
+def metrics_app(operations: Operations) -> web.Application:
+    """/metrics alone, for a worker-only process (METRICS_PORT)."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handler(operations))
     return app

@@ -160,7 +160,7 @@ def stored(entry: dict[str, Any]) -> tuple[Attachment, ...]:
 
 def caption(entry: dict[str, Any], attachments: tuple[Attachment, ...]) -> str:
     """The message's own text, without the descriptions that `message_text` put first."""
-    text = entry.get("text", "")
+    text: str = entry.get("text", "")
     prefix = " ".join(a.describe() for a in attachments)
     if prefix and text.startswith(prefix):
         return text[len(prefix):].strip()

@@ -20,8 +20,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, KeyT
 
-_Call = tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]
+# The futures hold the script's reply, whatever Redis made of what the Lua returned.
+_Call = tuple[Sequence[KeyT], Sequence[EncodableT], asyncio.Future[Any]]
 
 
 class ScriptBatcher:
@@ -35,7 +37,7 @@ class ScriptBatcher:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[KeyT], args: Sequence[EncodableT]) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, args, future))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 import orjson
@@ -122,7 +122,7 @@ TRUNCATION_MARK = " [...message truncated]"
 MAX_ATTACHMENTS = 10
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: object) -> TypeGuard[int]:
     # bool is an int subclass in Python; `true` is not an id.
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
 
@@ -297,9 +297,9 @@ def classify(payload: dict[str, Any], settings: Settings, default_event: str | N
     if handoff.reason:
         # Acknowledged, never answered: kept as context, and the conversation is marked as not
         # the bot's so that a burst already waiting is dropped too.
-        note = ChatMessage(account_id, conversation_id, message_id, text, attachments,
-                           inbox_id=inbox_id) if text else None
-        return Decision("note", handoff.reason, note, extra, handoff)
+        context = ChatMessage(account_id, conversation_id, message_id, text, attachments,
+                              inbox_id=inbox_id) if text else None
+        return Decision("note", handoff.reason, context, extra, handoff)
     if not text:
         return Decision("ignore", "empty_message")
     return Decision(

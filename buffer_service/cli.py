@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -36,7 +37,22 @@ from .flags import FlagError, Flags
 from .ops import NotFound, Operations, OpsError
 from .store import BufferStore
 
-_SERVICE_COMMANDS = ("serve", "worker")
+
+@dataclass(frozen=True)
+class _Operation:
+    """One operator command: its help, its arguments, what it asks of Operations, and how its
+    answer reads on the terminal (without --json)."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], object]
+    run: Callable[[Operations, argparse.Namespace], Awaitable[Any]]
+    render: Callable[[argparse.Namespace, Any], str]
+
+
+def _json_option() -> argparse.ArgumentParser:
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,41 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true",
                        help="only take webhooks; run `buffer-service worker` elsewhere")
     sub.add_parser("worker", help="run a worker only: flush due buffers, ask the LLM, reply")
-
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    def add(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text, parents=[out])
-
-    add("stats", "monitoring figures: active buffers by status, per-hour activity and timing, "
-        "failed jobs").add_argument("--hours", type=int, default=24, help="hours to cover (24)")
-    buffers = add("buffers", "pending bursts with their deadlines, or one conversation's buffer")
-    buffers.add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION, e.g. 1:42")
-    buffers.add_argument("--limit", type=int, default=100)
-    jobs = add("jobs", "job records, newest first, or one job with its messages")
-    jobs.add_argument("job", nargs="?", help="a job id, e.g. 3-1234")
-    jobs.add_argument("--status", choices=("buffering", "processing", "completed", "failed", "skipped"))
-    jobs.add_argument("--limit", type=int, default=50)
-    retry = add("retry", "re-queue a failed job (or all of them); a worker answers it at once")
-    which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("job", nargs="?", help="the failed job's id")
-    which.add_argument("--all-failed", action="store_true", help="every failed job")
-    flags = add("flags", "list the feature flags, or `flags set NAME VALUE`")
-    flag_sub = flags.add_subparsers(dest="flags_action")
-    set_flag = flag_sub.add_parser("set", help="set a flag (every process sees it within a second)",
-                                   parents=[out])
-    set_flag.add_argument("name")
-    set_flag.add_argument("value", help="on|off, a percentage, or a comma list of inbox ids")
-    add("processing", "switch processing on or off (off: buffer, claim nothing)").add_argument(
-        "state", choices=("on", "off"))
-    add("flush", "flush one conversation's burst now, or (without one) sweep every due buffer now"
-        ).add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION")
-    add("cleanup", "trim job indexes and hourly counters to JOB_RETENTION_DAYS").add_argument(
-        "--purge-failed", action="store_true", help="also delete every failed job for good")
-    log = add("log", "recent webhook deliveries or worker sweeps, newest first")
-    log.add_argument("kind", choices=("webhooks", "sweeps"))
-    log.add_argument("--count", type=int, default=50)
+    out = _json_option()
+    for name, operation in _OPERATIONS.items():
+        operation.arguments(sub.add_parser(name, help=operation.help, description=operation.help,
+                                           parents=[out]))
     return parser
 
 
@@ -96,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"buffer-service: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command not in _SERVICE_COMMANDS:
+    if args.command in _OPERATIONS:
         logs.configure("console", "warning")
         return asyncio.run(_operate(settings, args))
     logs.configure(settings.log_format, settings.log_level)
@@ -136,31 +121,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run(ops: Operations, args: argparse.Namespace) -> Any:
-    command = args.command
-    if command == "stats":
-        return await ops.stats(args.hours)
-    if command == "buffers":
-        return await (ops.buffer(args.conversation) if args.conversation else ops.buffers(args.limit))
-    if command == "jobs":
-        if args.job:
-            job = await ops.job(args.job)
-            if job is None:
-                raise NotFound(f"no job {args.job}")
-            return job
-        return await ops.jobs(args.status, args.limit)
-    if command == "retry":
-        return await (ops.retry_all_failed() if args.all_failed else ops.retry(args.job))
-    if command == "flags":
-        if args.flags_action == "set":
-            return {"name": args.name, "value": await ops.flags.set(args.name, args.value)}
-        return await ops.flags.table()
-    if command == "processing":
-        return await ops.set_processing(args.state == "on")
-    if command == "flush":
-        return await ops.flush(args.conversation)
-    if command == "cleanup":
-        return await ops.cleanup(purge_failed=args.purge_failed)
-    return await ops.log(args.kind, args.count)
+    return await _OPERATIONS[args.command].run(ops, args)
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -224,51 +185,168 @@ def _messages(messages: list[dict[str, Any]]) -> str:
 
 
 def _render(args: argparse.Namespace, result: Any) -> str:
-    command = args.command
-    if command == "stats":
-        active = "  ".join(f"{k}={v}" for k, v in result["active"].items())
-        flags = "  ".join(f"{k}={v}" for k, v in result["flags"].items())
-        totals = result["totals"]
-        return (f"Active:  {active}\nFlags:   {flags}\n\n"
-                f"Last {result['hours']} h, per hour:\n"
-                + table(result["hourly"], _HOUR_COLUMNS)
-                + f"\nTotal: {totals['bursts']} bursts, {totals['messages']} messages "
-                  f"({_cell(totals['avg_messages_per_burst'])} per burst), "
-                  f"{totals['completed']} completed (first message to reply "
-                  f"{_cell(totals['avg_first_message_to_reply_s'])} s on average), "
-                  f"deadline to claim {_cell(totals['avg_deadline_to_claim_ms'])} ms on average, "
-                  f"{totals['skipped']} skipped, {totals['failed']} failed, "
-                  f"{totals['superseded']} superseded\n"
-                + "\nRecent failed jobs:\n" + _jobs(result["recent_failed_jobs"]))
-    if command == "buffers" and args.conversation:
-        text = _pairs(result, skip=("messages", "batch_in_flight"))
-        batch = result["batch_in_flight"]
-        if batch:
-            text += f"batch_in_flight   {batch['id']} ({batch['status']}, {len(batch['burst'])} messages)\n"
-        return text + "\nBuffered messages:\n" + _messages(result["messages"])
-    if command == "buffers" or (command == "jobs" and args.status == "buffering"):
-        return table(result, _BUFFER_COLUMNS)
-    if command == "jobs" and args.job:
-        return _pairs(result, skip=("burst",)) + "\nMessages kept with the job:\n" + _messages(
-            result["burst"])
-    if command == "jobs":
-        return _jobs(result)
-    if command == "flags" and args.flags_action != "set":
-        rows = [{**f, "value": f["value"] or "(all)", "default": f["default"] or "(all)"}
-                for f in result]
-        return table(rows, [("name", "FLAG"), ("value", "VALUE"), ("default", "DEFAULT"),
-                            ("description", "WHAT IT DOES")], width=200)
-    if command == "log":
-        seen = {k for row in result for k in row} - {"id", "at"}
-        keys = [k for k in _LOG_ORDER if k in seen] + sorted(seen - set(_LOG_ORDER))
-        return table(result, [("at", "AT"), *((k, k.upper()) for k in keys)])
-    if command == "retry" and args.all_failed:
-        text = f"re-queued {result['count']} failed job(s): {' '.join(result['retried']) or '-'}\n"
-    else:
-        text = _pairs(result)
+    return _OPERATIONS[args.command].render(args, result)
+
+
+def _pairs_noted(result: dict[str, Any], text: str | None = None) -> str:
+    """An action's answer, and a reminder when it waits for processing to be switched on."""
+    text = _pairs(result) if text is None else text
     if result.get("processing") is False:
         text += "note: processing is off; nothing is answered until `buffer-service processing on`\n"
     return text
+
+
+# -- commands: arguments, what each asks, how its answer reads -------------------------------
+def _stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hours", type=int, default=24, help="hours to cover (24)")
+
+
+async def _stats(ops: Operations, args: argparse.Namespace) -> Any:
+    return await ops.stats(args.hours)
+
+
+def _stats_text(args: argparse.Namespace, result: Any) -> str:
+    active = "  ".join(f"{k}={v}" for k, v in result["active"].items())
+    flags = "  ".join(f"{k}={v}" for k, v in result["flags"].items())
+    totals = result["totals"]
+    return (f"Active:  {active}\nFlags:   {flags}\n\n"
+            f"Last {result['hours']} h, per hour:\n"
+            + table(result["hourly"], _HOUR_COLUMNS)
+            + f"\nTotal: {totals['bursts']} bursts, {totals['messages']} messages "
+              f"({_cell(totals['avg_messages_per_burst'])} per burst), "
+              f"{totals['completed']} completed (first message to reply "
+              f"{_cell(totals['avg_first_message_to_reply_s'])} s on average), "
+              f"deadline to claim {_cell(totals['avg_deadline_to_claim_ms'])} ms on average, "
+              f"{totals['skipped']} skipped, {totals['failed']} failed, "
+              f"{totals['superseded']} superseded\n"
+            + "\nRecent failed jobs:\n" + _jobs(result["recent_failed_jobs"]))
+
+
+def _buffers_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION, e.g. 1:42")
+    p.add_argument("--limit", type=int, default=100)
+
+
+async def _buffers(ops: Operations, args: argparse.Namespace) -> Any:
+    return await (ops.buffer(args.conversation) if args.conversation else ops.buffers(args.limit))
+
+
+def _buffers_text(args: argparse.Namespace, result: Any) -> str:
+    if not args.conversation:
+        return table(result, _BUFFER_COLUMNS)
+    text = _pairs(result, skip=("messages", "batch_in_flight"))
+    batch = result["batch_in_flight"]
+    if batch:
+        text += f"batch_in_flight   {batch['id']} ({batch['status']}, {len(batch['burst'])} messages)\n"
+    return text + "\nBuffered messages:\n" + _messages(result["messages"])
+
+
+def _jobs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="a job id, e.g. 3-1234")
+    p.add_argument("--status", choices=("buffering", "processing", "completed", "failed", "skipped"))
+    p.add_argument("--limit", type=int, default=50)
+
+
+async def _jobs_run(ops: Operations, args: argparse.Namespace) -> Any:
+    if not args.job:
+        return await ops.jobs(args.status, args.limit)
+    job = await ops.job(args.job)
+    if job is None:
+        raise NotFound(f"no job {args.job}")
+    return job
+
+
+def _jobs_text(args: argparse.Namespace, result: Any) -> str:
+    if args.job:
+        return _pairs(result, skip=("burst",)) + "\nMessages kept with the job:\n" + _messages(
+            result["burst"])
+    if args.status == "buffering":  # pending bursts, as `buffers` lists them
+        return table(result, _BUFFER_COLUMNS)
+    return _jobs(result)
+
+
+def _retry_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("job", nargs="?", help="the failed job's id")
+    which.add_argument("--all-failed", action="store_true", help="every failed job")
+
+
+async def _retry(ops: Operations, args: argparse.Namespace) -> Any:
+    return await (ops.retry_all_failed() if args.all_failed else ops.retry(args.job))
+
+
+def _retry_text(args: argparse.Namespace, result: Any) -> str:
+    if not args.all_failed:
+        return _pairs_noted(result)
+    return _pairs_noted(
+        result, f"re-queued {result['count']} failed job(s): {' '.join(result['retried']) or '-'}\n")
+
+
+def _flags_arguments(p: argparse.ArgumentParser) -> None:
+    flag_sub = p.add_subparsers(dest="flags_action")
+    set_flag = flag_sub.add_parser("set", help="set a flag (every process sees it within a second)",
+                                   parents=[_json_option()])
+    set_flag.add_argument("name")
+    set_flag.add_argument("value", help="on|off, a percentage, or a comma list of inbox ids")
+
+
+async def _flags(ops: Operations, args: argparse.Namespace) -> Any:
+    if args.flags_action == "set":
+        return {"name": args.name, "value": await ops.flags.set(args.name, args.value)}
+    return await ops.flags.table()
+
+
+def _flags_text(args: argparse.Namespace, result: Any) -> str:
+    if args.flags_action == "set":
+        return _pairs_noted(result)
+    rows = [{**f, "value": f["value"] or "(all)", "default": f["default"] or "(all)"} for f in result]
+    return table(rows, [("name", "FLAG"), ("value", "VALUE"), ("default", "DEFAULT"),
+                        ("description", "WHAT IT DOES")], width=200)
+
+
+def _log_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=("webhooks", "sweeps"))
+    p.add_argument("--count", type=int, default=50)
+
+
+def _log_text(args: argparse.Namespace, result: Any) -> str:
+    seen = {k for row in result for k in row} - {"id", "at"}
+    keys = [k for k in _LOG_ORDER if k in seen] + sorted(seen - set(_LOG_ORDER))
+    return table(result, [("at", "AT"), *((k, k.upper()) for k in keys)])
+
+
+def _noted(args: argparse.Namespace, result: Any) -> str:
+    return _pairs_noted(result)
+
+
+_OPERATIONS: dict[str, _Operation] = {
+    "stats": _Operation(
+        "monitoring figures: active buffers by status, per-hour activity and timing, failed jobs",
+        _stats_arguments, _stats, _stats_text),
+    "buffers": _Operation("pending bursts with their deadlines, or one conversation's buffer",
+                          _buffers_arguments, _buffers, _buffers_text),
+    "jobs": _Operation("job records, newest first, or one job with its messages",
+                       _jobs_arguments, _jobs_run, _jobs_text),
+    "retry": _Operation("re-queue a failed job (or all of them); a worker answers it at once",
+                        _retry_arguments, _retry, _retry_text),
+    "flags": _Operation("list the feature flags, or `flags set NAME VALUE`",
+                        _flags_arguments, _flags, _flags_text),
+    "processing": _Operation(
+        "switch processing on or off (off: buffer, claim nothing)",
+        lambda p: p.add_argument("state", choices=("on", "off")),
+        lambda ops, args: ops.set_processing(args.state == "on"), _noted),
+    "flush": _Operation(
+        "flush one conversation's burst now, or (without one) sweep every due buffer now",
+        lambda p: p.add_argument("conversation", nargs="?", help="ACCOUNT:CONVERSATION"),
+        lambda ops, args: ops.flush(args.conversation), _noted),
+    "cleanup": _Operation(
+        "trim job indexes and hourly counters to JOB_RETENTION_DAYS",
+        lambda p: p.add_argument("--purge-failed", action="store_true",
+                                 help="also delete every failed job for good"),
+        lambda ops, args: ops.cleanup(purge_failed=args.purge_failed), _noted),
+    "log": _Operation("recent webhook deliveries or worker sweeps, newest first",
+                      _log_arguments, lambda ops, args: ops.log(args.kind, args.count), _log_text),
+}
 
 
 if __name__ == "__main__":

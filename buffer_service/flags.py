@@ -185,7 +185,7 @@ class Flags:
     async def set(self, name: str, value: str) -> str:
         stored = normalize(name, value)
         await self.redis.hset(self.key, name, stored)
-        # Workers drop their cached copy and look again at once (scheduler._listen) instead of
+        # Workers drop their cached copy and look again at once (worker.py, Worker._listen) instead of
         # at their next reload, so `processing off` followed by a flush does not race.
         await self.redis.publish(self.wake_channel, FLAGS_CHANGED)
         self._values = None

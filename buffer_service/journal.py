@@ -1,4 +1,5 @@
-"""The webhook log and the sweep log: capped Redis streams an operator reads to see what happened.
+"""The webhook log and the sweep log: capped Redis streams an operator reads to see what happened
+(`buffer-service log`, /admin/logs). Not the process's own log lines: those are structlog's (logs.py).
 
 - `bs:log:webhooks`: one entry per delivery to a webhook path, with its outcome (buffered,
   duplicate, ignored + reason, rejected + reason, unavailable). Written off the hot path: the
@@ -20,15 +21,13 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 
-import orjson
 import structlog
-from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
-from . import metrics
 from .config import Settings
 from .keys import Keys
 from .store import Batch
@@ -41,11 +40,15 @@ _MAX_PENDING = 5_000
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
 
-WEBHOOK_LOG = web.AppKey("webhook_log", "WebhookLog")
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
+    # redis-py types XADD's fields as a dict of its widest key and value types, and dict is
+    # invariant: a dict of str to str | int is one at run time, only not to the type checker.
+    return cast("dict[FieldT, EncodableT]", entry)
 
 
 class WebhookLog:
@@ -72,7 +75,7 @@ class WebhookLog:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for entry in batch:
-                            pipe.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+                            pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
                         await pipe.execute()
                 except RedisError as exc:
                     self.dropped += len(batch)
@@ -80,64 +83,21 @@ class WebhookLog:
         finally:
             self._task = None
 
+    def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
+        """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
+        entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": status, "path": path}
+        if reason:
+            entry["reason"] = reason
+        for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
+                         ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
+            value = body.get(src)
+            if isinstance(value, int):
+                entry[dst] = value
+        self.add(entry)
+
     async def aclose(self) -> None:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _outcome(resp: web.StreamResponse) -> tuple[str, dict[str, object]]:
-    body: dict[str, object] = {}
-    if isinstance(resp, web.Response) and isinstance(resp.body, bytes | bytearray):
-        try:
-            parsed = orjson.loads(resp.body)
-            if isinstance(parsed, dict):
-                body = parsed
-        except orjson.JSONDecodeError:
-            pass
-    status = body.get("status")
-    if status in ("buffered", "duplicate", "ignored", "rejected", "unavailable"):
-        return str(status), body
-    return ("unavailable" if resp.status >= 500 else
-            "rejected" if resp.status >= 400 else "ignored"), body
-
-
-def webhook_middleware(
-    paths: Iterable[str],
-) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-              Awaitable[web.StreamResponse]]:
-    """Log and count every answer of the webhook paths, whichever check produced it."""
-    watched = frozenset(paths)
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[
-            web.StreamResponse]]) -> web.StreamResponse:
-        if request.path not in watched:
-            return await handler(request)
-        try:
-            resp = await handler(request)
-        except web.HTTPException as exc:  # e.g. 413 from aiohttp's body size limit
-            _record(request, exc)
-            raise
-        _record(request, resp)
-        return resp
-
-    return middleware
-
-
-def _record(request: web.Request, resp: web.StreamResponse) -> None:
-    outcome, body = _outcome(resp)
-    reason = str(body.get("reason") or body.get("error") or "")[:200]
-    metrics.webhook(outcome, reason, resp.status)
-    entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": resp.status,
-                                   "path": request.path}
-    if reason:
-        entry["reason"] = reason
-    for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
-                     ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
-        value = body.get(src)
-        if isinstance(value, int):
-            entry[dst] = value
-    request.app[WEBHOOK_LOG].add(entry)
 
 
 class SweepLog:
@@ -156,7 +116,7 @@ class SweepLog:
         self.paused = False
 
     def claimed(self, batch: Batch) -> None:
-        if metrics.fresh(batch):
+        if batch.fresh:
             self.claimed_new += 1
             if batch.claimed_ms - batch.deadline_ms > _LATE_MS:
                 self.late += 1
@@ -175,6 +135,6 @@ class SweepLog:
         }
         self._reset()
         try:
-            await self.redis.xadd(self.key, entry, maxlen=LOG_MAXLEN, approximate=True)
+            await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
         except RedisError as exc:
             log.warning("sweep_log_write_failed", error=str(exc))

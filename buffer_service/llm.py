@@ -9,10 +9,11 @@ later" and "trying again cannot help" (a bad key, a model that does not exist).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import openai
 import structlog
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from .config import Settings
 from .outbound import llm_http_client
@@ -78,8 +79,11 @@ class LLMClient:
 
     async def _complete(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> LLMReply:
         try:
-            completion = await self._client.chat.completions.create(
-                model=self.model, messages=messages, **extra)  # type: ignore[arg-type]
+            # The prompt is built as plain JSON objects (processor.build_prompt, media.py); openai's
+            # TypedDicts describe the same wire shape, which the server, not the client, checks.
+            # `extra` holds `tools` at most, never `stream`: the answer is one ChatCompletion.
+            completion: ChatCompletion = await self._client.chat.completions.create(
+                model=self.model, messages=cast("list[ChatCompletionMessageParam]", messages), **extra)
         except openai.APIStatusError as exc:
             retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code in (408, 409)
             retry_after = exc.response.headers.get("retry-after")

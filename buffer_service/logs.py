@@ -33,7 +33,3 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     )
     # aiohttp's access log is one line per webhook; the handler logs its outcome already.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-
-
-def get(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)

@@ -33,7 +33,6 @@ from prometheus_client import Counter
 from .attachments import VOICE_NOTE_FAILED, Attachment, caption, stored
 from .config import Settings
 from .downloads import Downloader, DownloadError
-from .limits import Limits
 from .llm import LLMError
 from .store import Batch, BufferStore
 from .transcripts import TRANSCRIPTIONS, Key, Outcome, Transcripts
@@ -75,11 +74,12 @@ class Rendered:
 
 
 class Media:
-    def __init__(self, settings: Settings, store: BufferStore, limits: Limits) -> None:
+    def __init__(self, settings: Settings, store: BufferStore, downloader: Downloader,
+                 transcripts: Transcripts) -> None:
         self.settings = settings
         self.store = store
-        self.downloader = Downloader(settings)
-        self.transcripts = Transcripts(settings, store, limits, self.downloader)
+        self.downloader = downloader
+        self.transcripts = transcripts
 
     async def render(self, batch: Batch, history: list[dict[str, Any]]) -> Rendered:
         entries = batch.messages
@@ -93,8 +93,8 @@ class Media:
             TRANSCRIPTIONS.labels("reused", "").inc(reused)
         burst = [_entry(e, transcripts, images) for e in entries]
         shown = sum(isinstance(v, dict) for v in images.values())
-        text_images = {k: v if isinstance(v, str) else "[image: could not be shown]"
-                       for k, v in images.items()}
+        text_images: dict[Key, dict[str, Any] | str] = {
+            k: v if isinstance(v, str) else "[image: could not be shown]" for k, v in images.items()}
         return Rendered(
             burst=burst,
             history=[_entry(e, past, {}) for e in history],
@@ -165,10 +165,6 @@ class Media:
         if rendered.notes:
             await self.store.redis.hset(self.store.keys.batch(batch.id), "media",
                                         "; ".join(rendered.notes)[:_NOTE_CHARS])
-
-    async def close(self) -> None:
-        await self.transcripts.close()
-        await self.downloader.close()
 
 
 def _entry(entry: dict[str, Any], transcripts: dict[Key, Outcome],

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
+import orjson
+from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -30,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     from .ops import Operations
@@ -84,18 +87,10 @@ def webhook(outcome: str, reason: str = "", status: int = 200) -> None:
         MESSAGES_BUFFERED.inc()
 
 
-def fresh(batch: Batch) -> bool:
-    """Whether this claim created the batch (a flush), rather than took an existing one again
-    (a retry, a lapsed lease, a batch handed back at shutdown or re-queued by an operator, whose
-    attempt count may read 1 again). claim.lua draws a new batch's id and its first token from
-    the shard's counter one after the other; any later claim draws a later token."""
-    return int(batch.token) == int(batch.id.rsplit("-", 1)[1]) + 1
-
-
 def claimed(batch: Batch) -> None:
-    if not fresh(batch):
+    if not batch.fresh:
         return  # counted when the burst was first flushed
-    FLUSHES.labels(batch.trigger or "deadline").inc()
+    FLUSHES.labels(batch.due_by).inc()
     BURST_MESSAGES.observe(len(batch.messages))
     FLUSH_LATENESS.observe(max(0, batch.claimed_ms - batch.deadline_ms) / 1000)
 
@@ -153,6 +148,8 @@ async def _redis_gauges(ops: Operations) -> list[Metric]:
 def _process_registry() -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
+        # prometheus-client leaves this constructor unannotated (it registers itself; nothing returned
+        # is used).
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
@@ -163,3 +160,17 @@ async def exposition(ops: Operations) -> tuple[bytes, str]:
     snapshot = CollectorRegistry(auto_describe=False)
     snapshot.register(_Snapshot(await _redis_gauges(ops)))
     return generate_latest(_process_registry()) + generate_latest(snapshot), CONTENT_TYPE_LATEST
+
+
+def handler(ops: Operations) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /metrics`, of the service's app and of a worker-only process's own (app.py)."""
+    async def serve(request: web.Request) -> web.Response:
+        try:
+            body, content_type = await exposition(ops)
+        except RedisError as exc:
+            return web.Response(body=orjson.dumps({"error": f"storage unavailable: {type(exc).__name__}"}),
+                                status=503, content_type="application/json")
+        # aiohttp wants the charset apart from the content type.
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return serve

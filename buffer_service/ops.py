@@ -13,7 +13,7 @@ message to its posted reply; per hour of claim the time from deadline to claim.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -310,7 +310,10 @@ class Operations:
         logs = self.keys.logs
         if kind not in logs:
             raise OpsError(f"log must be one of {', '.join(logs)}, got {kind!r}")
-        entries = await self.redis.xrevrange(logs[kind], count=count)
+        # XREVRANGE answers a list (empty for no stream) of entries that each have an id and fields;
+        # redis-py's type also allows the None a deleted entry gives in XCLAIM and XREADGROUP.
+        entries = cast("list[tuple[bytes | str, dict[bytes | str, bytes | str]]]",
+                       await self.redis.xrevrange(logs[kind], count=count))
         out = []
         for entry_id, fields in entries:
             row: dict[str, Any] = {decoded(k): decoded(v) for k, v in fields.items()}

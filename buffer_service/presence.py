@@ -145,11 +145,10 @@ class Presence:
     """Starts and ends the typing indicators of the bursts this worker answers."""
 
     def __init__(self, settings: Settings, chatwoot: ChatwootClient,
-                 session: aiohttp.ClientSession | None) -> None:
+                 evolution: EvolutionClient | None) -> None:
         self.enabled = settings.typing_indicator
         self.chatwoot = chatwoot
-        self.evolution = (EvolutionClient(settings, session)
-                          if session is not None and settings.evolution_api_url else None)
+        self.evolution = evolution  # None: Evolution API is not configured
         self._tasks: set[asyncio.Task[None]] = set()
         # Targets that refuse our token: not called again until restart.
         self.refused: set[str] = set()

@@ -79,18 +79,18 @@ def backoff_ms(attempt: int, base_ms: int, retry_after_s: float | None = None) -
 
 
 class Processor:
-    def __init__(self, settings: Settings, store: BufferStore, llm: LLMClient,
-                 chatwoot: ChatwootClient, flags: Flags | None = None,
-                 presence: Presence | None = None) -> None:
+    def __init__(self, settings: Settings, store: BufferStore, *, flags: Flags, limits: Limits,
+                 llm: LLMClient, chatwoot: ChatwootClient, media: Media, presence: Presence,
+                 handover: Handover) -> None:
         self.settings = settings
         self.store = store
+        self.flags = flags
+        self.limits = limits
         self.llm = llm
         self.chatwoot = chatwoot
-        self.limits = Limits(store)
-        self.flags = flags or Flags(store.redis, settings)
-        self.media = Media(settings, store, self.limits)
-        self.presence = presence or Presence(settings, chatwoot, None)
-        self.handover = Handover(settings, store, chatwoot)
+        self.media = media
+        self.presence = presence
+        self.handover = handover
         self._inboxes: dict[int, Processor] = {}
 
     def for_inbox(self, inbox_id: int | None) -> Processor:
@@ -148,7 +148,7 @@ class Processor:
         # A handoff an earlier attempt of this batch decided is stored with the batch (mark.lua)
         # before any of its effects, so that the handoff record a retry finds is known for its
         # own and carried through; a later batch (the customer insisting) finds another's.
-        marked, marked_summary = ("", "") if metrics.fresh(batch) else \
+        marked, marked_summary = ("", "") if batch.fresh else \
             await self.store.handoff_mark(batch)
         if marked:
             handoff, summary = marked, marked_summary

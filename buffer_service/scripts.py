@@ -20,11 +20,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.typing import EncodableT, KeyT
 
 from .batcher import ScriptBatcher
 
@@ -76,8 +78,8 @@ class Signature:
             raise ScriptCallError(f"{name}.lua: ARGV names must be plain words")
         return cls(tuple(keys), tuple(found["ARGV"]), frozenset(optional))
 
-    def bind(self, name: str, keys: Mapping[str, Any],
-             args: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    def bind(self, name: str, keys: Mapping[str, KeyT],
+             args: Mapping[str, EncodableT]) -> tuple[list[KeyT], list[EncodableT]]:
         """The positional KEYS and ARGV for a call by name; ScriptCallError on any mismatch."""
         missing = [k for k in self.keys if k not in keys and k not in self.optional_keys]
         missing += [a for a in self.args if a not in args]
@@ -100,7 +102,7 @@ class Script:
         self._script: AsyncScript = redis.register_script(lib + source)
         self._batcher = ScriptBatcher(redis, self._script) if batched else None
 
-    async def __call__(self, *, keys: Mapping[str, Any], args: Mapping[str, Any],
+    async def __call__(self, *, keys: Mapping[str, KeyT], args: Mapping[str, EncodableT],
                        client: Pipeline | None = None) -> Any:
         """Run the script; with `client`, queue it in that pipeline instead."""
         bound_keys, bound_args = self.signature.bind(self.name, keys, args)
@@ -141,7 +143,7 @@ class Scripts:
             setattr(self, name, Script(redis, name, source, lib, batched=name in _BATCHED))
 
 
-def _lua() -> Any:
+def _lua() -> Traversable:
     return resources.files(__package__).joinpath("lua")
 
 

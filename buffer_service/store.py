@@ -67,6 +67,19 @@ class Batch:
         return Keys.shard_of_batch(self.id)
 
     @property
+    def fresh(self) -> bool:
+        """Whether this claim created the batch (a flush), rather than took an existing one again
+        (a retry, a lapsed lease, a batch handed back at shutdown or re-queued by an operator, whose
+        attempt count may read 1 again). claim.lua draws a new batch's id and its first token from
+        the shard's counter one after the other; any later claim draws a later token."""
+        return int(self.token) == int(self.id.rsplit("-", 1)[1]) + 1
+
+    @property
+    def due_by(self) -> str:
+        """What made the burst due: deadline, size, age, manual (flush command) or immediate."""
+        return self.trigger or "deadline"
+
+    @property
     def inbox_id(self) -> int | None:
         """The conversation's inbox, as its messages name it (the last that does, like the job
         record, claim.lua): its settings answer the batch (Settings.for_inbox)."""

@@ -80,7 +80,7 @@ class Outcome:
                              "transient": self.transient, "attempts": self.attempts})
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Outcome:
+    def from_json(cls, raw: bytes | str) -> Outcome:
         data = orjson.loads(raw)
         return cls(data.get("text", ""), data.get("error", ""), data.get("reason", ""),
                    data.get("transient", False), data.get("attempts", 1))
@@ -269,13 +269,16 @@ class Transcripts:
         raw = await self.redis.mget([self._keys(conv, m, i)[0] for m, i in wanted])
         return {key: Outcome.from_json(r) for key, r in zip(wanted, raw, strict=True) if r is not None}
 
-    async def close(self, grace_s: float = 0.0) -> None:
-        """Let running transcriptions finish for up to `grace_s`, then cancel the rest (their
-        claims are released: the worker answering the burst redoes them)."""
+    async def stop(self, grace_s: float) -> None:
+        """Let transcriptions started for webhooks finish for up to `grace_s`, then cancel the
+        rest (their claims are released: the worker answering the burst redoes them)."""
         if self._tasks and grace_s > 0:
             await asyncio.wait(list(self._tasks), timeout=grace_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.stop(grace_s=0)
         if self._client is not None:
             await self._client.close()

@@ -60,7 +60,7 @@ def _image_urls(messages: list[dict[str, Any]]) -> list[str]:
             and isinstance(part.get("image_url"), dict)]
 
 
-def _text_of(content: Any) -> str:
+def text_of(content: Any) -> str:
     """Text of a message ``content``: a string, or the text parts of a multimodal list."""
     if isinstance(content, str):
         return content
@@ -83,7 +83,7 @@ def default_reply(messages: list[dict[str, Any]]) -> str:
     for msg in reversed(messages):
         if msg.get("role") != "user":
             break
-        tail.append(_text_of(msg.get("content")))
+        tail.append(text_of(msg.get("content")))
     return "Reply to: " + " | ".join(reversed(tail))
 
 
@@ -300,7 +300,7 @@ class LLMStandIn(_StandInServer):
             {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], str)
              else orjson.dumps(c["arguments"]).decode()}
             for c in self.tool_calls_fn(call.messages) if c["name"] in call.tools]
-        prompt_tokens = sum(_count_tokens(_text_of(m.get("content"))) for m in call.messages)
+        prompt_tokens = sum(_count_tokens(text_of(m.get("content"))) for m in call.messages)
         completion_tokens = _count_tokens(reply) + sum(
             _count_tokens(c["arguments"]) for c in call.tool_calls)
         message: dict[str, Any] = {

@@ -10,16 +10,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from buffer_service.config import DECLARED
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# Service settings someone may have exported in this shell: never inherited, so that a run is
-# configured by what its caller passes and nothing else.
-_SERVICE_SETTINGS = ("OPENAI", "CHATWOOT", "REDIS_", "MESSAGE_BUFFER", "BUFFER_")
+# Service settings someone may have exported in this shell (every declared variable, and its
+# _FILE variant): never inherited, so that a run is configured by what its caller passes and
+# nothing else.
+_SERVICE_SETTINGS = frozenset(name for d in DECLARED.values() for name in (d.env, f"{d.env}_FILE"))
 
 
 def operator_env(**settings: str | int) -> dict[str, str]:
     """This process's environment without the service's settings, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_SETTINGS)}
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_SETTINGS}
     env.update({k: str(v) for k, v in settings.items()})
     return env
 

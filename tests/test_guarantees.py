@@ -9,6 +9,7 @@ machine makes a test slower, not red.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ from helpers import (
 )
 from redis.asyncio import Redis
 
+from buffer_service import service
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
@@ -550,6 +552,22 @@ async def test_sigterm_releases_what_it_cannot_finish_for_another_worker_at_once
     # The stand-in records the post before the worker hears back and finishes the batch.
     job = await eventually(job_in("completed", redis, "1:310"), timeout=10)
     assert job["attempts"] == "1" and len(await jobs(redis, "1:310")) == 1
+
+
+async def test_a_process_that_cannot_take_its_port_stops_what_it_started(settings, redis):
+    """The worker starts before the HTTP server; a server that cannot listen must not leave it
+    running, nor any client open, behind the error."""
+    before = asyncio.all_tasks()
+    with socket.socket() as taken:
+        taken.bind((settings.host, settings.port))
+        taken.listen()
+        with pytest.raises(OSError):
+            await service.run(settings)
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+
+    async def no_subscriber() -> bool:
+        return not await redis.client_list(_type="pubsub")
+    await eventually(no_subscriber)
 
 
 async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make_service, llm, chatwoot,

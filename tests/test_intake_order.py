@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import ConfigError, Settings
 from buffer_service.flags import Flags
+from buffer_service.journal import SweepLog
 from buffer_service.ops import Operations
-from buffer_service.processor import Processor
-from buffer_service.scheduler import Worker
 from buffer_service.store import BufferStore
+from buffer_service.worker import Worker
 from devtools.payloads import message_payload
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -123,18 +123,21 @@ async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis,
     await redis.set(store.keys.due(broken), "not a sorted set")  # every claim there fails
     await store.append(ChatMessage(1, 305, 50, "hi"))
     await asyncio.sleep(0.05)
-    worker = Worker(store, Processor(s, store, None, None), redis)  # type: ignore[arg-type]
+    worker = Worker(store, _Holder(), flags=Flags(redis, s),  # type: ignore[arg-type]
+                    sweep_log=SweepLog(redis, s), pubsub_redis=redis)
     worker._next_shard = broken
-    worker.processor.process = _hold  # type: ignore[method-assign]
     await worker._sweep()
     assert worker.claimed == 1
     for task in list(worker._tasks):
         task.cancel()
 
 
-async def _hold(batch: object) -> str:
-    await asyncio.sleep(10)
-    return "held"
+class _Holder:
+    """A processor that holds every batch it is given."""
+
+    async def process(self, batch: object) -> str:
+        await asyncio.sleep(10)
+        return "held"
 
 
 # -- point 6: an operator's retry goes before bursts that came after it ---------------------------------

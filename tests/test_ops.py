@@ -284,11 +284,11 @@ async def test_admin_api_refuses_requests_without_the_token(settings, make_servi
         assert status == 403 and "ADMIN_TOKEN" in body["error"]
 
 
-async def test_admin_openapi_documents_every_admin_route(settings, make_service):
+async def test_admin_openapi_documents_every_admin_route(settings, make_service, operator):
     svc = await make_service(replace(settings, admin_token=TOKEN))
     status, doc = await call(svc, "GET", "/admin/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
-    routes = {(r.method.lower(), r.resource.canonical) for r in admin.admin_app().router.routes()
+    routes = {(r.method.lower(), r.resource.canonical) for r in admin.admin_app(operator).router.routes()
               if r.method != "HEAD"}
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert routes == documented

@@ -27,7 +27,13 @@ from buffer_service.app import create_app
 from buffer_service.auth import signature_error
 from buffer_service.chatwoot import TRUNCATION_MARK
 from buffer_service.config import ConfigError, Settings
+from buffer_service.downloads import Downloader
+from buffer_service.flags import Flags
+from buffer_service.journal import WebhookLog
+from buffer_service.limits import Limits
+from buffer_service.ops import Operations
 from buffer_service.store import BufferStore
+from buffer_service.transcripts import Transcripts
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.payloads import message_payload, webhook_headers
@@ -181,7 +187,10 @@ async def test_readyz_reports_the_auth_mode_and_warns_when_open(settings, make_s
 @contextlib.asynccontextmanager
 async def app_client(settings: Settings, redis):
     """The app in aiohttp's test server, with an /admin route of its own that has no guard."""
-    app = create_app(settings, BufferStore(redis, settings))
+    store, flags = BufferStore(redis, settings), Flags(redis, settings)
+    transcripts = Transcripts(settings, store, Limits(store), Downloader(settings))
+    app = create_app(settings, store, flags=flags, operations=Operations(store, flags),
+                     webhook_log=WebhookLog(redis, settings), transcripts=transcripts)
 
     async def probe(request: web.Request) -> web.Response:
         return web.json_response({"reached": True})
@@ -189,6 +198,7 @@ async def app_client(settings: Settings, redis):
     app.router.add_get("/admin/probe", probe)
     async with TestClient(TestServer(app)) as client:
         yield client
+    await transcripts.close()
 
 
 async def test_admin_paths_are_closed_without_a_token(settings, redis):

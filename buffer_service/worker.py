@@ -19,25 +19,28 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import flags, metrics
+from . import metrics
+from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
 from .journal import SweepLog
 from .processor import Processor
 from .store import Batch, BufferStore
 
-log = structlog.get_logger("buffer_service.scheduler")
+log = structlog.get_logger("buffer_service.worker")
 
 
 class Worker:
-    def __init__(self, store: BufferStore, processor: Processor, pubsub_redis: Redis) -> None:
+    def __init__(self, store: BufferStore, processor: Processor, *, flags: Flags, sweep_log: SweepLog,
+                 pubsub_redis: Redis) -> None:
         self.store = store
         self.processor = processor
+        self.flags = flags
+        self.sweep_log = sweep_log
         self.settings = store.settings
         self._pubsub_redis = pubsub_redis
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
         self.claimed = 0
-        self.sweep_log = SweepLog(store.redis, store.settings)
 
     def wake(self) -> None:
         self._wake.set()
@@ -49,10 +52,10 @@ class Worker:
                  concurrency=self.settings.worker_concurrency)
         try:
             while not stop.is_set():
-                paused = not await self.processor.flags.processing()
+                paused = not await self.flags.processing()
                 if paused:  # the processing switch: claim nothing, look at it again soon
                     self._wake.clear()
-                    delay = flags.MAX_AGE_S
+                    delay = MAX_AGE_S
                 else:
                     delay = await self._sweep()
                 await self.sweep_log.swept(paused=paused)
@@ -133,9 +136,8 @@ class Worker:
         """Turn on expired-key events if the server allows it; the index works without them."""
         redis = self.store.redis
         try:
-            current = (await redis.config_get("notify-keyspace-events")).get(
-                "notify-keyspace-events", "")
-            current = current.decode() if isinstance(current, bytes) else current
+            # redis-py decodes CONFIG GET's names and values to str whatever the client's settings.
+            current = (await redis.config_get("notify-keyspace-events")).get("notify-keyspace-events") or ""
             has_expired = "x" in current or "A" in current
             if not (has_expired and "E" in current):
                 await redis.config_set("notify-keyspace-events", "".join(sorted(set(current + "Ex"))))
@@ -172,8 +174,8 @@ class Worker:
                     if channel == expired:
                         if not self.store.keys.is_deadline(data):
                             continue
-                    elif data == flags.FLAGS_CHANGED:
-                        self.processor.flags.invalidate()
+                    elif data == FLAGS_CHANGED:
+                        self.flags.invalidate()
                     self._wake.set()
             except (RedisError, OSError) as exc:
                 log.warning("wakeup_subscription_lost", error=str(exc), retry_in_s=backoff)
@@ -181,4 +183,5 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    # redis-py leaves PubSub.aclose unannotated; it returns None.
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
