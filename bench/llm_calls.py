@@ -26,6 +26,8 @@ import chat_trace as trace_mod
 from common import cpu_seconds, median, parser, percentile, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
+from buffer_service.config import Settings
+from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_port
@@ -69,15 +71,12 @@ async def batch_states(url: str) -> tuple[dict[str, int], list[int]]:
     claimed (ms after its deadline), from Redis."""
     redis = Redis.from_url(url)
     try:
-        keys = [k async for k in redis.scan_iter(match="bs:*:batch:*", count=10_000)]
-        async with redis.pipeline(transaction=False) as pipe:
-            for k in keys:
-                pipe.hmget(k, "state", "claimed_ms", "deadline_ms")
-            rows = await pipe.execute()
+        records = await BufferStore(redis, Settings(redis_url=url)).job_records()
     finally:
         await redis.aclose()
-    late = [int(c) - int(d) for _, c, d in rows if c and d]
-    return dict(Counter((s or b"?").decode() for s, _, _ in rows)), late
+    late = [int(j["claimed_ms"]) - int(j["deadline_ms"]) for j in records
+            if j.get("claimed_ms") and j.get("deadline_ms")]
+    return dict(Counter(j.get("state", "?") for j in records)), late
 
 
 async def run_once(tmp: Path, conversations: int, scale: float, seed: int) -> dict[str, Any]:

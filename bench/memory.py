@@ -152,6 +152,46 @@ async def part_layouts(url: str, n: int) -> dict[str, Any]:
     return out
 
 
+async def part_history_layouts(url: str, n: int, rounds: int) -> dict[str, Any]:
+    """What-if: the history part_jobs_and_history leaves (`rounds` x 3 messages + a reply per
+    conversation), written with plain commands in other entry layouts: bytes per text byte."""
+    redis = Redis.from_url(url)
+    store = BufferStore(redis, Settings(redis_url=url))
+    reply = {"id": 50_000_000, "text": REPLY, "role": "assistant"}
+    whatsapp = {"inbox": 1, "name": "Maria Aparecida", "ph": "5511987654321"}
+
+    def kept(e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if k in ("id", "text", "att", "role")}
+
+    layouts = {
+        "JSON object with the burst's inbox (before lib.lua for_history)": orjson.dumps,
+        "  the same, WhatsApp message with contact name and phone": lambda e: orjson.dumps(
+            e if "role" in e else {**e, **whatsapp}),
+        "JSON object of id, text, role (as the service writes it)": lambda e: orjson.dumps(kept(e)),
+        "JSON arrays [id, text] / [id, text, role]": lambda e: orjson.dumps(list(kept(e).values())),
+        "text only, role as a one-byte prefix": lambda e: (e.get("role", "u")[:1] + e["text"]).encode(),
+    }
+    text = rounds * (3 * len(TEXT.encode()) + len(REPLY.encode()))
+    out: dict[str, Any] = {}
+    try:
+        for name, encode in layouts.items():
+            await redis.flushall()
+            base = await used(redis)
+            for start in range(0, n, 2000):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(n, start + 2000)):
+                        burst = ({"id": 10_000_000 + i, "text": TEXT, "inbox": 1},) * 3
+                        entries = [encode(e) for _ in range(rounds) for e in (*burst, reply)]
+                        key = store.keys.history(f"1:{100_000 + i}")
+                        pipe.rpush(key, *entries)
+                        pipe.pexpire(key, 604_800_000)
+                    await pipe.execute()
+            out[f"hlayout:{name}"] = (await used(redis) - base) / (n * text)
+    finally:
+        await redis.aclose()
+    return out
+
+
 async def part_jobs_and_history(url: str, n: int, rounds: int) -> dict[str, Any]:
     """`rounds` bursts of 3 messages per conversation, each claimed and finished with a reply,
     as the worker does: job records and history as they stand after real use."""
@@ -183,8 +223,10 @@ async def part_jobs_and_history(url: str, n: int, rounds: int) -> dict[str, Any]
         out["history_bytes_per_conv"] = b_hist / n
         out["history_text_bytes_per_conv"] = text_bytes / n
         out["history_ratio"] = b_hist / text_bytes
-        k_jobs, b_jobs = await drop(redis, f"{p}:*:batch:*")
-        out["job_record_bytes"] = b_jobs / max(1, k_jobs)
+        # A completed job's record: a whole hash as before, else its compact entry in a bucket.
+        _, b_jobs = await drop(redis, f"{p}:*:batch:*")
+        _, b_done = await drop(redis, f"{p}:*:done*")
+        out["job_record_bytes"] = (b_jobs + b_done) / max(1, finished)
         _, b_index = await drop(redis, f"{p}:*:jobs:*")
         out["job_index_bytes"] = b_index / max(1, finished)
         k_seen, b_seen = await drop(redis, f"{p}:*:seen:*")
@@ -232,28 +274,25 @@ async def part_webhooks(url: str, tmp: Path, conversations: int, per: int) -> di
     return out
 
 
-def bounds(settings: Settings, r: dict[str, Any], messages_per_day: int,
-           bursts_per_day: int, conversations_per_week: int) -> list[list[Any]]:
-    """How the retention settings bound the total, for an example load."""
-    marker = r["marker_bytes"]
-    job = r["job_record_bytes"] + r["job_index_bytes"]
-    hist_per_entry = r["history_bytes_per_conv"] / (r["rounds"] * 4)
-    cap = settings.history_messages + settings.max_buffer_size
-    days = settings.dedup_ttl_s / 86_400
+def steady_state(settings: Settings, r: dict[str, Any], loads: tuple[int, ...],
+                 messages_per_burst: int = 1) -> list[list[Any]]:
+    """What stays in Redis at a steady load of answered bursts, at the retention settings: each
+    kind of key costs (bytes per burst) x (bursts a day) x (days it lives). One-message bursts, as
+    the issue measured them: a burst leaves its message and its reply in the history and a
+    de-duplication marker for each."""
+    hist_entry = r["history_bytes_per_conv"] / (r["rounds"] * 4)
     rows = [
-        ["de-duplication markers", f"DEDUP_TTL_S={settings.dedup_ttl_s}",
-         f"{marker:.0f} B x messages of the last {days:g} day(s)",
-         messages_per_day * days * marker / 2**20],
-        ["job records (+ jobs index)", f"JOB_RETENTION_DAYS={settings.job_retention_days}",
-         f"{job:.0f} B x bursts of the last {settings.job_retention_days} days",
-         bursts_per_day * settings.job_retention_days * job / 2**20],
-        ["history", f"HISTORY_TTL_S={settings.history_ttl_s}, cap {cap} entries",
-         f"<= {hist_per_entry:.0f} B x {cap} entries x conversations active in "
-         f"{settings.history_ttl_s / 86_400:g} days",
-         conversations_per_week * min(cap, 4 * bursts_per_day * 7 / max(1, conversations_per_week))
-         * hist_per_entry / 2**20],
+        ("job record of a completed burst", f"JOB_RETENTION_DAYS={settings.job_retention_days}",
+         r["job_record_bytes"] + r["job_index_bytes"], settings.job_retention_days),
+        ("history (message + reply)", f"HISTORY_TTL_S={settings.history_ttl_s}",
+         (messages_per_burst + 1) * hist_entry, settings.history_ttl_s / 86_400),
+        ("de-duplication markers (message + reply)", f"DEDUP_TTL_S={settings.dedup_ttl_s}",
+         (messages_per_burst + 1) * r["marker_bytes"], settings.dedup_ttl_s / 86_400),
     ]
-    return rows
+    out = [[kind, setting, round(per_burst), *[per_burst * n * days / 2**20 for n in loads]]
+           for kind, setting, per_burst, days in rows]
+    out.append(["total", "", "", *[sum(row[3 + i] for row in out) for i in range(len(loads))]])
+    return out
 
 
 def main() -> dict[str, Any]:
@@ -273,6 +312,7 @@ def main() -> dict[str, Any]:
                 r.update({k: v for k, v in jobs.items() if k != "marker_bytes"})
             with running_redis(tmp) as server:
                 r.update(asyncio.run(part_layouts(server.url, n)))
+                r.update(asyncio.run(part_history_layouts(server.url, hist_n, 5)))
             with running_redis(tmp) as server:
                 r.update(asyncio.run(part_webhooks(server.url, tmp, 300 if args.quick else 2000, 3)))
         runs.append(r)
@@ -298,11 +338,13 @@ def main() -> dict[str, Any]:
     ]))
     print("\nlayout options for an open conversation (plain commands, same messages, no markers):")
     print(table(["layout", "bytes"], [[k[7:], round(v)] for k, v in s.items() if k.startswith("layout:")]))
-    settings = Settings()
-    example = dict(messages_per_day=100_000, bursts_per_day=35_000, conversations_per_week=50_000)
-    print(f"\nretention bounds (defaults), example load {example}:")
-    print(table(["kind", "setting", "bound", "example MiB"],
-                bounds(settings, {**s, "rounds": 5}, **example)))
+    print("\nlayout options for the history (plain commands, same entries, one RPUSH per conversation):")
+    print(table(["layout", "bytes per byte of text"],
+                [[k[8:], f"{v:.2f}"] for k, v in s.items() if k.startswith("hlayout:")]))
+    loads = (10_000, 100_000)
+    print("\nsteady state at the default retentions, one-message bursts, each answered:")
+    print(table(["kind of key", "setting", "B per burst", *[f"MiB at {n:,} bursts/day" for n in loads]],
+                steady_state(Settings(), {**s, "rounds": 5}, loads)))
     ok = s["bytes_per_conv"] <= 700 and s["history_ratio"] <= 1.3
     print(f"\ntargets (<= 700 B per open conversation, history <= 1.3 x text): "
           f"{'met' if ok else 'NOT met'}")

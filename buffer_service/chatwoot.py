@@ -65,7 +65,9 @@ class ChatMessage:
         if self.role != "user":
             entry["role"] = self.role
         else:
-            # The job record's inbox and the prompt's contact name are read from the burst.
+            # The job record's inbox and the prompt's contact name are read from the burst. The
+            # history does without these four, and cuts them off by key (lib.lua for_history):
+            # they stay after id, text and attachments.
             if self.inbox_id is not None:
                 entry["inbox"] = self.inbox_id
             if self.sender_name:

@@ -17,8 +17,14 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
     bs:{sN}:batch:<id>       hash  job record of one flushed burst
     bs:{sN}:msgs:<id>        list  the burst's messages while the batch is unfinished
     bs:{sN}:failed           zset  batch id -> failure time
-    bs:{sN}:jobs:<state>     zset  batch id -> finish time (completed, skipped: operators list
-                                   jobs by it, trimmed to JOB_RETENTION_DAYS)
+    bs:{sN}:jobs:<state>     zset  batch id -> finish time (skipped; completed as written before
+                                   compact records: operators list jobs by it, trimmed to
+                                   JOB_RETENTION_DAYS)
+    bs:{sN}:done:<bucket>    hash  batch sequence -> compact record of a completed job (JSON
+                                   array, lib.lua compact), bucket = sequence // 256, kept
+                                   JOB_RETENTION_DAYS after its last write
+    bs:{sN}:done             zset  bucket -> last write ms: the buckets that still live
+    bs:{sN}:donecount        hash  bucket -> its number of records
     bs:{sN}:stats:<hour>     hash  hourly counters of flushes and outcomes, hour = epoch ms //
                                    3600000, kept 8 days (the monitoring figures of ops.py)
     bs:{sN}:manual           hash  conv -> 1: an operator flushed it (the claim labels it "manual")
@@ -58,6 +64,9 @@ import zlib
 
 from .config import Settings
 
+# Batch sequence numbers per bucket of compact job records (lib.lua compact uses the same).
+DONE_BUCKET = 256
+
 
 class Keys:
     def __init__(self, settings: Settings) -> None:
@@ -75,6 +84,10 @@ class Keys:
     @staticmethod
     def shard_of_batch(batch_id: str) -> int:
         return int(batch_id.split("-", 1)[0])
+
+    def shard_of_key(self, name: str) -> int:
+        """The shard of a per-shard key (its hash tag)."""
+        return int(name[len(self.base) + 3:name.index("}")])
 
     def prefix(self, shard: int) -> str:
         """The shard's prefix, hash tag included: what scripts build run-time names from."""
@@ -108,6 +121,20 @@ class Keys:
 
     def jobs(self, shard: int, state: str) -> str:
         return self.prefix(shard) + f"jobs:{state}"
+
+    def done(self, shard: int) -> str:
+        return self.prefix(shard) + "done"
+
+    def done_counts(self, shard: int) -> str:
+        return self.prefix(shard) + "donecount"
+
+    def done_bucket(self, shard: int, bucket: int) -> str:
+        return self.prefix(shard) + f"done:{bucket}"
+
+    def done_of(self, batch_id: str) -> tuple[str, str]:
+        """The bucket and field of a completed job's compact record."""
+        shard, _, seq = batch_id.partition("-")
+        return self.done_bucket(int(shard), int(seq) // DONE_BUCKET), seq
 
     def stats(self, shard: int, hour: int) -> str:
         return self.prefix(shard) + f"stats:{hour}"

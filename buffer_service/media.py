@@ -163,8 +163,7 @@ class Media:
     async def record(self, batch: Batch, rendered: Rendered) -> None:
         """Say in the job record what the model could not see or hear, and why."""
         if rendered.notes:
-            await self.store.redis.hset(self.store.keys.batch(batch.id), "media",
-                                        "; ".join(rendered.notes)[:_NOTE_CHARS])
+            await self.store.note_media(batch, "; ".join(rendered.notes)[:_NOTE_CHARS])
 
 
 def _entry(entry: dict[str, Any], transcripts: dict[Key, Outcome],

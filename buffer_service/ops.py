@@ -18,7 +18,7 @@ from typing import Any, cast
 import orjson
 
 from .flags import Flags
-from .store import BufferStore, decoded
+from .store import BufferStore, decoded, record
 
 HOUR_MS = 3_600_000
 JOB_STATUSES = ("buffering", "processing", "completed", "failed", "skipped")
@@ -103,6 +103,10 @@ class Operations:
         out = dict.fromkeys(names, 0)
         for i, size in enumerate(sizes):
             out[names[i % len(names)]] += int(size)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.settings.shards):
+                pipe.hvals(self.keys.done_counts(shard))
+            out["completed"] += sum(int(n) for counts in await pipe.execute() for n in counts)
         return out
 
     async def stats(self, hours: int = 24) -> dict[str, Any]:
@@ -212,19 +216,43 @@ class Operations:
                     pipe.zrevrange(self._index(shard, index), 0, limit - 1)
             raw = await pipe.execute()
         ids = [decoded(i) for ids in raw for i in ids]
-        jobs = await self._records(ids)
+        found = await self._records(ids)
+        if "completed" in chosen:
+            found += await self._compact_records(limit)
+        # A job that finished between the reads above is in both: its newest record counts.
+        newest: dict[str, dict[str, Any]] = {}
+        for j in found:
+            if j["id"] not in newest or j["_t"] >= newest[j["id"]]["_t"]:
+                newest[j["id"]] = j
         # Newest first by what last happened to the job.
-        jobs.sort(key=lambda j: j["_t"], reverse=True)
+        jobs = sorted(newest.values(), key=lambda j: j["_t"], reverse=True)
         for j in jobs:
             del j["_t"]
         return jobs[:limit]
 
     async def _records(self, ids: list[str]) -> list[dict[str, Any]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id in ids:
-                pipe.hgetall(self.keys.batch(batch_id))
-            raw = await pipe.execute()
-        return [_job_view({decoded(k): decoded(v) for k, v in r.items()}) for r in raw if r]
+        return [_job_view(r) for r in await self.store.jobs(ids) if r]
+
+    async def _compact_records(self, limit: int) -> list[dict[str, Any]]:
+        """The newest compact completed records, at least `limit` of each shard that has them
+        (buckets newest first, a few at a time: most of a bucket's records are completed ones)."""
+        out: list[dict[str, Any]] = []
+        for shard in range(self.settings.shards):
+            taken, start = 0, 0
+            while taken < limit:
+                buckets = await self.redis.zrevrange(self.keys.done(shard), start, start + 3)
+                if not buckets:
+                    break
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for bucket in buckets:
+                        pipe.hgetall(self.keys.done_bucket(shard, int(bucket)))
+                    found = await pipe.execute()
+                for records in found:
+                    out += [_job_view(record(f"{shard}-{decoded(seq)}", None, raw))
+                            for seq, raw in records.items()]
+                    taken += len(records)
+                start += len(buckets)
+        return out
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         _, batch_id = self.job_id(job_id)

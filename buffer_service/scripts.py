@@ -124,6 +124,7 @@ class Scripts:
     llmquota: Script
     mark: Script
     mediaclaim: Script
+    medianote: Script
     note: Script
     noted: Script
     part: Script

@@ -219,6 +219,11 @@ class BufferStore:
             keys={"batch": self.keys.batch(batch.id)},
             args={"token": batch.token, "reason": reason, "summary": summary[:2000]}))
 
+    async def note_media(self, batch: Batch, note: str) -> bool:
+        """Store with the batch what the model could not see or hear; False: lease lost."""
+        return bool(await self.scripts.medianote(
+            keys={"batch": self.keys.batch(batch.id)}, args={"token": batch.token, "note": note}))
+
     async def handoff_mark(self, batch: Batch) -> tuple[str, str]:
         """(reason, summary) an earlier attempt stored with its reply; reason '' for none."""
         reason, summary = await self.redis.hmget(self.keys.batch(batch.id), "handoff", "handoff_summary")
@@ -341,8 +346,28 @@ class BufferStore:
         return [orjson.loads(r) for r in raw]
 
     async def job(self, batch_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.keys.batch(batch_id))
-        return {decoded(k): decoded(v) for k, v in raw.items()}
+        return (await self.jobs([batch_id]))[0]
+
+    async def jobs(self, ids: list[str]) -> list[dict[str, str]]:
+        """The jobs' records: each its whole hash, else a completed job's compact record in that
+        shape, else {}."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hgetall(self.keys.batch(batch_id))
+                pipe.hget(*self.keys.done_of(batch_id))
+            raw = await pipe.execute()
+        return [record(i, whole, compact) for i, whole, compact in zip(ids, raw[::2], raw[1::2], strict=True)]
+
+    async def job_records(self) -> list[dict[str, str]]:
+        """Every job record in Redis, by a scan (tests and benchmarks; operators page by index)."""
+        found = []
+        async for key in self.redis.scan_iter(match=self.keys.base + ":*:batch:*", count=1000):
+            found.append(record("", await self.redis.hgetall(key), None))
+        async for key in self.redis.scan_iter(match=self.keys.base + ":*:done:*", count=1000):
+            shard = self.keys.shard_of_key(decoded(key))
+            for seq, raw in (await self.redis.hgetall(key)).items():
+                found.append(record(f"{shard}-{decoded(seq)}", None, raw))
+        return [r for r in found if r]
 
     async def due_count(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -364,3 +389,23 @@ class BufferStore:
 def _version(version: float | None) -> str:
     # A snapshot without `updated_at` is older than any with one (lib.lua take_charge).
     return "0" if version is None else repr(version)
+
+
+def record(batch_id: str, whole: dict[Any, Any] | None, compact: bytes | None) -> dict[str, str]:
+    """A job record as its hash has it, from the hash, else from a completed job's compact record
+    (lib.lua compact: times in it are ms after the first message, -1 for none; what it does not
+    keep, such as an earlier attempt's error, is absent), else {}."""
+    if whole:
+        return {decoded(k): decoded(v) for k, v in whole.items()}
+    if not compact:
+        return {}
+    (conv, inbox, count, trigger, attempts, first, deadline, claimed, posting, finished, requeued,
+     reply_id, parts_out, reason, media) = orjson.loads(compact)
+    out = {"id": batch_id, "state": "completed", "conv": conv, "inbox": str(inbox), "count": str(count),
+           "trigger": trigger, "attempts": str(attempts), "first_ms": str(first),
+           "reply_id": str(reply_id), "parts_out": str(parts_out or ""), "reason": reason, "media": media}
+    for name, after in (("deadline_ms", deadline), ("claimed_ms", claimed), ("posting_ms", posting),
+                        ("finished_ms", finished), ("requeued_ms", requeued)):
+        if after >= 0:
+            out[name] = str(first + after)
+    return {k: v for k, v in out.items() if k not in ("media", "parts_out") or v}

@@ -85,11 +85,7 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0)
 
 async def jobs(redis: Redis, conv: str) -> list[dict[str, str]]:
     """The job records of one conversation, oldest first."""
-    found = []
-    async for key in redis.scan_iter(match="bs:*:batch:*", count=1000):
-        job = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
-        if job.get("conv") == conv:
-            found.append(job)
+    found = [j for j in await BufferStore(redis, Settings()).job_records() if j.get("conv") == conv]
     return sorted(found, key=lambda j: int(j["id"].split("-")[1]))
 
 

@@ -1,7 +1,8 @@
 """Regression checks behind the benchmarks (bench/, BENCHMARKS.md) that do not depend on speed:
-how many Redis commands and round trips a webhook costs, and how many LLM calls a fixed,
-seeded trace makes. A change that adds a round trip per webhook, or that splits or merges
-bursts, fails here long before anyone runs a benchmark."""
+how many Redis commands and round trips a webhook costs, how many LLM calls a fixed,
+seeded trace makes, and how many bytes a completed burst leaves in Redis. A change that adds a
+round trip per webhook, splits or merges bursts, or makes what a burst leaves behind bigger fails
+here long before anyone runs a benchmark."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
+
+from buffer_service.attachments import Attachment
+from buffer_service.chatwoot import ChatMessage, Decision
+from buffer_service.store import BufferStore
 from devtools.payloads import message_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import chat_trace  # bench/ is not a package
+import memory
 
 
 async def _stats(redis) -> tuple[int, dict[str, int]]:
@@ -88,3 +95,69 @@ async def test_a_seeded_trace_gets_one_llm_call_per_burst(settings, make_service
     assert verdict.split_bursts == verdict.merged == 0, verdict
     assert verdict.llm_calls == verdict.bursts == verdict.whole_bursts, verdict
     assert verdict.calls_per_message < 0.5, verdict
+
+
+async def test_what_a_completed_burst_leaves_in_redis_for_a_fixed_payload(settings, redis):
+    """BENCHMARKS.md §3: a completed job keeps only a compact record (no key, expiry or index
+    entry of its own) in a listpack bucket; history entries carry the text and a few bytes."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
+    n = 100
+    for i in range(n):
+        for j in range(3):
+            await store.append(ChatMessage(1, 1000 + i, 10_000_000 + 3 * i + j, memory.TEXT, inbox_id=1))
+    # An open conversation's buffer: {"id":10000000,"text":"...","inbox":1,"t":<13-digit ms>} per
+    # message; the list of three, key included, 664 B measured (Redis 7.0).
+    text = len(memory.TEXT.encode())
+    buffered = store.keys.buffer("1:1000")
+    assert [len(m) for m in await redis.lrange(buffered, 0, -1)] == [text + 53] * 3
+    assert await redis.memory_usage(buffered, samples=0) <= 700
+    await asyncio.sleep(0.05)
+    finished = 0
+    for shard in range(settings.shards):
+        _, _, batches = await store.claim(shard, n)
+        for b in batches:
+            finished += await store.finish(b, "completed", reply=memory.REPLY, reply_id=50_000_000 + finished)
+    assert finished == n
+
+    assert [k async for k in redis.scan_iter(match="bs:*:batch:*")] == []
+    assert [k async for k in redis.scan_iter(match="bs:*:jobs:*")] == []
+    buckets = [k async for k in redis.scan_iter(match="bs:*:done:*")]
+    assert {await redis.object("encoding", k) for k in buckets} == {b"listpack"}
+    records = [len(v) for k in buckets for v in await redis.hvals(k)]
+    assert len(records) == n and max(records) <= 85, max(records)
+    bucket_bytes = sum([await redis.memory_usage(k, samples=0) for k in buckets])
+    # Measured 97 B per completed job with 128 records a bucket (bench/memory.py); a few
+    # records a bucket here carry the bucket key's own cost too.
+    assert bucket_bytes / n <= 130, bucket_bytes / n
+
+    hist = store.keys.history("1:1000")
+    entries = [len(e) for e in await redis.lrange(hist, 0, -1)]
+    assert entries[:3] == [text + 25] * 3  # {"id":10000000,"text":"..."}
+    assert entries[3] == len(memory.REPLY.encode()) + 44  # {"id":50000000,"text":"...","role":"assistant"}
+    # One burst's history, key and list included: 760 B measured for 453 B of text (Redis 7.0).
+    assert await redis.memory_usage(hist, samples=0) <= 800
+
+
+async def test_the_history_keeps_id_text_attachments_and_role_and_reads_older_entries(settings, redis):
+    """The history drops what only the burst is read for (inbox, contact name, phone, typed text),
+    whichever way a message gets there; entries an earlier version wrote stay readable."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=1))
+    att = (Attachment("file", url="https://x/f.pdf", title="t", name="n.pdf"),)
+    msg = ChatMessage(1, 5, 11, 'say "hi", "inbox":2', attachments=att, inbox_id=3, sender_name="Ana",
+                      phone="5511999990000", content='"typed"')
+    hist = store.keys.history(msg.conv)
+    await redis.rpush(hist, orjson.dumps({"id": 9, "text": "old", "inbox": 3, "name": "Ana"}))
+    await store.append(msg)
+    await asyncio.sleep(0.05)
+    [batch] = (await store.claim(store.keys.shard_of(msg.conv), 10))[2]
+    assert batch.messages[0]["name"] == "Ana" and batch.messages[0]["ph"] == "5511999990000"
+    assert await store.finish(batch, "completed", reply="ok", reply_id=12)
+    agent = ChatMessage(1, 5, 13, "an agent", inbox_id=3, sender_name="Bia")
+    assert await store.note(Decision("note", "human", agent)) in ("recorded", "paused")
+
+    kept = [orjson.loads(e) for e in await redis.lrange(hist, 0, -1)]
+    assert kept == [{"id": 9, "text": "old", "inbox": 3, "name": "Ana"},
+                    {"id": 11, "text": 'say "hi", "inbox":2', "att": [a.to_dict() for a in att]},
+                    {"id": 12, "text": "ok", "role": "assistant"},
+                    {"id": 13, "text": "an agent"}]
+    assert [e["text"] for e in await store.history(msg.conv, 10)] == [e["text"] for e in kept]

@@ -25,6 +25,7 @@ from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import classify
 from buffer_service.config import ConfigError, Settings
 from buffer_service.downloads import Downloader, DownloadError, is_public
+from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.llm_standin import LLMStandIn
 from devtools.net import free_port, wait_http
@@ -58,11 +59,7 @@ def metric(name: str, **labels: str) -> float:
 
 
 async def job_records(redis: Redis) -> list[dict[str, str]]:
-    records = []
-    async for key in redis.scan_iter(match="bs:*:batch:*"):
-        raw = await redis.hgetall(key)
-        records.append({k.decode(): v.decode() for k, v in raw.items()})
-    return records
+    return await BufferStore(redis, Settings()).job_records()
 
 
 async def test_a_mixed_burst_is_one_call_with_everything_in_arrival_order(

@@ -13,6 +13,7 @@ import pytest
 from helpers import cli_json, eventually, run_cli, user_texts, wait_for, with_port
 
 from buffer_service import admin
+from buffer_service.chatwoot import ChatMessage
 from buffer_service.flags import MAX_AGE_S, Flags, _percent_bucket
 from buffer_service.ops import Operations
 from buffer_service.store import BufferStore
@@ -350,8 +351,9 @@ async def test_job_records_retention_and_cleanup(settings, make_service, llm, ch
     assert done["first_message_at"] <= done["deadline_at"] <= done["claimed_at"] <= done["processed_at"]
     assert failed["error"].startswith("LLM answered HTTP 400") and failed["attempts"] == 1
 
-    # Completed records expire after JOB_RETENTION_DAYS; failed ones stay.
-    done_ttl = await redis.pttl(store.keys.batch(done["id"]))
+    # Completed records expire after JOB_RETENTION_DAYS (compact, in a bucket); failed ones stay.
+    assert await redis.exists(store.keys.batch(done["id"])) == 0
+    done_ttl = await redis.pttl(store.keys.done_of(done["id"])[0])
     assert 2 * day - 60_000 < done_ttl <= 2 * day
     assert await redis.pttl(store.keys.batch(failed["id"])) == -1
 
@@ -414,3 +416,110 @@ async def test_flag_values_are_validated_everywhere(settings, make_service, oper
     assert values.buffering_percent == 100 and not values.message_buffering
     raw = orjson.loads(orjson.dumps(await operator.flags.table()))
     assert {f["name"]: f["value"] for f in raw}["buffering_percent"] == "100"
+
+
+async def _answered(store: BufferStore, conv_id: int, message_id: int, state: str, **finish) -> str:
+    """One burst of one message, claimed and finished as the worker does; returns its batch id."""
+    await store.append(ChatMessage(1, conv_id, message_id, f"message {message_id}", inbox_id=1))
+    shard = store.keys.shard_of(f"1:{conv_id}")
+    batches = await eventually(lambda: _claimed(store, shard))
+    [batch] = batches
+    assert await store.finish(batch, state, **finish)
+    return batch.id
+
+
+async def _claimed(store: BufferStore, shard: int) -> list:
+    _, _, batches = await store.claim(shard, 10)
+    return batches
+
+
+async def test_a_completed_job_keeps_a_compact_record_and_whole_ones_of_older_versions_are_read(
+        settings, redis, operator):
+    s = replace(settings, buffer_duration_ms=50, max_buffer_age_ms=200)
+    store = BufferStore(redis, s)
+    operator = Operations(store, Flags(redis, s))
+    done = await _answered(store, 90, 1, "completed", reply="the answer", reply_id=501)
+    skipped = await _answered(store, 91, 2, "skipped", reason="human_agent_replied")
+
+    # Completed: no record of its own, one field in a bucket that expires; the history has the burst.
+    key, seq = store.keys.done_of(done)
+    assert await redis.exists(store.keys.batch(done)) == 0
+    assert 0 < await redis.hstrlen(key, seq) <= 120
+    assert 0 < await redis.pttl(key) <= s.job_retention_days * 86_400_000
+    assert [m["text"] for m in await store.history("1:90", 10)] == ["message 1", "the answer"]
+    # Skipped: the whole record, as before.
+    assert (await store.job(skipped))["reason"] == "human_agent_replied"
+
+    # A whole completed record and its index entry, as the previous version wrote them
+    # (a rolling deploy has both versions finishing jobs).
+    now = await operator.now_ms()
+    old_id = f"{store.keys.shard_of('1:92')}-7"
+    await redis.hset(store.keys.batch(old_id), mapping={
+        "id": old_id, "conv": "1:92", "state": "completed", "token": "", "attempts": 2,
+        "first_ms": now - 5000, "deadline_ms": now - 4000, "claimed_ms": now - 3900,
+        "trigger": "size", "count": 4, "account": 1, "inbox": 3, "finished_ms": now - 1000,
+        "reason": "", "reply_id": 777})
+    await redis.zadd(store.keys.jobs(store.keys.shard_of("1:92"), "completed"), {old_id: now - 1000})
+
+    listed = {j["id"]: j for j in await operator.jobs("completed")}
+    assert set(listed) == {done, old_id}
+    new, old = listed[done], listed[old_id]
+    assert new["status"] == "completed" and new["conversation"] == "1:90" and new["messages"] == 1
+    assert new["inbox_id"] == 1 and new["reply_message_id"] == 501 and new["attempts"] == 1
+    assert new["trigger"] in ("deadline", "age") and new["error"] is None
+    assert new["first_message_at"] <= new["deadline_at"] <= new["claimed_at"] <= new["processed_at"]
+    assert old["attempts"] == 2 and old["trigger"] == "size" and old["reply_message_id"] == 777
+    assert old["inbox_id"] == 3 and old["messages"] == 4
+    assert [j["id"] for j in await operator.jobs()][:3] == [skipped, done, old_id]
+    assert (await operator.counts())["completed"] == 2
+    assert (await operator.job(done))["burst"] == [] and (await operator.job(old_id))["attempts"] == 2
+
+
+async def test_a_late_media_note_does_not_bring_back_the_record_of_a_completed_job(settings, redis):
+    """A worker whose lease lapsed notes what the model could not see after another worker
+    completed the batch: the completed job keeps its compact record and no stray key appears."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=50, processing_lease_ms=100))
+    await store.append(ChatMessage(1, 95, 1, "a photo", inbox_id=1))
+    shard = store.keys.shard_of("1:95")
+    [late] = await eventually(lambda: _claimed(store, shard))
+    await asyncio.sleep(0.15)
+    [taken] = await eventually(lambda: _claimed(store, shard))
+    assert await store.note_media(taken, "image not loaded")
+    assert await store.finish(taken, "completed", reply="ok", reply_id=9)
+    assert not await store.note_media(late, "image not loaded")
+    assert await redis.exists(store.keys.batch(taken.id)) == 0
+    assert (await store.job(taken.id))["media"] == "image not loaded"
+
+
+async def test_buckets_past_retention_leave_the_listing_and_the_count(settings, redis):
+    s = replace(settings, buffer_duration_ms=50, max_buffer_age_ms=200, shards=1)
+    store = BufferStore(redis, s)
+    operator = Operations(store, Flags(redis, s))
+    first = await _answered(store, 96, 1, "completed", reply="a", reply_id=1)
+    assert (await operator.counts())["completed"] == 1
+    # The first job's bucket was last written longer ago than JOB_RETENTION_DAYS (its hash
+    # expires by itself; here it stays, to show that listing and count go by the index).
+    await redis.zadd(store.keys.done(0), {"0": 1}, xx=True)
+    await redis.set(store.keys.seq(0), 600)  # the next job goes to bucket 2
+    second = await _answered(store, 97, 2, "completed", reply="b", reply_id=2)
+    assert store.keys.done_of(first)[0] != store.keys.done_of(second)[0]
+    assert await redis.zrange(store.keys.done(0), 0, -1) == [b"2"]
+    assert await redis.hgetall(store.keys.done_counts(0)) == {b"2": b"1"}
+    assert [j["id"] for j in await operator.jobs("completed")] == [second]
+    assert (await operator.counts())["completed"] == 1
+
+
+async def test_a_job_that_finishes_while_it_is_listed_is_listed_once(settings, redis, operator):
+    """The listing reads the indexes, then the records, then the compact records: a job seen
+    in flight by the first read and completed by the last is one job, shown completed."""
+    store = operator.store
+    s = replace(settings, buffer_duration_ms=50, max_buffer_age_ms=200)
+    done = await _answered(BufferStore(redis, s), 98, 1, "completed", reply="ok", reply_id=3)
+    shard = store.keys.shard_of_batch(done)
+    view = (await store.job(done))
+    # As the first reads saw it: in flight, its whole record still there.
+    await redis.zadd(store.keys.inflight(shard), {done: 1})
+    await redis.hset(store.keys.batch(done), mapping={
+        "id": done, "conv": "1:98", "state": "posting", "claimed_ms": view["claimed_ms"]})
+    listed = await operator.jobs()
+    assert [(j["id"], j["status"]) for j in listed] == [(done, "completed")]

@@ -112,7 +112,8 @@ def test_scripts_build_key_names_only_from_the_prefix_they_are_passed(settings):
     samples = [keys.due(0), keys.first(0), keys.inflight(0), keys.active(0), keys.seq(0),
                keys.failed(0), keys.manual(0), keys.jobs(0, "completed"), keys.stats(0, 1),
                keys.buffer("1:2"), keys.ttl("1:2"), keys.history("1:2"), keys.handoff("1:2"),
-               keys.pause("1:2"), keys.sent("1:2"), keys.batch("0-1"), keys.messages("0-1")]
+               keys.pause("1:2"), keys.sent("1:2"), keys.batch("0-1"), keys.messages("0-1"),
+               keys.done(0), keys.done_bucket(0, 1), keys.done_counts(0)]
     names = {s.removeprefix(keys.prefix(keys.shard_of("1:2"))).removeprefix(prefix).split(":")[0]
              for s in samples}
     for name, source in {**SOURCES, "lib": LIB}.items():

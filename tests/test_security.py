@@ -61,8 +61,7 @@ async def seen(redis) -> int:
 
 async def jobs(redis) -> list[dict[str, str]]:
     """Every batch's job record."""
-    return [{k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
-            async for key in redis.scan_iter(match="*:batch:*")]
+    return await BufferStore(redis, Settings()).job_records()
 
 
 async def post_raw(svc, path: str, body: bytes, headers: dict[str, str] | None = None

@@ -1,6 +1,6 @@
--- End a batch for good (completed, or skipped with a reason): keep a compact job record, move
--- the burst and the reply into the conversation's history for later prompts, and let the
--- conversation's next batch go.
+-- End a batch for good (completed, or skipped with a reason): keep its job record (compact when
+-- completed: lib.lua), move the burst and the reply into the conversation's history for later
+-- prompts, and let the conversation's next batch go.
 -- KEYS: batch messages history seen jobs
 -- ARGV: batch_id token state reason reply_id entry history_cap history_ttl_ms retention_ms
 --       dedup_ms wake prefix note
@@ -28,5 +28,5 @@ if ARGV[5] ~= '0' then
   local fp = redis.call('HGET', KEYS[1], 'fp')
   if fp then redis.call('ZREM', ARGV[12] .. 'sent:' .. conv, fp .. ':' .. ARGV[1]) end
 end
-archive(KEYS[1], ARGV[1], KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5], now)
+archive(ARGV[12], KEYS[1], ARGV[1], KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5], now)
 return 1

@@ -56,42 +56,98 @@ local function gcra(key, limit, period, now)
   return 0
 end
 
--- Keep one message in the conversation's history (prompt context), capped and expiring.
-local function remember(hist, entry, cap, ttl)
-  if tonumber(cap) > 0 then
-    redis.call('RPUSH', hist, entry)
-    redis.call('LTRIM', hist, -tonumber(cap), -1)
-    redis.call('PEXPIRE', hist, ttl)
-  end
-end
-
 -- A buffered message carries its arrival time ("t", Redis ms) so that a burst split by the
 -- size cap keeps its real age; the history has no use for it.
 local function stamped(json, now)
   return string.sub(json, 1, -2) .. ',"t":' .. now .. '}'
 end
-local function unstamped(json)
-  return (string.gsub(json, ',"t":%d+}$', '}'))
+
+-- A message as the history keeps it, 7 days: the id, text, attachments and role that prompts,
+-- handoff notes and transcripts read there, not the inbox, contact name, phone and typed text
+-- that only the burst itself is read for (claim.lua, processor.py, presence.py, handoff.py).
+-- ChatMessage.to_json writes those after id, text and attachments, in that order, and the
+-- arrival time comes last; a key with a quote before it cannot be inside a JSON string, and the
+-- attachments' own keys are other ones. Entries of any earlier version pass through unchanged.
+local function for_history(json)
+  json = string.gsub(json, ',"t":%d+}$', '}')
+  local cut
+  for _, key in ipairs({',"inbox":', ',"name":', ',"ph":', ',"typed":'}) do
+    local at = string.find(json, key, 1, true)
+    if at and (not cut or at < cut) then cut = at end
+  end
+  return cut and string.sub(json, 1, cut - 1) .. '}' or json
+end
+
+-- Keep one message in the conversation's history (prompt context), capped and expiring.
+local function remember(hist, entry, cap, ttl)
+  if tonumber(cap) > 0 then
+    redis.call('RPUSH', hist, for_history(entry))
+    redis.call('LTRIM', hist, -tonumber(cap), -1)
+    redis.call('PEXPIRE', hist, ttl)
+  end
+end
+
+-- A completed job's record, kept JOB_RETENTION_DAYS, is most of what stays in Redis after a
+-- burst: so it is one JSON array in a hash of 256 batch sequence numbers, `done:<seq // 256>`
+-- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
+-- own), and the shard's zset `done` lists the buckets by their last write, for listing and
+-- trimming, and its hash `donecount` counts their records (what ops.py counts reads: one reply
+-- per shard, not one per bucket). Times are ms after the first message; store.py `record` reads
+-- it back:
+--   [conv, inbox, count, trigger, attempts, first_ms, deadline, claimed, posting, finished,
+--    requeued, reply_id, parts_out, reason, media]   (-1: no such time; parts_out: the
+--    messages a split reply went out as, 0 for one)
+-- The burst and the reply are not repeated: the conversation's history holds them.
+local function compact(P, bkey, id, retention, now)
+  local h = redis.call('HMGET', bkey, 'conv', 'inbox', 'count', 'trigger', 'attempts', 'first_ms',
+    'deadline_ms', 'claimed_ms', 'posting_ms', 'finished_ms', 'requeued_ms', 'reply_id', 'parts_out',
+    'reason', 'media')
+  local first = tonumber(h[6]) or now
+  local function after(v) return v and tonumber(v) and tonumber(v) - first or -1 end
+  local rec = cjson.encode({h[1] or '', tonumber(h[2]) or 0, tonumber(h[3]) or 0, h[4] or '',
+    tonumber(h[5]) or 0, first, after(h[7]), after(h[8]), after(h[9]), after(h[10]), after(h[11]),
+    tonumber(h[12]) or 0, tonumber(h[13]) or 0, h[14] or '', h[15] or ''})
+  local seq = tonumber(string.match(id, '%-(%d+)$'))
+  local bucket = math.floor(seq / 256)
+  local key = P .. 'done:' .. bucket
+  local counts = P .. 'donecount'
+  redis.call('HINCRBY', counts, bucket, redis.call('HSET', key, seq, rec))
+  redis.call('PEXPIRE', key, retention)
+  redis.call('ZADD', P .. 'done', now, bucket)
+  local gone = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', now - retention)
+  if #gone > 0 then
+    redis.call('ZREM', P .. 'done', unpack(gone))
+    redis.call('HDEL', counts, unpack(gone))
+  end
+  -- The index of whole completed records that a previous version wrote, until it is empty.
+  redis.call('ZREMRANGEBYSCORE', P .. 'jobs:completed', '-inf', now - retention)
+  redis.call('DEL', bkey)
 end
 
 -- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
--- history for later prompts; the record is kept `retention` ms, listed in the `jobs` index of
--- its state, which forgets what the records' own expiry forgets. (finish.lua; note.lua for a
--- failed batch that its reply's echo completes.)
-local function archive(bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
+-- history for later prompts. A completed batch's record shrinks to what operators read in
+-- `jobs` (compact, below); any other keeps its whole record for `retention` ms, listed in the
+-- `jobs` index of its state, which forgets what the records' own expiry forgets. (finish.lua;
+-- note.lua for a failed batch that its reply's echo completes.) P: the shard's key prefix.
+local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
   cap = tonumber(cap)
   if cap > 0 then
     for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
-      redis.call('RPUSH', hist, unstamped(m))
+      redis.call('RPUSH', hist, for_history(m))
     end
     if entry ~= '' then redis.call('RPUSH', hist, entry) end
     redis.call('LTRIM', hist, -cap, -1)
     redis.call('PEXPIRE', hist, hist_ttl)
   end
   redis.call('DEL', msgs)
-  redis.call('PEXPIRE', bkey, retention)
-  redis.call('ZADD', jobs, now, id)
-  redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - tonumber(retention))
+  retention = tonumber(retention)
+  if redis.call('HGET', bkey, 'state') == 'completed' then
+    compact(P, bkey, id, retention, now)
+  else
+    redis.call('PEXPIRE', bkey, retention)
+    redis.call('ZADD', jobs, now, id)
+    redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - retention)
+  end
 end
 
 -- The attempts a batch used up against MAX_ATTEMPTS: those since its last attempt that got a

@@ -41,7 +41,7 @@ if ARGV[6] ~= '' then
       redis.call('HDEL', bkey, 'reply', 'parts', 'unsure')
       redis.call('ZREM', P .. 'failed', id)
       count(P, now, 'completed', 1)
-      archive(bkey, id, P .. 'msgs:' .. id, KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9],
+      archive(P, bkey, id, P .. 'msgs:' .. id, KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9],
         P .. 'jobs:completed', now)
     elseif state and state ~= 'completed' and state ~= 'skipped' and state ~= 'superseded' then
       redis.call('HSET', bkey, 'posted_id', ARGV[5])
