@@ -245,7 +245,7 @@ class Operations:
                     break
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for bucket in buckets:
-                        pipe.hgetall(self.keys.done_bucket(shard, int(bucket)))
+                        pipe.hgetall(self.keys.done_bucket(shard, int(decoded(bucket))))
                     found = await pipe.execute()
                 for records in found:
                     out += [_job_view(record(f"{shard}-{decoded(seq)}", None, raw))

@@ -391,7 +391,7 @@ def _version(version: float | None) -> str:
     return "0" if version is None else repr(version)
 
 
-def record(batch_id: str, whole: dict[Any, Any] | None, compact: bytes | None) -> dict[str, str]:
+def record(batch_id: str, whole: dict[Any, Any] | None, compact: bytes | str | None) -> dict[str, str]:
     """A job record as its hash has it, from the hash, else from a completed job's compact record
     (lib.lua compact: times in it are ms after the first message, -1 for none; what it does not
     keep, such as an earlier attempt's error, is absent), else {}."""
