@@ -21,7 +21,7 @@ from .chatwoot import ChatwootClient, ChatwootError, typed_text
 from .config import Settings
 from .keywords import keyword_in
 from .llm import LLMReply
-from .store import Batch, BufferStore
+from .store import Batch, BufferStore, LeaseLost
 
 log = structlog.get_logger("buffer_service.handoff")
 
@@ -99,9 +99,10 @@ class Handover:
         self.chatwoot = chatwoot
 
     async def hand_over(self, batch: Batch, reason: str, summary: str = "") -> None:
-        """Remember, note, set `open`. A retry repeats them (the record and the status are the
-        same again; the note may be written twice). Chatwoot's errors raise as unsure, so that
-        a handoff message already posted is confirmed, not posted again, on the retry."""
+        """Remember, note, set `open`. A retry repeats the record and the status (the same
+        again), and the note unless Chatwoot took it before (noted.lua). Chatwoot's errors raise
+        as unsure, so that a handoff message already posted is confirmed, not posted again, on
+        the retry."""
         record = f"handoff:{reason.split(':', 1)[0]}"
         # Remembered first: even while Chatwoot refuses the rest, the bot stays out. Versioned
         # as the record already is (the snapshot that let the bot answer), which a tie gives
@@ -111,8 +112,11 @@ class Handover:
         known = {m.get("id") for m in history}
         burst = tuple(m for m in batch.messages if m.get("id") not in known)
         try:
-            await self.chatwoot.post_note(batch.account_id, batch.conversation_id,
-                                          note_text(reason, summary, history, burst))
+            if not await self.store.handoff_noted(batch):
+                await self.chatwoot.post_note(batch.account_id, batch.conversation_id,
+                                              note_text(reason, summary, history, burst))
+                if not await self.store.note_out(batch):
+                    raise LeaseLost
             await self.chatwoot.set_status(batch.account_id, batch.conversation_id, "open")
             # Chatwoot's own snapshot of the change versions the record from now on: its
             # webhook (status open, this updated_at) ties, and a tie keeps the human in charge.

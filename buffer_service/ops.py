@@ -396,6 +396,8 @@ def _job_view(h: dict[str, str]) -> dict[str, Any]:
         "requeued_at": iso(h.get("requeued_ms")),
         "error": h.get("error") or None,
         "reason": h.get("reason") or None,
+        # A reply a takeover cut short: how many of its parts went out (processor.py).
+        "note": h.get("note") or None,
         "media": h.get("media") or None,  # what the model could not see or hear, and why
         "reply_message_id": _int(h.get("reply_id")) or None,
         "_t": max(times),

@@ -7,12 +7,14 @@ Steps, each recorded before the next so that a retry after a crash repeats nothi
    the LLM call until the batch ends, whatever the outcome (presence.py); a model that calls
    its handoff tool has that decision stored with the batch;
 3. before_post, one fenced script: skip if a human took over meanwhile, supersede if the
-   customer wrote again (old and new are answered together), else store the reply with the
-   batch as "posting", unsure until its outcome is known;
+   customer wrote again (old and new are answered together), else store the reply and its split
+   with the batch as "posting", unsure until its outcome is known;
 4. post the reply to Chatwoot: as one message, or split at its paragraphs (parts.py) part by
    part with a typing pause before each further part; each part's message id is recorded
    (part.lua) before the next part, the handoff or the finish, so a retry resumes at the next
-   part, and once a part is out the reply is no longer superseded;
+   part of the stored split. Once a part is out the reply is no longer superseded, but a
+   person's takeover, checked again before every part, drops the rest (skipped, the parts out
+   archived as the reply);
 5. a handoff: remember it, note it for the agents, set the conversation open;
 6. finish the batch with Chatwoot's message id (its last part's).
 A retry whose post Chatwoot's webhook echo already confirmed goes from 3 straight to the next
@@ -43,7 +45,7 @@ from .llm import LLMClient, LLMError, LLMReply
 from .media import Media
 from .parts import pause_s, split_reply
 from .presence import Presence, Typing
-from .store import Batch, BufferStore
+from .store import Batch, BufferStore, LeaseLost, Progress
 
 log = structlog.get_logger("buffer_service.processor")
 
@@ -74,10 +76,6 @@ def backoff_ms(attempt: int, base_ms: int, retry_after_s: float | None = None) -
     if retry_after_s is not None:
         delay = max(delay, int(retry_after_s * 1000))
     return delay
-
-
-class LeaseLost(Exception):
-    """Another worker took the batch over (our lease lapsed); stop without side effects."""
 
 
 class Processor:
@@ -182,19 +180,20 @@ class Processor:
             await self.handover.hand_over(batch, handoff, summary)
             return await self._skip(batch, _handoff_reason(handoff))
 
-        parts = split_reply(reply, self.settings.reply_split, self.settings.reply_max_parts)
-        # A retry resumes after the parts an earlier attempt got out (part.lua).
-        out, reply_id = await self.store.progress(batch) if batch.reply else (0, 0)
-        out = min(out, len(parts))
-        part = parts[min(out, len(parts) - 1)]
+        # A retry posts the parts the first attempt stored, whatever its own split settings,
+        # and resumes after those an earlier attempt got out (before_post.lua, part.lua).
+        progress = await self.store.progress(batch) if batch.reply else Progress()
+        parts = progress.parts or split_reply(reply, self.settings.reply_split,
+                                              self.settings.reply_max_parts)
+        out, reply_id = min(progress.out, len(parts)), progress.last_id
         # Fenced: if our lease lapsed while the LLM thought, another worker owns the batch now.
-        verdict, detail = await self.store.before_post(batch, reply, part=part)
+        verdict, detail = await self.store.before_post(batch, reply, parts=parts, out=out)
         if verdict == "confirm":
-            verdict, detail = await self._settle_earlier_post(batch, reply, part, reply_id)
+            verdict, detail = await self._settle_earlier_post(batch, reply, parts, out, reply_id)
         if verdict == "lost":
             raise LeaseLost
         if verdict == "skip":
-            return await self._skip(batch, detail)
+            return await self._skip(batch, detail, parts, out, reply_id)
         if verdict == "superseded":
             log.info("reply_superseded", waiting_messages=int(detail))
             return "superseded"
@@ -205,14 +204,21 @@ class Processor:
             if out < len(parts):  # the part in flight, confirmed by its echo or by Chatwoot
                 out += 1
                 await self._part_out(batch, out, reply_id, len(parts))
+        if batch.reply and out < len(parts):
+            # A retry with a stored reply started no LLM call: typing shows before its first
+            # post too, so that its `off` after the last part, not a killed worker's `on`, is
+            # the last word.
+            typing.start()
         while out < len(parts):
             if verdict != "post":
-                # A further part: after its pause (typing shows, also when no LLM call started
-                # it), marked in flight like the first.
+                # A further part: after its pause (typing shows), marked in flight like the
+                # first; a person who took over meanwhile stops the rest (before_post.lua).
                 typing.start()
                 await asyncio.sleep(pause_s(parts[out], self.settings.reply_pacing_ms_per_char))
-                verdict, _ = await self.store.before_post(batch, reply, part=parts[out])
-                if verdict != "post":  # the rest of a reply begun is neither skipped nor superseded
+                verdict, detail = await self.store.before_post(batch, reply, parts=parts, out=out)
+                if verdict == "skip":
+                    return await self._skip(batch, detail, parts, out, reply_id)
+                if verdict != "post":  # the rest of a reply begun is not superseded
                     raise LeaseLost
             posting = time.monotonic()
             reply_id = await self.chatwoot.post_reply(batch.account_id, batch.conversation_id,
@@ -231,24 +237,25 @@ class Processor:
                  wait_ms=batch.claimed_ms - batch.first_ms)
         return "completed"
 
-    async def _settle_earlier_post(self, batch: Batch, reply: str, part: str,
+    async def _settle_earlier_post(self, batch: Batch, reply: str, parts: list[str], out: int,
                                    last_part_id: int) -> tuple[str, str]:
-        """An earlier attempt may have posted `part` of `reply`: Chatwoot's messages after the
-        burst and the parts already out (`last_part_id`, 0 for none) say whether it did, and
-        whether a person answered meanwhile (then the bot stays out). Undecidable raises, and
-        the batch waits for a retry, or for the echo, rather than risk a duplicate."""
+        """An earlier attempt may have posted the part after the `out` parts out of `reply`:
+        Chatwoot's messages after the burst and the parts already out (`last_part_id`, 0 for
+        none) say whether it did, and whether a person answered meanwhile (then the bot stays
+        out). Undecidable raises, and the batch waits for a retry, or for the echo, rather than
+        risk a duplicate."""
         after = max([last_part_id, *(int(m.get("id", 0)) for m in batch.messages)])
         messages, complete = await self.chatwoot.messages_after(batch.account_id,
                                                                 batch.conversation_id, after)
         known = await self.store.known_messages(batch, [int(m["id"]) for m in messages])
-        found, message_id = earlier_post(messages, complete, part, known)
+        found, message_id = earlier_post(messages, complete, parts[min(out, len(parts) - 1)], known)
         if found == "posted":
             return "posted", str(message_id)
         if found == "human":
             log.info("person_answered_meanwhile", message_id=message_id)
             return "skip", "human_agent_replied"
         log.info("earlier_post_not_found")
-        return await self.store.before_post(batch, reply, absent=True, part=part)
+        return await self.store.before_post(batch, reply, absent=True, parts=parts, out=out)
 
     async def _part_out(self, batch: Batch, out: int, message_id: int, parts: int) -> None:
         # Recorded before the next part, the handoff's note or the finish (part.lua).
@@ -285,10 +292,16 @@ class Processor:
                  prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
         return answer
 
-    async def _skip(self, batch: Batch, reason: str) -> str:
-        if not await self.store.finish(batch, "skipped", reason=reason):
+    async def _skip(self, batch: Batch, reason: str, parts: list[str] | None = None, out: int = 0,
+                    last_id: int = 0) -> str:
+        """End the batch unanswered; a reply a takeover cut short after `out` of its `parts`
+        reaches the history as far as it went out (`last_id`: its last part's message id)."""
+        parts = parts or []
+        note = f"{out} of {len(parts)} parts were out" if out else ""
+        if not await self.store.finish(batch, "skipped", reason=reason, reply="\n\n".join(parts[:out]),
+                                       reply_id=last_id if out else 0, note=note):
             raise LeaseLost
-        log.info("batch_skipped", reason=reason)
+        log.info("batch_skipped", reason=reason, parts_out=out, parts=len(parts))
         return "skipped"
 
     async def _finish_posted(self, batch: Batch, reply: str, reply_id: int, reason: str) -> None:
@@ -335,7 +348,7 @@ class Processor:
             released = await self.store.release(batch)
         except RedisError:
             released = False
-        # Not released (posting, or Redis away): the lease lapses and a worker takes it then.
+        # Not released (a post in doubt, or Redis away): the lease lapses and a worker takes it then.
         log.warning("batch_released" if released else "batch_left_to_lease_expiry")
 
     async def _keep_lease(self, batch: Batch) -> None:

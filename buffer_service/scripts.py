@@ -138,6 +138,7 @@ class Scripts:
     mediaclaim: Script
     medianote: Script
     note: Script
+    noted: Script
     part: Script
     purge: Script
     release: Script

@@ -86,6 +86,21 @@ class Batch:
         return next((int(m["inbox"]) for m in reversed(self.messages) if m.get("inbox")), None)
 
 
+class LeaseLost(Exception):
+    """Another worker took the batch over (our lease lapsed); stop without side effects."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far earlier attempts got with a batch's stored reply: `out` of its parts are out, the
+    last of them Chatwoot's message `last_id` (0 for none); `parts`: the split stored with the
+    reply (None before its first post)."""
+
+    out: int = 0
+    last_id: int = 0
+    parts: list[str] | None = None
+
+
 class BufferStore:
     """All reads and writes of buffer state (keys from keys.py, scripts from scripts.py)."""
 
@@ -215,12 +230,14 @@ class BufferStore:
         return decoded(reason or ""), decoded(summary or "")
 
     async def before_post(self, batch: Batch, reply: str, *, absent: bool = False,
-                          part: str | None = None) -> tuple[str, str]:
+                          parts: list[str] | None = None, out: int = 0) -> tuple[str, str]:
         """The fenced step before posting `reply` (before_post.lua): returns (verdict, detail),
         verdict one of 'post', 'posted' (detail: the message id), 'confirm' (an earlier post may
         have gone through: ask Chatwoot, then call again with absent=True if it has no such
         message), 'skip' (detail: the reason), 'superseded' (detail: messages now waiting),
-        'lost'. `part`: the part of `reply` to post now (parts.py), when it is split."""
+        'lost'. `parts`: the parts `reply` goes out as (parts.py; stored with the batch the first
+        time), `out` of them out already; None for a reply posted whole."""
+        parts = parts or [reply]
         s, k, conv, shard = self.settings.for_inbox(batch.inbox_id), self.keys, batch.conv, batch.shard
         verdict, detail = await self.scripts.before_post(
             keys={"batch": k.batch(batch.id), "due": k.due(shard), "first": k.first(shard),
@@ -232,15 +249,25 @@ class BufferStore:
                   "own_memory_ms": _OWN_REPLY_MEMORY_MS, "own_kept": _OWN_REPLIES_KEPT,
                   "retention_ms": s.job_retention_days * 86_400_000, "wake": k.wake,
                   "absent": int(absent), "prefix": k.prefix(shard),
-                  "part": reply if part is None else part},
+                  "part": parts[min(out, len(parts) - 1)], "parts": orjson.dumps(parts)},
         )
         return decoded(verdict), decoded(detail)
 
-    async def progress(self, batch: Batch) -> tuple[int, int]:
-        """How many parts of its stored reply an earlier attempt got out, and the message id of
-        the last of them (part.lua); (0, 0) for none."""
-        out, last_id = await self.redis.hmget(self.keys.batch(batch.id), "parts_out", "last_id")
-        return int(out or 0), int(last_id or 0)
+    async def progress(self, batch: Batch) -> Progress:
+        """What an earlier attempt stored and got out of the batch's reply (before_post.lua,
+        part.lua)."""
+        out, last_id, parts = await self.redis.hmget(self.keys.batch(batch.id), "parts_out",
+                                                     "last_id", "parts")
+        return Progress(int(out or 0), int(last_id or 0), orjson.loads(parts) if parts else None)
+
+    async def handoff_noted(self, batch: Batch) -> bool:
+        """Whether an earlier attempt got the handoff's private note out (noted.lua)."""
+        return bool(await self.redis.hexists(self.keys.batch(batch.id), "note_out"))
+
+    async def note_out(self, batch: Batch) -> bool:
+        """Record that Chatwoot took the handoff's private note (noted.lua). False: lease lost."""
+        return bool(await self.scripts.noted(keys={"batch": self.keys.batch(batch.id)},
+                                             args={"token": batch.token}))
 
     async def part_out(self, batch: Batch, parts_out: int, message_id: int, last: bool) -> bool:
         """Record that the reply's first `parts_out` parts are out, the last of them as
@@ -261,7 +288,7 @@ class BufferStore:
         ))
 
     async def finish(self, batch: Batch, state: str, *, reason: str = "", reply: str = "",
-                     reply_id: int = 0) -> bool:
+                     reply_id: int = 0, note: str = "") -> bool:
         s, k = self.settings, self.keys
         entry = ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
                             role="assistant").to_json() if reply else b""
@@ -273,7 +300,7 @@ class BufferStore:
                   "reply_id": reply_id, "entry": entry, "history_cap": self._history_cap(),
                   "history_ttl_ms": s.history_ttl_s * 1000,
                   "retention_ms": s.job_retention_days * 86_400_000, "dedup_ms": s.dedup_ttl_s * 1000,
-                  "wake": k.wake, "prefix": k.prefix(batch.shard)},
+                  "wake": k.wake, "prefix": k.prefix(batch.shard), "note": note},
         ))
 
     async def fail(self, batch: Batch, error: str, *, retry_in_ms: int, permanent: bool,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import HeldChatwoot, Workers
+from helpers import HeldChatwoot, RefusesStatusOnce, Workers
 from redis.asyncio import Redis
 
 from buffer_service import logs, redis_client, service
@@ -155,6 +155,14 @@ async def held_chatwoot() -> AsyncIterator[HeldChatwoot]:
     await server.start()
     yield server
     server.opened.set()
+    await server.stop()
+
+
+@pytest.fixture
+async def flaky_chatwoot() -> AsyncIterator[RefusesStatusOnce]:
+    server = RefusesStatusOnce()
+    await server.start()
+    yield server
     await server.stop()
 
 

@@ -213,3 +213,13 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
         assert time.monotonic() < deadline, "process did not exit"
         await asyncio.sleep(0.05)
     return proc.returncode
+
+
+class RefusesStatusOnce(ChatwootStandIn):
+    """Chatwoot answering the first `toggle_status` with a 503, the rest as usual."""
+
+    async def _toggle_status(self, request: web.Request) -> web.Response:
+        if not self.status_changes and not getattr(self, "refused", False):
+            self.refused = True
+            return web.json_response({"error": "busy"}, status=503)
+        return await super()._toggle_status(request)

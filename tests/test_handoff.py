@@ -8,13 +8,11 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from helpers import eventually, job_in, wait_for
 
 from buffer_service.config import Settings
 from buffer_service.keywords import keyword_in, parse_keywords
 from buffer_service.store import BufferStore
-from devtools.chatwoot_standin import ChatwootStandIn
 from devtools.payloads import message_payload
 
 KEYWORDS = parse_keywords("atendente, humano,human , agent,falar com  pessoa")
@@ -87,23 +85,6 @@ async def test_without_a_handoff_message_only_the_note_and_the_status(settings, 
     assert [p.body["private"] for p in chatwoot.posts_for(33)] == [True]
     assert chatwoot.status_changes[0].status == "open"
     assert llm.calls == []
-
-
-class RefusesStatusOnce(ChatwootStandIn):
-    async def _toggle_status(self, request):
-        if not self.status_changes and not getattr(self, "refused", False):
-            self.refused = True
-            from aiohttp import web
-            return web.json_response({"error": "busy"}, status=503)
-        return await super()._toggle_status(request)
-
-
-@pytest.fixture
-async def flaky_chatwoot():
-    server = RefusesStatusOnce()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_a_failed_handoff_step_is_retried_without_a_second_message(

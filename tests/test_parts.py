@@ -74,6 +74,24 @@ async def test_the_first_part_out_ends_superseding(settings, make_service, llm, 
         [f"{p} (a)" for p in THREE] + [f"{p} (b)" for p in THREE]
 
 
+async def test_a_takeover_between_parts_archives_the_parts_out_and_notes_how_far_it_went(
+        settings, make_service, llm, chatwoot, redis, store):
+    """The rest of the reply is dropped; the job says why and how much went out, and the parts
+    out reach the history as the bot's reply (the next prompt sees what the customer read)."""
+    llm.reply_fn = lambda messages: "\n\n".join(THREE)
+    svc = await make_service(replace(settings, buffer_duration_ms=200, reply_pacing_ms_per_char=40))
+    await svc.webhook(message_payload(message_id=5, conversation_id=73, content="where is it?"))
+    await wait_for(lambda: chatwoot.posts_for(73), timeout=10)
+    await svc.webhook(message_payload(message_id=6, conversation_id=73, content="Ana here",
+                                      message_type="outgoing", sender_type="user",
+                                      sender_name="Ana Lima"))
+    skipped = await eventually(job_in("skipped", redis, "1:73"), timeout=15)
+    assert (skipped["reason"], skipped["note"]) == ("human_agent_replied", "1 of 3 parts were out")
+    assert skipped["reply_id"] == str(chatwoot.posts_for(73)[0].message_id)
+    history = [(e.get("role", "user"), e["text"]) for e in await store.history("1:73", 10)]
+    assert ("assistant", THREE[0]) in history
+
+
 @pytest.mark.parametrize("unsure", [False, True], ids=["between-parts", "part-outcome-unknown"])
 async def test_kill_9_between_parts_resumes_at_the_next_part_and_repeats_none(
         settings, make_service, llm, held_chatwoot, workers, redis, unsure):

@@ -3,17 +3,19 @@
 -- prompts, and let the conversation's next batch go.
 -- KEYS: batch messages history seen jobs
 -- ARGV: batch_id token state reason reply_id entry history_cap history_ttl_ms retention_ms
---       dedup_ms wake prefix
+--       dedup_ms wake prefix note
 -- seen: the marker of the posted reply (so its webhook echo is not recorded twice); jobs:
 -- jobs:<state> (zset id -> finish time: the index operators list jobs by); entry: the reply's
--- history entry ('' for none); prefix: the shard's key prefix (keys.py).
+-- history entry ('' for none); prefix: the shard's key prefix (keys.py); note: for the operator
+-- ('' for none), e.g. how much of a reply a takeover cut short went out.
 -- Returns 1 when finished, 0 when the token no longer matches.
 if not holds(KEYS[1], ARGV[2]) then return 0 end
 local now = now_ms()
 local conv = redis.call('HGET', KEYS[1], 'conv')
 
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'reason', ARGV[4], 'reply_id', ARGV[5])
-redis.call('HDEL', KEYS[1], 'reply', 'unsure')
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'note', ARGV[13]) end
+redis.call('HDEL', KEYS[1], 'reply', 'parts', 'unsure')
 if close_batch(ARGV[12], KEYS[1], ARGV[1], conv, now) then
   redis.call('PUBLISH', ARGV[11], now)
 end

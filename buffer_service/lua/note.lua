@@ -5,7 +5,9 @@
 --   left a seen marker 'own' (finish.lua). Otherwise its fingerprint (lib.lua: own_take) names
 --   the batch: an unfinished one records the message id, so that its retry finishes instead of
 --   posting again; a failed one (its post's outcome was never settled) is completed here, with
---   the burst and the reply in the history.
+--   the burst and the reply in the history, when this was its last part (or its whole reply).
+--   The echo of an earlier part of a failed reply records that part only (as part.lua does):
+--   the batch stays failed, and an operator's retry posts the parts that are left.
 -- * A human agent's message pauses the bot in the conversation. Our own replies look the same
 --   when the service posts with a user access token; the two ways above tell them apart.
 -- KEYS: seen history pause sent
@@ -27,11 +29,16 @@ if ARGV[6] ~= '' then
     local P = ARGV[7]
     local bkey = P .. 'batch:' .. id
     local state = redis.call('HGET', bkey, 'state')
-    if state == 'failed' then
+    local stored = redis.call('HGET', bkey, 'parts')
+    local out = (tonumber(redis.call('HGET', bkey, 'parts_out')) or 0) + 1
+    if state == 'failed' and stored and out < #cjson.decode(stored) then
+      redis.call('HSET', bkey, 'parts_out', out, 'last_id', ARGV[5])
+      redis.call('HDEL', bkey, 'unsure')
+    elseif state == 'failed' then
       local now = now_ms()
       redis.call('HSET', bkey, 'state', 'completed', 'reason', 'confirmed_by_echo',
         'reply_id', ARGV[5], 'finished_ms', now)
-      redis.call('HDEL', bkey, 'reply', 'unsure')
+      redis.call('HDEL', bkey, 'reply', 'parts', 'unsure')
       redis.call('ZREM', P .. 'failed', id)
       count(P, now, 'completed', 1)
       archive(P, bkey, id, P .. 'msgs:' .. id, KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[9],

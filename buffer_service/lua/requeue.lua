@@ -1,6 +1,7 @@
--- An operator re-queues a failed batch: its attempts start again and any worker takes it at
--- once, or, while another batch of the conversation runs, right after that one and before any
--- burst that arrived meanwhile: it holds older messages, and replies go out in order
+-- An operator re-queues a failed batch: its attempts start again (MAX_ATTEMPTS counts from the
+-- re-queue, also for a reply whose parts made progress: lib.lua attempts_spent) and any worker
+-- takes it at once, or, while another batch of the conversation runs, right after that one and
+-- before any burst that arrived meanwhile: it holds older messages, and replies go out in order
 -- (lib.lua: close_batch hands the conversation to it).
 -- KEYS: batch inflight active failed
 -- ARGV: batch_id wake prefix
@@ -8,7 +9,8 @@
 if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
 local now = now_ms()
 local conv = redis.call('HGET', KEYS[1], 'conv')
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'requeued_ms', now)
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'progress_attempt', 0,
+  'requeued_ms', now)
 redis.call('PERSIST', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 local holder = redis.call('HGET', KEYS[3], conv)
