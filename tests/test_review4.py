@@ -1,0 +1,135 @@
+"""Adversarial review of three changes to the delivery path: split replies (4978f8b..bb494f4),
+compact completed-job records (dc6d49c) and Redis Cluster support (45d872f..e30f01b). Each test
+shows one finding against the real service code and fails until it is fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from dataclasses import replace
+
+import pytest
+from conftest import ON_CLUSTER
+from helpers import eventually, job_in, jobs, wait_for
+
+from buffer_service.flags import Flags
+from buffer_service.keys import Keys
+from buffer_service.keywords import parse_keywords
+from buffer_service.ops import Operations
+from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
+
+THREE = ["Your order left the warehouse today.",
+         "It should arrive on Thursday, between 9 and 18.",
+         "Anything else I can help with?"]
+
+
+def _contents(chatwoot, conversation_id: int) -> list[str]:
+    return [p.body["content"] for p in chatwoot.posts_for(conversation_id) if not p.body.get("private")]
+
+
+# -- 1. split replies: the echo of the last part completes a failed batch --------------------------
+async def test_a_late_echo_completing_a_failed_split_reply_keeps_the_whole_reply(
+        settings, make_service, llm, chatwoot, redis, store):
+    """Finding: parts 1 and 2 of 3 are out (part.lua recorded them, their echoes were known by
+    id and so never written to the history). Part 3's POST is queued behind a busy Rails: the
+    client gives up, the retry cannot ask Chatwoot (500) and the batch fails. Then Chatwoot
+    creates part 3 and echoes it: note.lua completes the job (confirmed_by_echo) with the echo's
+    entry, part 3 alone, as the bot's reply in the history, and the compact record keeps
+    `parts_out` 2 (it never counts the part the echo confirmed).
+    Harm: the next burst's prompt shows the bot said only "Anything else I can help with?": the
+    LLM no longer knows what it told the customer (when the order arrives) and may contradict or
+    repeat it; the operator's record says 2 parts of a 3-part reply went out."""
+    llm.reply_fn = lambda messages: "\n\n".join(THREE)
+    chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+    svc = await make_service(replace(settings, buffer_duration_ms=200, max_attempts=1,
+                                     chatwoot_timeout_s=0.3, reply_pacing_ms_per_char=20))
+    await svc.webhook(message_payload(message_id=1, conversation_id=401, content="where is my order?"))
+    await wait_for(lambda: len(chatwoot.posts_for(401)) == 2, timeout=10)
+    chatwoot.late_next(1, create_after_s=2.0)  # part 3: created 2 s after it arrives
+    await wait_for(lambda: not chatwoot._late, timeout=10)  # part 3's POST is inside Chatwoot
+    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
+    await eventually(job_in("failed", redis, "1:401"), timeout=10)
+    await wait_for(lambda: len(chatwoot.posts_for(401)) == 3, timeout=10)  # part 3 created
+    await asyncio.sleep(0.3)
+    await chatwoot.wait_echoes()
+    [job] = await jobs(redis, "1:401")
+    if job["state"] == "failed":  # a fix may leave it to an operator's retry
+        assert await store.requeue(job["id"])
+        await eventually(job_in("completed", redis, "1:401"), timeout=10)
+        [job] = await jobs(redis, "1:401")
+    assert _contents(chatwoot, 401) == THREE
+    assert job["state"] == "completed"
+    said = [e["text"] for e in await store.history("1:401", 50) if e.get("role") == "assistant"]
+    assert "\n\n".join(said) == "\n\n".join(THREE), said
+    assert job.get("parts_out") == "3", job
+
+
+# -- 2. split replies / handoff: a handoff completed by its late echo never hands over -------------
+async def test_a_handoff_whose_message_is_confirmed_by_a_late_echo_still_hands_over(
+        settings, make_service, llm, chatwoot, redis, store):
+    """Finding: the customer asks for a human (keyword). HANDOFF_MESSAGE's POST is queued behind
+    a busy Rails; the client gives up and the batch fails (MAX_ATTEMPTS=1). Chatwoot then creates
+    the message and echoes it: note.lua completes the failed job as confirmed_by_echo, and the
+    handoff that the batch had decided (mark.lua) is dropped: no handoff record, no private note
+    for the agents, no `toggle_status open`; an operator cannot retry a completed job.
+    Harm: the customer was told a person takes over, yet no agent is told and the conversation
+    stays with the bot, which answers the customer's next message itself."""
+    chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+    message = "A person will answer you here shortly."
+    svc = await make_service(replace(settings, buffer_duration_ms=200, max_attempts=1,
+                                     chatwoot_timeout_s=0.3, handoff_keywords=parse_keywords("humano"),
+                                     handoff_message=message))
+    chatwoot.late_next(1, create_after_s=2.0)
+    await svc.webhook(message_payload(message_id=1, conversation_id=402, content="humano"))
+    await eventually(job_in("failed", redis, "1:402"), timeout=10)
+    await wait_for(lambda: len(chatwoot.posts_for(402)) == 1, timeout=10)  # created late
+    await asyncio.sleep(0.3)
+    await chatwoot.wait_echoes()
+    [job] = await jobs(redis, "1:402")
+    if job["state"] == "failed":  # a fix may leave the rest of the handoff to a retry
+        assert await store.requeue(job["id"])
+    try:
+        await wait_for(lambda: [c.status for c in chatwoot.status_changes] == ["open"], timeout=5)
+    except AssertionError:
+        [job] = await jobs(redis, "1:402")
+        raise AssertionError(f"never handed over: job {job.get('state')} {job.get('reason')}, "
+                             f"notes {chatwoot.notes_for(402)}") from None
+    assert len(chatwoot.notes_for(402)) == 1
+    assert _contents(chatwoot, 402) == [message]
+
+
+# -- 3. compact records: the completed count outlives the records ----------------------------------
+async def test_completed_count_forgets_compact_records_that_expired(
+        settings, make_service, llm, chatwoot, redis):
+    """Finding: a completed job's compact record lives in a bucket hash that expires after
+    JOB_RETENTION_DAYS; `donecount` (what `counts()` / `stats` / `GET /admin/stats` read) and
+    the `done` zset are trimmed only when another job of the same shard completes
+    (lib.lua compact). `cleanup` trims the legacy `jobs:completed` index but not these, though
+    its docstring says it "catches a shard where nothing finished lately".
+    Harm: in a shard where nothing completed since (a quiet inbox, fewer conversations), the
+    operator's figures keep counting completed jobs whose records are gone, forever, and
+    `buffer-service cleanup` does not fix them. The test makes JOB_RETENTION_DAYS pass by
+    giving the bucket and its `done` entry the age they would have (Redis expires the bucket)."""
+    s = replace(settings, job_retention_days=2)
+    svc = await make_service(s)
+    await svc.webhook(message_payload(message_id=1, conversation_id=403, content="ok"))
+    await wait_for(lambda: len(chatwoot.posts_for(403)) == 1, timeout=5)
+    operator = Operations(BufferStore(redis, s), Flags(redis, s))
+    await eventually(lambda: _completed(operator), timeout=5)
+    keys = operator.keys
+    [done] = await operator.jobs("completed")
+    bucket, _ = keys.done_of(done["id"])
+    shard = keys.shard_of("1:403")
+    now = await operator.now_ms()
+    # Three days later: Redis expired the bucket (its PEXPIRE was 2 days), the zset entry is old.
+    await redis.zadd(keys.done(shard), {bucket.rsplit(":", 1)[1]: now - 3 * 86_400_000})
+    await redis.delete(bucket)
+    assert await operator.jobs("completed") == []
+    await operator.cleanup()
+    assert (await operator.counts())["completed"] == 0
+
+
+async def _completed(operator: Operations) -> bool:
+    return (await operator.counts())["completed"] == 1
+
