@@ -8,9 +8,11 @@ import asyncio
 import subprocess
 from dataclasses import replace
 
+import aiohttp
 import pytest
-from conftest import ON_CLUSTER
 from helpers import eventually, job_in, jobs, wait_for
+from redis.crc import key_slot
+from test_cluster import _move_slot, cluster, nodes_of_shards  # noqa: F401 (the fixture)
 
 from buffer_service.flags import Flags
 from buffer_service.keys import Keys
@@ -133,3 +135,60 @@ async def test_completed_count_forgets_compact_records_that_expired(
 async def _completed(operator: Operations) -> bool:
     return (await operator.counts())["completed"] == 1
 
+
+
+# -- 4. Redis Cluster: WAIT on one node confirms a call that MOVED ran on another ------------------
+@pytest.mark.replicas(1)
+async def test_a_webhook_redirected_by_moved_is_not_confirmed_by_the_old_nodes_wait(
+        settings, cluster, make_service):  # noqa: F811 (the fixture imported above)
+    """Finding: with REDIS_WAIT_REPLICAS=1 the batcher queues one WAIT per node, chosen from the
+    client's slot map when the pipeline is built. After a reshard (the slot moved, the map not
+    yet refreshed), the append goes to the old node, gets MOVED, and redis-py's cluster
+    pipeline re-sends it on its own to the new node, after the pipeline, WAIT included, ran:
+    the old node's WAIT (its replica is fine) is taken as the confirmation of a write made on
+    the new node, whose replica never got it (here it is down).
+    Harm: the webhook is acknowledged (200) though no replica holds the message; a failover of
+    the new primary loses an acknowledged customer message, the very loss REDIS_WAIT_REPLICAS
+    promises to prevent (Chatwoot does not redeliver a 200). Expected: 503 (Chatwoot retries)."""
+    settings = replace(settings, redis_url=cluster.url, redis_wait_replicas=1)
+    keys = Keys(settings)
+    owners = nodes_of_shards(keys, cluster)
+    conv = 5
+    shard = keys.shard_of(f"1:{conv}")
+    source = owners[shard]
+    target = next(n.port for n in cluster.primary_nodes() if n.port != source)
+    await wait_for(lambda: all("master_link_status:up" in _cli(n.port, "INFO", "replication")
+                               for n in cluster.nodes if n.port not in owners.values()), timeout=20)
+    svc = await make_service(settings, worker=False)
+    async with aiohttp.ClientSession() as session:
+        # Both nodes know the script and the client has learnt the slot map.
+        on_target = next(c for c in range(1, 400) if owners[keys.shard_of(f"1:{c}")] == target)
+        for n, c in enumerate((conv, on_target), 1):
+            status, body = await _post(session, svc.url, c, n, "before")
+            assert (status, body.get("status")) == (200, "buffered"), body
+        target_replica = _replica_of(cluster, target)
+        target_replica.stop()  # the new owner's only replica is down
+        status, _ = await _post(session, svc.url, on_target, 3, "not replicated")
+        assert status == 503  # a write made on that node, not redirected, is refused
+        await asyncio.to_thread(_move_slot, key_slot(keys.due(shard).encode()), source, target)
+        assert nodes_of_shards(keys, cluster)[shard] == target
+        status, body = await _post(session, svc.url, conv, 10, "after the move")
+    assert status == 503, f"acknowledged ({status} {body}) though no replica of the node has it"
+
+
+async def _post(session: aiohttp.ClientSession, url: str, conv: int, message_id: int,
+                text: str) -> tuple[int, dict]:
+    payload = message_payload(message_id=message_id, conversation_id=conv, content=text)
+    async with session.post(url + "/webhooks/chatwoot", json=payload) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def _replica_of(servers, port: int):
+    """The node that replicates the primary on `port`."""
+    return next(n for n in servers.nodes if n.port != port
+                and f"master_port:{port}\n" in _cli(n.port, "INFO", "replication").replace("\r", ""))
+
+
+def _cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                          timeout=5, check=True).stdout
