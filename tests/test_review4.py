@@ -137,6 +137,28 @@ async def _completed(operator: Operations) -> bool:
 
 
 
+
+# -- 5. stats: a reply confirmed by its late echo counts as answered in no time --------------------
+async def test_a_reply_completed_by_its_late_echo_counts_its_real_reply_time(
+        settings, make_service, llm, chatwoot, redis):
+    """Finding: a job completed by finish.lua adds its first-message-to-reply time to the hour's
+    `reply_ms` (close_batch); one completed by its reply's late echo after it failed
+    (note.lua, confirmed_by_echo) adds 1 to `completed` and nothing to `reply_ms`.
+    Harm: `stats` / `GET /admin/stats` report such a reply as answered in 0 s, so
+    avg_first_message_to_reply_s drops exactly when Chatwoot is slow (the only time replies end
+    this way): here one reply that reached the customer 2 s after the post shows as 0.0 s."""
+    chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+    s = replace(settings, buffer_duration_ms=200, max_attempts=1, chatwoot_timeout_s=0.3)
+    svc = await make_service(s)
+    chatwoot.late_next(1, create_after_s=2.0)
+    await svc.webhook(message_payload(message_id=1, conversation_id=405, content="hello"))
+    await eventually(job_in("failed", redis, "1:405"), timeout=10)
+    await eventually(job_in("completed", redis, "1:405"), timeout=10)  # the late echo
+    totals = (await Operations(BufferStore(redis, s), Flags(redis, s)).stats(1))["totals"]
+    assert totals["completed"] == 1
+    assert totals["avg_first_message_to_reply_s"] >= 2.0, totals
+
+
 # -- 4. Redis Cluster: WAIT on one node confirms a call that MOVED ran on another ------------------
 @pytest.mark.replicas(1)
 async def test_a_webhook_redirected_by_moved_is_not_confirmed_by_the_old_nodes_wait(
