@@ -87,6 +87,25 @@ local function remember(hist, entry, cap, ttl)
   end
 end
 
+-- Forget the buckets of compact records (below) that Redis expired: a bucket lives `retention`
+-- ms after its last write, its zset entry and count must go with it, or the figures keep
+-- counting records that are gone. Run by each completion (compact) and by `cleanup` for the
+-- shards where nothing completed lately (trimdone.lua). `jobs`: the index of whole completed
+-- records that a previous version wrote, trimmed too until it is empty.
+-- Returns how many records the forgotten buckets and index entries held.
+local function forget_done(done, counts, jobs, now, retention)
+  local forgotten = redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - retention)
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', done, '-inf', now - retention, 'LIMIT', 0, 1000)
+    if #gone == 0 then return forgotten end
+    for _, n in ipairs(redis.call('HMGET', counts, unpack(gone))) do
+      forgotten = forgotten + (tonumber(n) or 0)
+    end
+    redis.call('ZREM', done, unpack(gone))
+    redis.call('HDEL', counts, unpack(gone))
+  end
+end
+
 -- A completed job's record, kept JOB_RETENTION_DAYS, is most of what stays in Redis after a
 -- burst: so it is one JSON array in a hash of 256 batch sequence numbers, `done:<seq // 256>`
 -- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
@@ -114,13 +133,7 @@ local function compact(P, bkey, id, retention, now)
   redis.call('HINCRBY', counts, bucket, redis.call('HSET', key, seq, rec))
   redis.call('PEXPIRE', key, retention)
   redis.call('ZADD', P .. 'done', now, bucket)
-  local gone = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', now - retention)
-  if #gone > 0 then
-    redis.call('ZREM', P .. 'done', unpack(gone))
-    redis.call('HDEL', counts, unpack(gone))
-  end
-  -- The index of whole completed records that a previous version wrote, until it is empty.
-  redis.call('ZREMRANGEBYSCORE', P .. 'jobs:completed', '-inf', now - retention)
+  forget_done(P .. 'done', counts, P .. 'jobs:completed', now, retention)
   redis.call('DEL', bkey)
 end
 
