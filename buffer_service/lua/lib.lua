@@ -137,6 +137,15 @@ local function compact(P, bkey, id, retention, now)
   redis.call('DEL', bkey)
 end
 
+-- The history entry of a whole reply (`text`, as it was posted: all its parts) from the entry
+-- of its last part's echo (as store.py writes an outgoing message: {"id":…,"text":…,
+-- "role":"assistant"}), which names the message; an entry of another shape is kept as it is.
+local function reply_entry(entry, text)
+  local id = string.match(entry, '^{"id":(%d+),"text":')
+  if not id then return entry end
+  return '{"id":' .. id .. ',"text":' .. cjson.encode(text) .. ',"role":"assistant"}'
+end
+
 -- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
 -- history for later prompts. A completed batch's record shrinks to what operators read in
 -- `jobs` (compact, below); any other keeps its whole record for `retention` ms, listed in the
@@ -219,6 +228,18 @@ local function own_take(key, fp)
   return nil
 end
 
+-- Count a batch's outcome (its state) in the hour's figures: a completed one with its
+-- first-message-to-reply time. (close_batch; note.lua for a failed batch its echo completes.)
+local function count_outcome(P, bkey, now)
+  local state = redis.call('HGET', bkey, 'state')
+  if state == 'completed' then
+    local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
+    count(P, now, state, 1, 'reply_ms', now - first)
+  else
+    count(P, now, state, 1)
+  end
+end
+
 -- A batch leaves the pipeline for good or for now (done, skipped, superseded, failed): nobody
 -- holds it, and the conversation's next batch may go. That is a batch an operator re-queued
 -- while this one ran (`next`, in the order they were re-queued: requeue.lua), else the burst
@@ -227,13 +248,7 @@ end
 local function close_batch(P, bkey, id, conv, now)
   redis.call('HSET', bkey, 'token', '', 'finished_ms', now)
   -- Every way out passes here, so the hourly count of outcomes is kept here (its state is set).
-  local state = redis.call('HGET', bkey, 'state')
-  if state == 'completed' then
-    local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
-    count(P, now, state, 1, 'reply_ms', now - first)
-  else
-    count(P, now, state, 1)
-  end
+  count_outcome(P, bkey, now)
   local inflight, active = P .. 'inflight', P .. 'active'
   redis.call('ZREM', inflight, id)
   local parked = redis.call('HGET', bkey, 'blocked') == '1'
