@@ -272,3 +272,28 @@ local function close_batch(P, bkey, id, conv, now)
   end
   return false
 end
+
+-- Put a failed batch back in the pipeline: its attempts start again (MAX_ATTEMPTS counts from
+-- here, also for a reply whose parts made progress: attempts_spent) and any worker takes it at
+-- once, or, while another batch of the conversation runs, right after that one and before any
+-- burst that arrived meanwhile: it holds older messages, and replies go out in order
+-- (close_batch hands the conversation to it). An operator's retry (requeue.lua), or the echo
+-- that confirmed a handoff's message, whose other steps are left (note.lua).
+local function requeue(P, bkey, id, now, wake)
+  local conv = redis.call('HGET', bkey, 'conv')
+  redis.call('HSET', bkey, 'state', 'queued', 'attempts', 0, 'progress_attempt', 0,
+    'requeued_ms', now)
+  redis.call('PERSIST', bkey)
+  redis.call('ZREM', P .. 'failed', id)
+  local active = P .. 'active'
+  local holder = redis.call('HGET', active, conv)
+  if holder and holder ~= id then
+    local hkey = P .. 'batch:' .. holder
+    local queue = redis.call('HGET', hkey, 'next')
+    redis.call('HSET', hkey, 'next', queue and (queue .. ' ' .. id) or id)
+    return
+  end
+  redis.call('HSET', active, conv, id)
+  redis.call('ZADD', P .. 'inflight', now, id)
+  redis.call('PUBLISH', wake, now)
+end

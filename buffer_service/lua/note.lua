@@ -8,14 +8,17 @@
 --   (as part.lua does). The echo of an earlier part of a failed reply leaves the batch failed,
 --   and an operator's retry posts the parts that are left. The echo of its last part (or of
 --   its whole reply) completes it here, with the burst and the whole reply, as it was posted,
---   in the history.
+--   in the history; unless the reply hands the conversation over (mark.lua): the handoff's
+--   other steps (record, note, status) are still to come, so the batch is re-queued (lib.lua
+--   requeue), and a worker goes straight on to them and the finish (before_post.lua 'posted').
 -- * A human agent's message pauses the bot in the conversation. Our own replies look the same
 --   when the service posts with a user access token; the two ways above tell them apart.
 -- KEYS: seen history pause sent
 -- ARGV: entry history_cap history_ttl_ms dedup_ms message_id outgoing_text prefix pause_ms
---       retention_ms
+--       retention_ms wake
 -- outgoing_text: the text of an outgoing message ('' otherwise); pause_ms: 0 unless a human
--- agent may have written it; retention_ms: of a job record; prefix: the shard's key prefix.
+-- agent may have written it; retention_ms: of a job record; prefix: the shard's key prefix;
+-- wake: the channel that wakes the workers.
 -- Returns 'recorded', 'duplicate', 'own' (the echo of one of our replies) or 'paused'.
 local seen = redis.call('GET', KEYS[1])
 if seen == 'own' then
@@ -37,7 +40,10 @@ if ARGV[6] ~= '' then
       redis.call('HDEL', bkey, 'unsure')
       local now = now_ms()
       local last = not stored or out >= #cjson.decode(stored)
-      if last then
+      if last and (redis.call('HGET', bkey, 'handoff') or '') ~= '' then
+        redis.call('HSET', bkey, 'posted_id', ARGV[5])
+        requeue(P, bkey, id, now, ARGV[10])
+      elseif last then
         local reply = redis.call('HGET', bkey, 'reply')
         local entry = reply and reply_entry(ARGV[1], reply) or ARGV[1]
         redis.call('HSET', bkey, 'state', 'completed', 'reason', 'confirmed_by_echo',
