@@ -11,8 +11,9 @@ from dataclasses import replace
 import aiohttp
 import pytest
 from helpers import eventually, job_in, jobs, wait_for
+from redis.asyncio import Redis
 from redis.crc import key_slot
-from test_cluster import _move_slot, cluster, nodes_of_shards  # noqa: F401 (the fixture)
+from test_cluster import _cluster_nodes, _move_slot, cluster, nodes_of_shards  # noqa: F401 (the fixture)
 
 from buffer_service.flags import Flags
 from buffer_service.keys import Keys
@@ -20,6 +21,7 @@ from buffer_service.keywords import parse_keywords
 from buffer_service.ops import Operations
 from buffer_service.store import BufferStore
 from devtools.payloads import message_payload
+from devtools.redis_server import RedisClusterServers
 
 THREE = ["Your order left the warehouse today.",
          "It should arrive on Thursday, between 9 and 18.",
@@ -196,6 +198,88 @@ async def test_a_webhook_redirected_by_moved_is_not_confirmed_by_the_old_nodes_w
         assert nodes_of_shards(keys, cluster)[shard] == target
         status, body = await _post(session, svc.url, conv, 10, "after the move")
     assert status == 503, f"acknowledged ({status} {body}) though no replica of the node has it"
+
+
+@pytest.mark.replicas(1)
+async def test_a_webhook_redirected_by_moved_is_confirmed_by_the_new_nodes_wait(
+        settings, cluster, make_service):  # noqa: F811 (the fixture imported above)
+    """The fix's other half: with every replica up, a webhook whose append is redirected by
+    MOVED (the slot moved, the client's map is stale) is still acknowledged, once the replica of
+    the node that ran the append holds the message (its WAIT, not the old node's, confirmed it).
+    The batcher sends the redirected call again in a round of its own, not the caller a 503."""
+    settings = replace(settings, redis_url=cluster.url, redis_wait_replicas=1)
+    keys = Keys(settings)
+    owners = nodes_of_shards(keys, cluster)
+    await wait_for(lambda: all("master_link_status:up" in _cli(n.port, "INFO", "replication")
+                               for n in cluster.nodes if n.port not in owners.values()), timeout=20)
+    moved = 5
+    svc = await make_service(settings, worker=False)
+    async with aiohttp.ClientSession() as session:
+        # Every node knows the script and the client has learnt the slot map.
+        on_each = {owners[keys.shard_of(f"1:{c}")]: c for c in range(400, 0, -1)}
+        for n, c in enumerate([moved, *on_each.values()], 1):
+            status, body = await _post(session, svc.url, c, n, "before")
+            assert (status, body.get("status")) == (200, "buffered"), body
+
+        slot = key_slot(keys.due(keys.shard_of(f"1:{moved}")).encode())
+        source = owners[keys.shard_of(f"1:{moved}")]
+        target = next(n.port for n in cluster.primary_nodes() if n.port != source)
+        await asyncio.to_thread(_move_slot, slot, source, target)
+        status, body = await _post(session, svc.url, moved, 10, "after the move")
+        assert (status, body.get("status")) == (200, "buffered"), body
+        assert await _replicated(_replica_of(cluster, target).port, keys.buffer(f"1:{moved}")) >= 2
+
+
+async def test_a_script_load_refused_by_a_node_that_is_down_fails_only_its_calls(
+        settings, tmp_path, make_service):
+    """Reviewer's observation: after NOSCRIPT (a node restarted, SCRIPT FLUSH) the batcher loaded
+    the script with SCRIPT LOAD on every primary; one primary down (a failover in progress)
+    failed the load, and with it every caller of the round trip, on healthy nodes too. The
+    script is loaded on the node that said NOSCRIPT. A long node timeout keeps the cluster
+    serving while the dead node is not yet marked failed."""
+    servers = RedisClusterServers(tmp_path / "cluster", node_timeout_ms=60_000).start()
+    try:
+        settings = replace(settings, redis_url=servers.url)
+        keys = Keys(settings)
+        # A webhook reads the flags and logs to the webhook log besides its append: the node
+        # killed holds none of them.
+        busy = {_owner(servers, key) for key in (keys.flags, keys.logs["webhooks"])}
+        owners = nodes_of_shards(keys, servers)
+        conv = next(c for c in range(1, 400) if owners[keys.shard_of(f"1:{c}")] in busy)
+        node = owners[keys.shard_of(f"1:{conv}")]
+        svc = await make_service(settings, worker=False)
+        async with aiohttp.ClientSession() as session:
+            status, body = await _post(session, svc.url, conv, 1, "before")
+            assert (status, body.get("status")) == (200, "buffered"), body
+            next(n for n in servers.primary_nodes() if n.port not in busy).kill()
+            _cli(node, "SCRIPT", "FLUSH")
+            status, body = await _post(session, svc.url, conv, 2, "after the flush")
+        assert (status, body.get("status")) == (200, "buffered"), body
+    finally:
+        servers.stop()
+
+
+def _owner(servers, key: str) -> int:
+    """The port of the primary that holds `key`'s slot."""
+    slot = key_slot(key.encode())
+    for line in _cluster_nodes(servers):
+        fields = line.split()
+        if "master" in fields[2]:
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+    raise AssertionError(f"no node holds slot {slot}")
+
+
+async def _replicated(replica: int, key: str) -> int:
+    """The length of list `key` on a cluster replica (READONLY: it answers for its primary)."""
+    client = Redis(port=replica, single_connection_client=True)
+    try:
+        await client.execute_command("READONLY")
+        return int(await client.llen(key))
+    finally:
+        await client.aclose()
 
 
 async def _post(session: aiohttp.ClientSession, url: str, conv: int, message_id: int,
