@@ -101,7 +101,7 @@ end
 if deadline < now then deadline = now end
 
 local added = redis.call('ZADD', KEYS[1], deadline, conv)
-redis.call('SET', KEYS[4], '', 'PX', math.max(1, deadline - now))
+slide(KEYS[4], deadline - now)
 -- Workers already know every deadline they saw in a sweep; only a deadline they cannot know
 -- yet (a new burst, or one made due early) is worth a wake-up message.
 if added == 1 or deadline == now then

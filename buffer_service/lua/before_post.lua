@@ -70,7 +70,7 @@ if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
     if deadline > first + max_age then deadline = first + max_age end
     if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
     redis.call('ZADD', KEYS[2], deadline, conv)
-    redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
+    slide(KEYS[5], deadline - now)
     redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
     redis.call('HDEL', KEYS[1], 'reply', 'parts')
     close_batch(P, KEYS[1], ARGV[1], conv, now)

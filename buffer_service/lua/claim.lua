@@ -134,7 +134,7 @@ if taken < limit then
           redis.call('HSET', KEYS[2], conv, rest_first)
         end
         redis.call('ZADD', KEYS[1], rest_deadline, conv)
-        redis.call('SET', P .. 'ttl:' .. conv, '', 'PX', math.max(1, rest_deadline - now))
+        slide(P .. 'ttl:' .. conv, rest_deadline - now)
         n = max_size
       end
       -- The job record names its account and inbox for operators; the inbox rides on each message.

@@ -56,6 +56,13 @@ local function gcra(key, limit, period, now)
   return 0
 end
 
+-- Set a burst's sliding TTL key to expire in `ms` (its expiry event is the wake-up hint). Its
+-- value is never read: a small integer is one of Redis's shared objects, so the key holds no
+-- value of its own (~35 B less per open conversation than '').
+local function slide(key, ms)
+  redis.call('SET', key, 1, 'PX', math.max(1, ms))
+end
+
 -- Buffer entries come in two formats (BUFFER_FORMAT, config.py), and every reader takes both:
 -- * json (versions before compact buffers): one JSON object per message,
 --   {"id", "text", "att", "inbox", "name", "ph", "typed"}, with its arrival time "t" (Redis ms)
