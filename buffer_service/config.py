@@ -318,9 +318,9 @@ class Settings:
     # Versions before compact buffers read json only: a rolling upgrade from one runs the new
     # version with `json` until no old process is left (README, upgrading).
     buffer_format: str = _setting(
-        "BUFFER_FORMAT", "compact", "how new buffers are written: `compact` (JSON arrays, what the "
-        "messages share once) or `json` (one object per message: all that versions before compact "
-        "buffers read); either is read", _one_of("compact", "json"))
+        "BUFFER_FORMAT", "compact", "how buffers and history entries are written: `compact` (JSON "
+        "arrays, what a burst's messages share once) or `json` (JSON objects: all that versions "
+        "before compact buffers read; see Upgrading); either is read", _one_of("compact", "json"))
 
     # -- voice notes and images (media.py, transcripts.py, downloads.py) --
     transcription_model: str = _setting(
