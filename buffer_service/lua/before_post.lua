@@ -46,21 +46,31 @@ if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
   local conv = redis.call('HGET', KEYS[1], 'conv')
   local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms')) or now
   local max_age = tonumber(ARGV[5])
-  local waiting = redis.call('LLEN', KEYS[4])
-  local held = redis.call('LLEN', KEYS[6])
-  local n = waiting + held
+  local waiting = messages_in(KEYS[4])
+  local n = waiting + messages_in(KEYS[6])
   if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(ARGV[6]) then
-    for _ = 1, held do
+    -- One head for the joined burst (lib.lua: buffer formats): the held burst's first message
+    -- time, the newest message's inbox and contact.
+    local newer = head_of(KEYS[4])
+    if newer then redis.call('LPOP', KEYS[4]) end
+    for _ = 1, redis.call('LLEN', KEYS[6]) do
       redis.call('LMOVE', KEYS[6], KEYS[4], 'RIGHT', 'LEFT')
     end
-    redis.call('HSET', KEYS[3], conv, first)
+    local older = head_of(KEYS[4])
+    if newer and older then
+      redis.call('LSET', KEYS[4], 0, head_at(newer, first))
+    elseif newer then
+      redis.call('LPUSH', KEYS[4], head_at(newer, first))
+    elseif not older then
+      redis.call('HSET', KEYS[3], conv, first)
+    end
     -- Due when the new messages' window ends, but never past the age cap of the first message.
     -- No due entry: the claim parked the conversation behind this batch, so it is due now.
     local deadline = tonumber(redis.call('ZSCORE', KEYS[2], conv)) or now
     if deadline > first + max_age then deadline = first + max_age end
     if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
     redis.call('ZADD', KEYS[2], deadline, conv)
-    redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
+    slide(KEYS[5], deadline - now)
     redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
     redis.call('HDEL', KEYS[1], 'reply', 'parts')
     close_batch(P, KEYS[1], ARGV[1], conv, now)
