@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import structlog.testing
-from helpers import eventually, user_texts, wait_for
+from helpers import eventually, job_in, user_texts, wait_for
 
 from devtools.payloads import attachment, message_payload
 
@@ -146,11 +146,14 @@ async def test_two_hundred_conversations_each_get_their_own_reply(settings, make
         assert content == f"Reply to: c{conv} m0 | c{conv} m1"
 
 
-async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot):
+async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot,
+                                                             redis):
     # A human agent's message pauses the bot (test_guarantees.py); here the pause is off.
     svc = await make_service(replace(settings, human_pause_ms=0))
     await svc.webhook(message_payload(message_id=1, conversation_id=13, content="first question"))
-    await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
+    # Finished, not only posted: the finish writes the burst and the reply to the history, and
+    # on a loaded machine the agent's message below could otherwise get there first.
+    await eventually(job_in("completed", redis, "1:13"), timeout=5)
     # A human agent answers in between; then the customer writes again.
     await svc.webhook(message_payload(message_id=2, conversation_id=13, content="agent here",
                                       message_type="outgoing", sender_type="user"))
