@@ -16,10 +16,10 @@
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
 --   again) and marked unsure until the post's outcome is known, the fingerprint of the part
 --   about to go (the whole reply when it is not split; part.lua records each part that is out)
---   is remembered so that its webhook echo is recognised as ours, and the lease is renewed for
---   the post. The first time, the split (`parts`) is stored with the reply: every retry posts
---   the same parts, whatever its own REPLY_SPLIT / REPLY_MAX_PARTS, so `parts_out` indexes the
---   same list. Once a part is out, the rest of the reply is no longer superseded (the customer
+--   and the attempt that posts it (lib.lua attempts_spent) are remembered so that its webhook
+--   echo is recognised as ours, and the lease is renewed for the post. The first time, the
+--   split (`parts`) is stored with the reply: every retry posts the same parts, whatever its
+--   own REPLY_SPLIT / REPLY_MAX_PARTS, so `parts_out` indexes the same list. Once a part is out, the rest of the reply is no longer superseded (the customer
 --   has its beginning); a takeover still stops it (see 'skip').
 -- KEYS: batch due first buffer ttl messages pause handoff sent
 -- ARGV: batch_id token reply supersede max_age_ms max_size lease_ms own_memory_ms own_kept
@@ -82,7 +82,7 @@ end
 
 local fp = fingerprint(ARGV[14])
 redis.call('HSET', KEYS[1], 'state', 'posting', 'reply', ARGV[3], 'fp', fp, 'posting_ms', now,
-  'unsure', '1')
+  'unsure', '1', 'posting_attempt', redis.call('HGET', KEYS[1], 'attempts') or 0)
 redis.call('HSETNX', KEYS[1], 'parts', ARGV[15])
 own_add(KEYS[9], fp, ARGV[1], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
 redis.call('ZADD', P .. 'inflight', 'XX', now + tonumber(ARGV[7]), ARGV[1])

@@ -279,9 +279,19 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
 end
 
 -- The attempts a batch used up against MAX_ATTEMPTS: those since its last attempt that got a
--- part of its reply out (part.lua), all of them for a batch that got none out.
+-- part of its reply out (part.lua), all of them for a batch that got none out; but not the
+-- latest one when its own post is in doubt (`unsure`, posted by attempt `posting_attempt`: a
+-- timeout, a lost connection, a 5xx, a worker gone while posting). Whether that attempt failed
+-- is known only once the next one asked Chatwoot (before_post.lua): counted at once, a slow
+-- Chatwoot that created the message behind a timeout on the last attempt left a `failed` job
+-- whose reply the customer has. The next attempt counts whatever it does (asking in vain too),
+-- so a batch gets at most one attempt more than MAX_ATTEMPTS, and that one asks Chatwoot
+-- before it posts anything.
 local function attempts_spent(bkey, attempts)
-  return attempts - (tonumber(redis.call('HGET', bkey, 'progress_attempt')) or 0)
+  local b = redis.call('HMGET', bkey, 'progress_attempt', 'unsure', 'posting_attempt')
+  local spent = attempts - (tonumber(b[1]) or 0)
+  if b[2] == '1' and tonumber(b[3]) == attempts then spent = spent - 1 end
+  return spent
 end
 
 -- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
