@@ -17,6 +17,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,12 +44,15 @@ def in_paragraphs(reply: str, parts: int) -> str:
 
 
 def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[LLMCall],
-                     parts: int = 1) -> list[str]:
+                     parts: int = 1, apart: Callable[[int, int], bool] = lambda conv, j: False,
+                     ) -> list[str]:
     """Every way the run can have gone wrong, as readable lines; empty when it did not. A reply
     of `parts` paragraphs is `parts` posts, each once, in order. A conversation is normally one
     burst and one reply; one whose messages reached the service more than a window apart (a
-    loaded machine answers webhooks slowly) is rightly answered in one reply per burst. Either
-    way each message is answered exactly once, in the order it was written."""
+    loaded machine answers webhooks slowly) is rightly answered in one reply per burst, but only
+    there: `apart(conv, j)` says whether message j + 1 may have been stored a whole window after
+    message j, and a reply that ends anywhere else split a burst. Either way each message is
+    answered exactly once, in the order it was written."""
     problems = []
     by_conv: dict[int, list[Post]] = collections.defaultdict(list)
     for post in posts:
@@ -65,6 +69,9 @@ def check_invariants(sent: dict[int, list[str]], posts: list[Post], calls: list[
         for reply in replies:
             burst = reply.split("\n\n", 1)[0].removeprefix("Reply to: ").split(" | ")
             answered += burst
+            if len(answered) < len(texts) and not apart(conv, len(answered) - 1):
+                problems.append(f"conversation {conv}: a burst split after message {len(answered) - 1},"
+                                " which the next one followed within the window")
             if reply != in_paragraphs("Reply to: " + " | ".join(burst), parts):
                 problems.append(f"conversation {conv}: replied {reply!r}, not {parts} parts of a reply")
             if reply not in llm_replies:
@@ -113,6 +120,14 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
     victims = [rng.randrange(WORKERS) for _ in range(KILLS)]
     url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
     kills = 0
+    # When each webhook was sent and acknowledged: message j + 1 was stored before message j's
+    # deadline, so in the same burst, unless its acknowledgement came a window after j was sent.
+    timing: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
+    window_s = settings.buffer_duration_ms / 1000
+
+    def apart(conv: int, j: int) -> bool:
+        return timing[conv][j + 1][1] - timing[conv][j][0] > window_s
+
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             for _ in range(600):
@@ -127,9 +142,11 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
             async def converse(conv: int) -> None:
                 for j, text in enumerate(sent[conv]):
                     payload = message_payload(message_id=conv * 10 + j, conversation_id=conv, content=text)
+                    sent_at = time.monotonic()
                     async with session.post(url, json=payload) as resp:
                         body = await resp.json()
                         assert resp.status == 200 and body["status"] == "buffered", body
+                    timing[conv].append((sent_at, time.monotonic()))
 
             async def send_all() -> None:
                 # Ten waves: the run is a stream of bursts, not one flush.
@@ -170,7 +187,7 @@ async def test_three_workers_one_killed_at_random_every_conversation_answered_on
 
     assert kills == KILLS
     assert exits.count(-signal.SIGKILL) == KILLS and exits.count(0) == len(procs) - KILLS, exits
-    problems = check_invariants(sent, chatwoot.posts, llm.calls, parts)
+    problems = check_invariants(sent, chatwoot.posts, llm.calls, parts, apart)
     assert not problems, f"seed {seed}: {len(problems)} violations, e.g. {problems[:5]}"
     assert await settled()
     failed = [(k, i) async for k in redis.scan_iter(match="bs:*:failed")
