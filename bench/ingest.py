@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ from typing import Any
 import orjson
 from common import (
     BENCH,
-    RESULTS,
     ROOT,
     checkout,
     cpu_seconds,
     median,
     parser,
+    profiled,
     repeats,
     save,
     service_env,
@@ -98,23 +97,6 @@ def unbatched_copy(dest: Path) -> Path:
     return dest
 
 
-def profile(pid: int, kind: str, seconds: float, load: Callable[[], Any]) -> None:
-    """py-spy (the `bench` extra) samples `pid` while `load` runs at full speed; the flame graph
-    goes to bench/results/ingest-<kind>-flame.svg."""
-    spy_bin = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    if spy_bin is None:
-        raise SystemExit("py-spy is not installed (pip install -e '.[bench]')")
-    out = RESULTS / f"ingest-{kind}-flame.svg"
-    spy = subprocess.Popen([spy_bin, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
-                            "--duration", str(round(seconds)), "--format", "flamegraph",
-                            "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        load()
-    finally:
-        spy.wait(60)
-    print(f"flame graph of {kind} under full load: {out}")
-
-
 def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> dict[str, Any]:
     warm, seconds = (1, 4) if args.quick else (2, 10)
     port = free_port()
@@ -158,7 +140,8 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
             connections = max(1, min(2000, round(connections * target / max(1.0, probe.rps))))
             paced = load(id_base + 400_000_000, seconds, connections, delay)
             if args.profile and kind == args.profile:
-                profile(proc.pid, kind, seconds - 1, lambda: load(id_base + 500_000_000, seconds, 64))
+                with profiled(proc.pid, f"ingest-{kind}", seconds - 1):
+                    load(id_base + 500_000_000, seconds, 64)
         finally:
             stop(proc)
     acked = full.requests - full.errors
