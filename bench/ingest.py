@@ -6,6 +6,9 @@ Targets (--targets), each a real process loaded by wrk (another process) in the 
   unbatched  the same code with ScriptBatcher replaced by one awaited EVALSHA per call: the
              before/after of batching, everything else equal
   no-limits  the service with RATE_LIMIT_PER_CONVERSATION=0 (what the limiter's call costs)
+  signed     the service with CHATWOOT_WEBHOOK_SECRET, every request signed as Chatwoot signs
+  TARGET@LOOP  TARGET on event loop LOOP (EVENT_LOOP: asyncio or uvloop), its ratios against
+             bare@LOOP
   before     `--before-ref` (default: the commit before batching) as it was then
 Each run gets a fresh redis-server (repo redis.conf, AOF on). Per run: a warm-up, then wrk at
 full speed (64 connections) for the maximum rate, then wrk paced to half of that target's own
@@ -19,6 +22,8 @@ markers the append script writes, one per stored message. CPU seconds per messag
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import math
 import os
 import shutil
@@ -55,6 +60,7 @@ from devtools.redis_server import running_redis
 # Realistic Brazilian WhatsApp text (the product's users), about 100 characters.
 TEXT = "Oi, boa tarde! Fiz o pedido 48213 na semana passada e ainda não chegou. Vocês conseguem ver o status?"
 _MID, _CID = 987654321, 123454321
+_SECRET = "bench-webhook-secret"
 # The code of the "unbatched" target: ScriptBatcher's interface, one round trip per call.
 _UNBATCHED = '''
 class ScriptBatcher:
@@ -73,6 +79,21 @@ def write_template(path: Path) -> int:
     assert body.count(str(_MID)) >= 2 and body.count(str(_CID)) >= 2
     path.write_text(body.replace(str(_MID), "@MID@").replace(str(_CID), "@CID@"))
     return len(body.encode())
+
+
+def sign(tmp: Path, id_base: int, conversations: int, n: int = 150_000) -> Path:
+    """The file of X-Chatwoot-Timestamp and signatures that webhook.lua sends with requests
+    1..n of one wrk run (WRK_SIGNATURES), as Chatwoot signs (auth.py)."""
+    template = (tmp / "template.json").read_text()
+    timestamp = str(int(time.time()))
+    key = _SECRET.encode()
+    lines = [timestamp]
+    for i in range(1, n + 1):
+        body = template.replace("@MID@", str(id_base + i)).replace("@CID@", str(i * 7919 % conversations + 1))
+        lines.append("sha256=" + hmac.new(key, f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest())
+    path = tmp / f"signatures-{id_base}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 async def _count_stored(url: str) -> int:
@@ -101,6 +122,7 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
     warm, seconds = (1, 4) if args.quick else (2, 10)
     port = free_port()
     base, _, event_loop = kind.partition("@")
+    base_kind_signed = base == "signed"
     env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": str(args.conversations)}
     url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
     with running_redis(tmp) as redis:
@@ -111,7 +133,8 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
                                     env=dict(os.environ, PYTHONPATH=str(ROOT), **loop_env),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
-            extra = dict(loop_env, **({"RATE_LIMIT_PER_CONVERSATION": "0"} if base == "no-limits" else {}))
+            extra = dict(loop_env, **({"RATE_LIMIT_PER_CONVERSATION": "0"} if base == "no-limits" else {}),
+                         **({"CHATWOOT_WEBHOOK_SECRET": _SECRET} if base == "signed" else {}))
             proc = spawn_service(["serve", "--no-worker"], service_env(redis.url, port, **extra), log,
                                  code_dir)
         try:
@@ -119,8 +142,10 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
             id_base = 1_000_000_000 * (run_no + 1)
 
             def load(base: int, seconds: float, connections: int, delay_ms: int = 0) -> Any:
+                signed = ({"WRK_SIGNATURES": str(sign(tmp, base, args.conversations))}
+                          if base_kind_signed else {})
                 return wrk(url, seconds=seconds, connections=connections,
-                           env=dict(env, WRK_ID_BASE=str(base), WRK_DELAY_MS=str(delay_ms)))
+                           env=dict(env, WRK_ID_BASE=str(base), WRK_DELAY_MS=str(delay_ms), **signed))
 
             load(id_base, warm, 64)
             before = stored(redis.url) if base != "bare" else 0
@@ -163,7 +188,8 @@ def main() -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--conversations", type=int, default=0, help="default 20000 (quick 10000)")
     p.add_argument("--targets", default="bare,service,unbatched",
-                   help="comma list of bare, service, unbatched, no-limits, before")
+                   help="comma list of bare, service, unbatched, no-limits, signed, before; each may end in "
+                        "@asyncio or @uvloop")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="after its measured runs, record a py-spy flame graph of TARGET under full load")
     p.add_argument("--before-ref", default="9cf19f8",
@@ -180,7 +206,7 @@ def main() -> dict[str, Any]:
             base, _, event_loop = kind.partition("@")
             if event_loop not in ("", "auto", "uvloop", "asyncio"):
                 raise SystemExit(f"unknown event loop in {kind!r}")
-            if base in ("bare", "service", "no-limits"):
+            if base in ("bare", "service", "no-limits", "signed"):
                 kinds[kind] = ROOT
             elif base == "unbatched":
                 kinds[kind] = unbatched_copy(tmp / "unbatched")
