@@ -4,7 +4,8 @@ N conversations (default 10,000; quick 3,000) get one message each through the s
 BufferStore.append, with deadlines spread uniformly over --spread seconds (default 10; quick 3),
 so that --rate = N / spread bursts fall due per second (1,000 by default). One real
 `buffer-service worker` process (settings as an operator leaves them: typing indicator on,
-WORKER_CONCURRENCY 32) claims them, asks the LLM stand-in and posts to the Chatwoot stand-in.
+WORKER_CONCURRENCY 32 unless --concurrency) claims them, asks the LLM stand-in and posts to
+the Chatwoot stand-in.
 Each stand-in runs in a process of its own, so that neither competes with this script's event
 loop, and notes when each request arrived. Per burst, with every clock this machine's:
 
@@ -19,7 +20,8 @@ loop, and notes when each request arrived. Per burst, with every clock this mach
 Targets are listed with --targets (`worker`, or `worker@asyncio` / `worker@uvloop` for the event
 loop, EVENT_LOOP), each with a fresh Redis; every one is run --repeat times, medians reported.
 
-    python bench/reply_latency.py [--quick] [--repeat N] [--rate R] [--targets worker@asyncio,worker]
+    python bench/reply_latency.py [--quick] [--repeat N] [--rate R] [--concurrency C]
+                                  [--targets worker@asyncio,worker] [--profile worker]
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class StandIn:
         return got
 
 
-async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int,
+async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, concurrency: int,
                    profile: bool) -> dict[str, Any]:
     _, _, event_loop = kind.partition("@")
     llm, chatwoot = StandIn("llm"), StandIn("chatwoot")
@@ -118,7 +120,8 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int,
         redis = await connect(settings)
         try:
             env = service_env(server.url, free_port(), EVENT_LOOP=event_loop or "auto",
-                              **llm.env, **chatwoot.env)
+                              **llm.env, **chatwoot.env,
+                              **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}))
             # Started first and idle meanwhile: nothing falls due before the lead has passed.
             log = tmp / f"{kind}-{run_no}.log"
             proc = spawn_service(["worker"], env, log)
@@ -212,6 +215,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--spread", type=float, default=0, help="seconds; default 10 (quick 3)")
     p.add_argument("--targets", default="worker@asyncio,worker",
                    help="comma list of worker, worker@asyncio, worker@uvloop")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="WORKER_CONCURRENCY of the worker (default: the service's default)")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="record a py-spy flame graph of TARGET's worker in its first run")
     args = p.parse_args()
@@ -221,7 +226,8 @@ def main() -> dict[str, Any]:
     with workdir("reply") as tmp:
         for i in range(repeats(args)):
             for kind in args.targets.split(","):
-                row = asyncio.run(run_once(kind, tmp, n, spread, len(rows), kind == args.profile and i == 0))
+                row = asyncio.run(run_once(kind, tmp, n, spread, len(rows), args.concurrency,
+                                           kind == args.profile and i == 0))
                 rows.append(row)
                 print(f"run {i + 1} {kind}: {row['answered']}/{n} answered, total p50 "
                       f"{row['total_p50_ms']:.0f} p99 {row['total_p99_ms']:.0f} max "
@@ -242,8 +248,13 @@ def main() -> dict[str, Any]:
     print()
     print(table(["target", "answered", "deadline -> claimed", "-> LLM request", "-> posting",
                  "-> posted", "total (p50 / p99 ms)", "total max ms", "worker CPU us/burst"], out))
+    main_kind = "worker" if "worker" in summary else next(iter(summary))
+    ok = summary[main_kind]["answered"] >= n and summary[main_kind]["total_p99_ms"] <= 100
+    print(f"\n{main_kind}: target p99 deadline -> posted <= 100 ms at {args.rate:.0f} bursts/s: "
+          f"{'met' if ok else 'NOT met'}")
     return save("reply_latency", args, {"rate": args.rate, "spread_s": spread, "conversations": n,
-                                        "runs": rows, "summary": summary})
+                                        "concurrency": args.concurrency, "runs": rows,
+                                        "summary": summary, "target_met": ok})
 
 
 if __name__ == "__main__":
