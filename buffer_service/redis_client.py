@@ -68,7 +68,7 @@ class _HiredisPacking(AbstractConnection):
         elif isinstance(first, bytes) and b" " in first:
             args = (*first.split(), *args[1:])
         try:
-            packed: Any = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+            packed: Any = tuple(bytes(a) if isinstance(a, memoryview) else a for a in args)
             # hiredis's stub types the tuple as one of one item; it takes any number.
             return [hiredis.pack_command(packed)]
         except TypeError as exc:  # bool, None, ...
