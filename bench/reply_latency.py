@@ -133,7 +133,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
             # A new worker's first LLM call imports and builds much of the openai client's
             # models (seconds on a busy machine): the measured bursts find a warm worker.
             await _warm_up(settings, redis)
-            lead_ms = 3000 + n  # loading takes about 0.5 ms a conversation here
+            lead_ms = 3000 + 2 * n  # loading takes 0.5-1.5 ms a conversation on this machine
             t0 = time.monotonic()
             deadlines, _, _ = await open_conversations(settings, redis, n, lead_ms,
                                                        int(spread_s * 1000), timer_keys=False)
