@@ -58,7 +58,7 @@ TRANSCRIPTS = web.AppKey("transcripts", Transcripts)
 # A webhook's answer body, for its log entry (_answered).
 _ANSWER = web.RequestKey("answer", dict[str, object])
 # The logger of the per-webhook line, bound once when the app is built: structlog's module-level
-# proxy builds a new bound logger on every call, a third of the line's cost (BENCHMARKS.md §1).
+# proxy builds a new bound logger on every call, a quarter of the line's cost (bench/hot_path.py).
 _LINE = web.AppKey("webhook_line", structlog.typing.FilteringBoundLogger)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather

@@ -54,8 +54,8 @@ _CLUSTER_MAX_CONNECTIONS = 1024
 
 class _HiredisPacking(AbstractConnection):
     """Commands packed by hiredis (C) instead of redis-py's asyncio connection, which packs each
-    argument in Python: about 50 us of CPU for a webhook's EVALSHA of 26 arguments against 5
-    (BENCHMARKS.md §1). Same bytes on the wire; anything hiredis cannot pack is refused as
+    argument in Python: a webhook's EVALSHA of 26 arguments costs a third of the CPU (39 against
+    13 us, bench/hot_path.py). Same bytes on the wire; anything hiredis cannot pack is refused as
     redis-py refuses it (DataError), and a non-UTF-8 client encoding keeps redis-py's own."""
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
