@@ -36,8 +36,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import orjson
-from cluster import lateness
+from cluster import completed, lateness
 from common import (
     cpu_seconds,
     median,
@@ -54,7 +53,6 @@ from flush import open_conversations
 
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
-from buffer_service.keys import Keys
 from buffer_service.redis_client import connect
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
@@ -196,17 +194,8 @@ def _first_of_each(records: list[tuple[float, str]]) -> dict[str, float]:
 
 
 async def _claims(redis: Any, settings: Settings) -> dict[str, tuple[int, int]]:
-    """(claimed, posting) unix ms of each completed burst, from its compact record (lib.lua
-    compact: the first message's time 6th, the claim 8th and the start of posting 9th, in ms
-    after it)."""
-    keys = Keys(settings)
-    out: dict[str, tuple[int, int]] = {}
-    for shard in range(settings.shards):
-        for bucket in await redis.zrange(keys.done(shard), 0, -1):
-            for raw in (await redis.hgetall(keys.done_bucket(shard, int(bucket)))).values():
-                record = orjson.loads(raw)
-                out[record[0]] = (record[5] + record[7], record[5] + record[8])
-    return out
+    """(claimed, posting started) unix ms of each completed burst, from its compact record."""
+    return {r[0]: (r[5] + r[7], r[5] + r[8]) for r in await completed(redis, settings)}
 
 
 def main() -> dict[str, Any]:
