@@ -127,17 +127,22 @@ async def flush_with(url: str, processes: int, n: int, spread_s: float, tmp: Pat
             "claim_max_ms": max(late) if late else float("nan")}
 
 
-async def lateness(redis: Any, settings: Settings) -> list[int]:
-    """claimed - deadline of every completed job, from its compact record (lib.lua compact:
-    times in ms after the first message, the deadline 7th, the claim 8th)."""
+async def completed(redis: Any, settings: Settings) -> list[list[Any]]:
+    """The compact record of every completed job (lib.lua compact: the conversation 1st, the
+    first message's unix ms 6th, then times in ms after it: the deadline 7th, the claim 8th, the
+    start of posting 9th)."""
     keys = Keys(settings)
-    late = []
+    records = []
     for shard in range(settings.shards):
         for bucket in await redis.zrange(keys.done(shard), 0, -1):
             for raw in (await redis.hgetall(keys.done_bucket(shard, int(bucket)))).values():
-                record = orjson.loads(raw)
-                late.append(record[7] - record[6])
-    return late
+                records.append(orjson.loads(raw))
+    return records
+
+
+async def lateness(redis: Any, settings: Settings) -> list[int]:
+    """claimed - deadline of every completed job, from its compact record."""
+    return [record[7] - record[6] for record in await completed(redis, settings)]
 
 
 def main() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import multiprocessing
 import random
 import time
@@ -100,6 +101,15 @@ async def load_junk(redis: Redis, count: int) -> None:
         await script(args=["junk:", start, min(50_000, count - start), 3_600_000, 86_400_000])
 
 
+def _with_window(store: BufferStore, window_ms: int) -> BufferStore:
+    """`store` with another window: a copy that shares its scripts (and so their batchers, one
+    pipeline for all), since building a store parses and registers every script again."""
+    other = copy.copy(store)
+    other.settings = replace(store.settings, buffer_duration_ms=window_ms,
+                             max_buffer_age_ms=max(window_ms, store.settings.max_buffer_age_ms))
+    return other
+
+
 async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: int, spread_ms: int,
                              messages: int = 1, seed: int = 7, timer_keys: bool = True,
                              ) -> tuple[dict[str, int], dict[str, int], float]:
@@ -112,6 +122,7 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
     # Sorted, so that appends sent together share a store (and so a pipeline).
     windows = sorted(lead_ms + rng.randrange(spread_ms) for _ in range(n))
     stores: dict[int, BufferStore] = {}
+    base = BufferStore(redis, settings)
     timers = redis.register_script(_TIMERS)
     deadlines: dict[str, int] = {}
     timer_deadlines: dict[str, int] = {}
@@ -121,8 +132,7 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
         appends = []
         for i in chunk:
             w = windows[i] // 10 * 10  # 10 ms classes keep the number of stores small
-            store = stores.get(w) or stores.setdefault(w, BufferStore(redis, replace(
-                settings, buffer_duration_ms=w, max_buffer_age_ms=max(w, settings.max_buffer_age_ms))))
+            store = stores.get(w) or stores.setdefault(w, _with_window(base, w))
             for j in range(messages):
                 appends.append(store.append(ChatMessage(
                     1, 100_000 + i, 10_000_000 + i * messages + j,
