@@ -49,9 +49,9 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
 batch's keys are found from its id alone.
 
 The untagged keys live in no shard: they are used by their own commands, never inside a shard's
-script, except the global rate limit, which the append script takes only while that limit is set
-(a Redis Cluster refuses a script whose keys span slots, so that limit is refused at start-up on
-a cluster: redis_client.py).
+script, except the global rate limit: on one server the append script takes it while that limit
+is set; a Redis Cluster refuses a script whose keys span slots, so there the limit is checked by
+a call of its own to its key's node before the append (globalrate.lua, store.py).
 
 Lua scripts get the keys they touch as KEYS, built here. A script that finds the name of another
 key only while it runs (a batch id read from an index, a conversation from a batch record)

@@ -124,10 +124,6 @@ async def connect(settings: Settings, *, attempts: int = _DETECT_ATTEMPTS,
     """The service's client: standalone or cluster, as REDIS_MODE says or the server tells
     (`attempts`, `fallback`: see is_cluster; the CLI asks once and reports an unreachable Redis)."""
     if await is_cluster(settings, attempts=attempts, fallback=fallback):
-        if settings.rate_limit_global:
-            # append.lua takes the global limit's key with the shard's keys; a cluster refuses a
-            # script whose keys span slots (keys.py).
-            raise SystemExit("RATE_LIMIT_GLOBAL is not supported on a Redis Cluster (docs/cluster.md)")
         client = cluster(settings)
         await client.initialize()
         log.info("redis_cluster", primaries=len(client.get_primaries()))

@@ -34,8 +34,9 @@ from .redis_client import AnyRedis
 _TAG = re.compile(r"^-- (KEYS|ARGV):(.*)$")
 _MORE = re.compile(r"^--\s{4,}([\w\[\] ]+)$")
 _NAME = re.compile(r"^\[?(\w+)\]?$")
-# Concurrent webhooks share one round trip for their appends (batcher.py).
-_BATCHED = frozenset({"append"})
+# Concurrent webhooks share one round trip for their appends (batcher.py), and on a cluster for
+# their checks of the global rate limit.
+_BATCHED = frozenset({"append", "globalrate"})
 # The writes REDIS_WAIT_REPLICAS holds until replicas have them: a webhook's append (before it
 # is acknowledged) and the step before a reply's post (before it leaves: a failover that lost it
 # would let the reply be posted twice). They go through the batcher, which sends the WAIT.
@@ -132,6 +133,7 @@ class Scripts:
     fail: Script
     finish: Script
     flush: Script
+    globalrate: Script
     handoff: Script
     llmquota: Script
     mark: Script

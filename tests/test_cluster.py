@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import eventually, wait_for
+from helpers import eventually, wait_for, with_port
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -91,10 +91,43 @@ async def test_mode_is_detected_from_the_server_or_forced(tmp_path: Path,
         assert kinds == [Redis, RedisCluster, RedisCluster, Redis]
         with pytest.raises(SystemExit, match="not a cluster"):
             await redis_client.connect(Settings(redis_url=f"{server.url},{server.url}"))
-        with pytest.raises(SystemExit, match="RATE_LIMIT_GLOBAL"):
-            await redis_client.connect(Settings(redis_url=cluster.url, rate_limit_global=10))
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("redis", ["standalone", "cluster"])
+async def test_global_rate_limit_holds_across_shards_and_nodes(
+        settings: Settings, tmp_path: Path, make_service, redis: str) -> None:
+    """RATE_LIMIT_GLOBAL counts the buffered messages of every conversation together, wherever
+    their shards live: on a cluster its key is on one node and checked by a call of its own
+    (globalrate.lua), given back when the append then refuses the message for another reason,
+    so the answers are those of one server. Two service processes share the limit."""
+    servers = (RedisClusterServers(tmp_path / "cluster") if redis == "cluster"
+               else RedisServer(tmp_path / "one")).start()
+    try:
+        settings = replace(settings, redis_url=servers.url, rate_limit_per_conversation=5,
+                           rate_limit_global=8, rate_limit_window_s=3600)
+        keys = Keys(settings)
+        svcs = [await make_service(s, worker=False) for s in (settings, with_port(settings))]
+        # One conversation: 5 buffered, 2 refused by its own limit, a redelivery a duplicate;
+        # neither the refused nor the duplicate may use up the global allowance.
+        answers = [await svcs[i % 2].webhook(message_payload(message_id=i, conversation_id=20))
+                   for i in range(1, 8)]
+        assert [a["status"] for a in answers] == ["buffered"] * 5 + ["ignored"] * 2
+        assert answers[-1] == {"status": "ignored", "reason": "rate_limited", "limit": "conversation"}
+        assert (await svcs[0].webhook(message_payload(message_id=1, conversation_id=20)))["status"] \
+            == "duplicate"
+        # Twelve other conversations at once, through both processes: 3 more fit under 8.
+        convs = list(range(30, 42))
+        if redis == "cluster":
+            owners = nodes_of_shards(keys, servers)
+            assert len({owners[keys.shard_of(f"1:{c}")] for c in convs}) == 3
+        answers = await asyncio.gather(*(svcs[c % 2].webhook(
+            message_payload(message_id=100 + c, conversation_id=c)) for c in convs))
+        assert sorted(a["status"] for a in answers) == ["buffered"] * 3 + ["ignored"] * 9
+        assert all(a.get("limit") == "global" for a in answers if a["status"] == "ignored")
+    finally:
+        servers.stop()
 
 
 async def send(session: aiohttp.ClientSession, url: str, conv: int, message_id: int,
