@@ -253,16 +253,18 @@ def main() -> dict[str, Any]:
     p.add_argument("--open", type=int, default=0, help="default 100000 (quick 10000)")
     p.add_argument("--due", type=int, default=0, help="default 1000 (quick 300)")
     p.add_argument("--spread", type=float, default=0, help="seconds; default 10 (quick 5)")
-    p.add_argument("--appends", type=int, default=0, help="ceiling: default 200000 (quick 20000)")
+    p.add_argument("--appends", type=int, default=-1,
+                   help="ceiling: default 200000 (quick 20000); 0 skips it")
     args = p.parse_args()
     counts = [int(c) for c in args.processes.split(",")]
     args.open = args.open or (10_000 if args.quick else 100_000)
     args.due = args.due or (300 if args.quick else 1000)
     args.spread = args.spread or (5.0 if args.quick else 10.0)
-    args.appends = args.appends or (20_000 if args.quick else 200_000)
+    if args.appends < 0:
+        args.appends = 20_000 if args.quick else 200_000
     args.seconds = 4 if args.quick else 10
     ceilings = {}
-    for kind in ("standalone", "cluster"):
+    for kind in ("standalone", "cluster") if args.appends else ():
         with workdir("ceiling") as tmp, redis_of(kind, tmp) as url:
             ceilings[kind] = asyncio.run(append_ceiling(url, args.appends))
         print(kind, ceilings[kind], flush=True)

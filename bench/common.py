@@ -132,7 +132,9 @@ def wrk(url: str, *, seconds: float, connections: int, env: dict[str, str],
     errors += int(non2xx.group(1)) if non2xx else 0
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     latency_line = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
-    return WrkResult(requests, elapsed, requests / elapsed, errors, _ms(lat["50"]), _ms(lat["99"]),
+    # No percentiles when no request completed (a short warm-up against a starved service).
+    return WrkResult(requests, elapsed, requests / elapsed, errors,
+                     *(_ms(lat[q]) if q in lat else float("nan") for q in ("50", "99")),
                      _ms(latency_line.group(1)) if latency_line else float("nan"))
 
 

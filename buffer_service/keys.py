@@ -39,6 +39,8 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
     bs:{sN}:tx:<acct>:<msg>:<n>       string  a voice note's transcript, JSON {"text"} or
                                               {"error", "reason"}, kept HISTORY_TTL_S
     bs:{sN}:txclaim:<acct>:<msg>:<n>  string  token of the process transcribing it, PX lease
+    bs:{sN}:moving:0, :1     never exist: every script given the prefix asks for them first, so
+                             that Redis refuses it while the slot moves (lib.lua whole_slot)
     bs:rl:global             string GCRA state of the limit of all conversations together
     bs:flags                 hash  feature flags (flags.py)
     bs:log:webhooks          stream, capped: one entry per webhook delivery (journal.py)

@@ -83,6 +83,12 @@ def cluster(settings: Settings) -> RedisCluster:
         password=first.password or None,
         ssl=first.scheme == "rediss",
         max_connections=_CLUSTER_MAX_CONNECTIONS,
+        # redis-py's default rebuilds the client every 5th MOVED by closing every connection,
+        # those other requests are using too: during a slot migration (MOVED after an ASK that
+        # went out on another connection than its ASKING) they failed with AttributeError and
+        # "Connection closed by server", for many seconds. Each MOVED still patches the slot map,
+        # and the worker refreshes it every few seconds (worker.py).
+        reinitialize_steps=0,
         socket_connect_timeout=2,
         socket_timeout=5,
         retry=_retry(),

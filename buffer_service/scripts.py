@@ -105,7 +105,10 @@ class Script:
                  batched: bool = False, replicas: int = 0) -> None:
         self.name = name
         self.signature = Signature.parse(name, source)
-        # lib.lua holds only local helpers; every script may use them.
+        # lib.lua holds only local helpers; every script may use them. A script that builds key
+        # names from its shard's prefix first makes sure its slot is not being moved (lib.lua).
+        if "prefix" in self.signature.args:
+            lib += f"whole_slot(ARGV[{self.signature.args.index('prefix') + 1}])\n"
         self._script: AsyncScript = redis.register_script(lib + source)
         self._batcher = (ScriptBatcher(redis, self._script, replicas=replicas)
                          if batched or replicas else None)
