@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -73,15 +74,18 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
 
 
 def cluster(settings: Settings) -> RedisCluster:
-    """A RedisCluster seeded with every node REDIS_URL lists; credentials and TLS from the first."""
+    """A RedisCluster seeded with every node REDIS_URL lists; credentials and TLS from the first,
+    its `ssl_*` query options too (`?ssl_ca_certs=/path/ca.pem`), as on one server."""
     urls = seed_urls(settings)
     seeds = [ClusterNode(urlparse(u).hostname or "127.0.0.1", urlparse(u).port or 6379) for u in urls]
-    first = urlparse(urls[0])
+    first = parse_url(urls[0])
+    tls: dict[str, Any] = {k: v for k, v in first.items() if k.startswith("ssl_")}
     return RedisCluster(
         startup_nodes=seeds,
-        username=first.username or None,
-        password=first.password or None,
-        ssl=first.scheme == "rediss",
+        username=first.get("username") or None,
+        password=first.get("password") or None,
+        ssl=first.get("connection_class") is SSLConnection,
+        **tls,
         max_connections=_CLUSTER_MAX_CONNECTIONS,
         # redis-py's default rebuilds the client every 5th MOVED by closing every connection,
         # those other requests are using too: during a slot migration (MOVED after an ASK that

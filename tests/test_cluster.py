@@ -20,6 +20,7 @@ import pytest
 from helpers import eventually, wait_for, with_port
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
@@ -77,6 +78,20 @@ def test_every_key_of_a_shard_hashes_to_the_slot_of_its_shard() -> None:
                  k.transcript(conv, 5, 0), k.transcript_claim(conv, 5, 0), k.batch(batch_id),
                  k.messages(batch_id), k.prefix(shard) + "anything:built:at:run:time"]
         assert {key_slot(n.encode()) for n in names} == {key_slot(k.due(shard).encode())}
+
+
+def test_tls_options_of_the_first_url_reach_every_node() -> None:
+    """A managed cluster with its own CA (`rediss://...?ssl_ca_certs=`): the cluster client took
+    only host, port, credentials and the scheme, so the CA was ignored and TLS failed."""
+    client = redis_client.cluster(Settings(
+        redis_url="rediss://user:secret@10.0.0.1:7000?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required,"
+                  "rediss://10.0.0.2:7000"))
+    made = client.nodes_manager.connection_kwargs
+    assert made["connection_class"] is SSLConnection
+    assert (made["ssl_ca_certs"], made["ssl_cert_reqs"], made["username"], made["password"]) == (
+        "/etc/ca.pem", "required", "user", "secret")
+    plain = redis_client.cluster(Settings(redis_url="redis://10.0.0.1:7000"))
+    assert plain.nodes_manager.connection_kwargs["connection_class"] is not SSLConnection
 
 
 async def test_mode_is_detected_from_the_server_or_forced(tmp_path: Path,
