@@ -40,6 +40,7 @@ test: install redis chromium lint
 # The integration suite (pipeline, workers, guarantees, operations, chaos) again on a local Redis
 # Cluster of three primaries (TEST_REDIS=cluster, tests/conftest.py; docs/cluster.md). The chaos
 # runs with a slow Chatwoot only differ from the others in Chatwoot's part: left to `make test`.
+# Tests in these files that use no Redis at all are skipped there (tests/conftest.py).
 CLUSTER_TESTS := tests/test_pipeline.py tests/test_workers.py tests/test_guarantees.py \
 	tests/test_ops.py tests/test_cli.py tests/test_chaos.py
 test-cluster: install redis

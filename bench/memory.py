@@ -26,7 +26,7 @@ import orjson
 from common import median, parser, repeats, save, service_env, table, workdir
 from redis.asyncio import Redis
 
-from buffer_service.chatwoot import ChatMessage
+from buffer_service.chatwoot import ChatMessage, Handoff
 from buffer_service.config import Settings
 from buffer_service.redis_client import connect
 from buffer_service.store import BufferStore
@@ -74,19 +74,26 @@ def conv_msg(i: int, j: int, per: int, round_: int = 0) -> ChatMessage:
 
 
 async def open_conversations(redis: Redis, settings: Settings, n: int, per: int,
-                             round_: int = 0) -> None:
+                             round_: int = 0, versioned: bool = False) -> None:
     store = BufferStore(redis, settings)
     for start in range(0, n, 2000):
-        await asyncio.gather(*(store.append(conv_msg(i, j, per, round_))
-                               for i in range(start, min(n, start + 2000)) for j in range(per)))
+        await asyncio.gather(*(store.append(conv_msg(i, j, per, round_), snapshot=Handoff(
+            1, 100_000 + i, "", 1_764_000_000.123456 + j) if versioned else None)
+            for i in range(start, min(n, start + 2000)) for j in range(per)))
 
 
-async def part_conversations(url: str, n: int) -> dict[str, Any]:
-    settings = Settings(redis_url=url, buffer_duration_ms=3_600_000, max_buffer_age_ms=7_200_000)
+async def part_conversations(url: str, n: int, buffer_format: str = "compact",
+                             versioned: bool = False) -> dict[str, Any]:
+    """Open conversations as the service stores them, in one BUFFER_FORMAT. `versioned`: each
+    message comes with a conversation snapshot that has an `updated_at`, as Chatwoot's webhooks
+    do, so the conversation also gets its handoff record (lib.lua take_charge)."""
+    settings = Settings(redis_url=url, buffer_duration_ms=3_600_000, max_buffer_age_ms=7_200_000,
+                        buffer_format=buffer_format)
     redis = await connect(settings)
     try:
+        await redis.flushall()
         base = await used(redis)
-        await open_conversations(redis, settings, n, 3)
+        await open_conversations(redis, settings, n, 3, versioned=versioned)
         total = await used(redis) - base
         out: dict[str, Any] = {"conversations": n, "total_bytes_per_conv_with_markers": total / n}
         sample = [f"1:{100_000 + i}" for i in range(0, n, max(1, n // 500))]
@@ -108,7 +115,7 @@ async def part_conversations(url: str, n: int) -> dict[str, Any]:
         markers = await used(redis) - base
         out["marker_bytes"] = markers / (3 * n)
         out["bytes_per_conv"] = (total - markers) / n
-        out["part:the rest (index entry, first-message entry, wake-up key, table slots)"] = (
+        out["part:the rest (index entry, TTL key, table slots; json: first-message entry)"] = (
             out["bytes_per_conv"] - out["part:buffer list (MEMORY USAGE)"])
     finally:
         await redis.aclose()
@@ -117,19 +124,20 @@ async def part_conversations(url: str, n: int) -> dict[str, Any]:
 
 async def part_layouts(url: str, n: int) -> dict[str, Any]:
     """What-if: the same open conversations in other layouts, written with plain commands (not
-    the service's code), to show what the <= 700 B target takes. Same messages, same keys."""
+    the service's code), to show what the <= 700 B target takes. Same messages, same keys, the
+    TTL key included, no de-duplication markers."""
     settings = Settings(redis_url=url)
     redis = Redis.from_url(url)
     store = BufferStore(redis, settings)
     first_ms = 1_764_000_000_000
     variants = {
-        "as the service writes it (JSON object per message, first-message hash)": (False, False),
-        "messages as JSON arrays [id, text, inbox]": (True, False),
-        "JSON arrays + first-message time as the list's head (no hash entry)": (True, True),
+        "json: JSON object per message, first-message hash (BUFFER_FORMAT=json)": "json",
+        "compact: head + JSON array per message (BUFFER_FORMAT=compact)": "compact",
+        "compact entries in one string value instead of a list (not done)": "string",
     }
     out: dict[str, Any] = {}
     try:
-        for name, (arrays, head) in variants.items():
+        for name, layout in variants.items():
             await redis.flushall()
             base = await used(redis)
             for start in range(0, n, 5000):
@@ -137,14 +145,17 @@ async def part_layouts(url: str, n: int) -> dict[str, Any]:
                     for i in range(start, min(n, start + 5000)):
                         msgs = [conv_msg(i, j, 3) for j in range(3)]
                         conv, shard = msgs[0].conv, store.keys.shard_of(msgs[0].conv)
-                        items: list[Any] = [
-                            orjson.dumps([m.message_id, m.text, m.inbox_id]) if arrays else m.to_json()
-                            for m in msgs]
-                        pipe.rpush(store.keys.buffer(conv), *([first_ms + i] if head else []),
-                                   *items)
-                        pipe.zadd(store.keys.due(shard), {conv: first_ms + i})
-                        if not head:
+                        head = f"{first_ms + i}".encode() + msgs[0].burst_head()
+                        entries = [m.to_entry() for m in msgs]
+                        if layout == "json":
+                            pipe.rpush(store.keys.buffer(conv), *[m.to_json() for m in msgs])
                             pipe.hset(store.keys.first(shard), conv, first_ms + i)
+                        elif layout == "compact":
+                            pipe.rpush(store.keys.buffer(conv), head, *entries)
+                        else:
+                            pipe.set(store.keys.buffer(conv), b"\n".join([head, *entries]))
+                        pipe.zadd(store.keys.due(shard), {conv: first_ms + i})
+                        pipe.set(store.keys.ttl(conv), 1, px=3_600_000)
                     await pipe.execute()
             out[f"layout:{name}"] = (await used(redis) - base) / n
     finally:
@@ -167,9 +178,11 @@ async def part_history_layouts(url: str, n: int, rounds: int) -> dict[str, Any]:
         "JSON object with the burst's inbox (before lib.lua for_history)": orjson.dumps,
         "  the same, WhatsApp message with contact name and phone": lambda e: orjson.dumps(
             e if "role" in e else {**e, **whatsapp}),
-        "JSON object of id, text, role (as the service writes it)": lambda e: orjson.dumps(kept(e)),
+        "JSON object of id, text, role (BUFFER_FORMAT=json)": lambda e: orjson.dumps(kept(e)),
         "JSON arrays [id, text] / [id, text, role]": lambda e: orjson.dumps(list(kept(e).values())),
         "text only, role as a one-byte prefix": lambda e: (e.get("role", "u")[:1] + e["text"]).encode(),
+        "<id>:<text>, a<id>:<text> for a reply (BUFFER_FORMAT=compact)": lambda e: ChatMessage(
+            1, 1, e["id"], e["text"], role=e.get("role", "user")).to_history(),
     }
     text = rounds * (3 * len(TEXT.encode()) + len(REPLY.encode()))
     out: dict[str, Any] = {}
@@ -307,6 +320,11 @@ def main() -> dict[str, Any]:
         with workdir("memory") as tmp:
             with running_redis(tmp) as server:
                 r.update(asyncio.run(part_conversations(server.url, n)))
+                for variant, kwargs in (("json", {"buffer_format": "json"}),
+                                        ("versioned", {"versioned": True})):
+                    other = asyncio.run(part_conversations(server.url, n, **kwargs))
+                    r[f"{variant}:bytes_per_conv"] = other["bytes_per_conv"]
+                    r[f"{variant}:buffer_list"] = other["part:buffer list (MEMORY USAGE)"]
             with running_redis(tmp) as server:
                 jobs = asyncio.run(part_jobs_and_history(server.url, hist_n, 5))
                 r.update({k: v for k, v in jobs.items() if k != "marker_bytes"})
@@ -324,9 +342,14 @@ def main() -> dict[str, Any]:
     parts = [k for k in s if k.startswith("part:")]
     print()
     print(table(["what", "bytes", "target"], [
-        ["open conversation, 3 messages of ~100 chars (list, index entry, first-message"
-         " hash entry, wake-up key), all table slots charged", round(s["bytes_per_conv"]), "<= 700"],
+        ["open conversation, 3 messages of ~100 chars (buffer list, index entry, TTL key),"
+         " all table slots charged", round(s["bytes_per_conv"]), "<= 700"],
         *[[f"  of which {k[5:]}", round(s[k]), ""] for k in parts],
+        ["  the same in BUFFER_FORMAT=json (as before), same run", round(s["json:bytes_per_conv"]),
+         f"ratio {s['bytes_per_conv'] / s['json:bytes_per_conv']:.2f}"],
+        ["  its buffer list in json (MEMORY USAGE)", round(s["json:buffer_list"]), ""],
+        ["  the same with a versioned snapshot per message (Chatwoot's webhooks): handoff record too",
+         round(s["versioned:bytes_per_conv"]), ""],
         ["  ... plus per message: de-duplication marker (excluded above)", round(s["marker_bytes"]), ""],
         ["history per conversation (5 bursts of 3 + 5 replies)",
          f"{s['history_bytes_per_conv']:.0f} for {s['history_text_bytes_per_conv']:.0f} of text"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -78,6 +79,79 @@ class ChatMessage:
                 entry["typed"] = self.content
         return orjson.dumps(entry)
 
+    def to_entry(self) -> bytes:
+        """The customer message in a compact buffer (lib.lua: buffer formats): [id, text, typed,
+        t, attachments] with trailing empty ones cut (typed 0: as the text; t: set by append.lua
+        for a message past the size cap). What the burst's messages share is in `burst_head`."""
+        entry: list[Any] = [self.message_id, self.text, 0 if self.content is None else self.content, 0,
+                            [a.to_dict() for a in self.attachments]]
+        while len(entry) > 2 and not entry[-1] and entry[-1] != "":
+            entry.pop()
+        return orjson.dumps(entry)
+
+    def to_history(self) -> bytes:
+        """The message as a compact history entry (lib.lua for_history): "<id>:<text>", "a" in
+        front for the assistant's; with attachments the json entry, which keeps them."""
+        if self.attachments or self.role not in _HISTORY_MARKS:
+            entry: dict[str, Any] = {"id": self.message_id, "text": self.text}
+            if self.attachments:
+                entry["att"] = [a.to_dict() for a in self.attachments]
+            if self.role != "user":
+                entry["role"] = self.role
+            return orjson.dumps(entry)
+        return f"{_HISTORY_MARKS[self.role]}{self.message_id}:{self.text}".encode()
+
+    def burst_head(self) -> bytes:
+        """The compact head after its first-message time: [inbox, name, phone] of this message,
+        trailing empty ones cut, b"" for none (lib.lua: buffer formats)."""
+        shared: list[Any] = [self.inbox_id or 0, self.sender_name[:_NAME_CHARS], self.phone]
+        while shared and not shared[-1]:
+            shared.pop()
+        return orjson.dumps(shared) if shared else b""
+
+
+def buffered(raw: Iterable[bytes | str]) -> tuple[int | None, list[dict[str, Any]]]:
+    """A buffer's (or a claimed batch's) entries as message dicts in the json format's shape
+    ({"id", "text", "att", "inbox", "name", "ph", "typed", "t"}, absent keys left out), in
+    either format or both (lib.lua: buffer formats); with the first message ms that a compact
+    head names (None without one)."""
+    first: int | None = None
+    shared: dict[str, Any] = {}
+    out: list[dict[str, Any]] = []
+    for one in raw:
+        item = one.encode() if isinstance(one, str) else one
+        if item[:1].isdigit():
+            digits = len(item) - len(item.lstrip(b"0123456789"))
+            first = int(item[:digits])
+            values = orjson.loads(item[digits:]) if len(item) > digits else []
+            shared = {k: v for k, v in zip(("inbox", "name", "ph"), values, strict=False) if v}
+        elif item[:1] == b"[":
+            fields = orjson.loads(item)
+            entry: dict[str, Any] = {"id": fields[0], "text": fields[1]}
+            if len(fields) > 4 and fields[4]:
+                entry["att"] = fields[4]
+            entry.update(shared)
+            if len(fields) > 2 and isinstance(fields[2], str):
+                entry["typed"] = fields[2]
+            if len(fields) > 3 and fields[3]:
+                entry["t"] = fields[3]
+            out.append(entry)
+        else:
+            out.append(orjson.loads(item))
+    return first, out
+
+
+def from_history(raw: bytes | str) -> dict[str, Any]:
+    """A history entry as {"id", "text", "att", "role"} (absent keys left out): json, or compact
+    (ChatMessage.to_history)."""
+    item = raw.encode() if isinstance(raw, str) else raw
+    if item[:1] == b"{":
+        entry: dict[str, Any] = orjson.loads(item)
+        return entry
+    role = next((r for r, mark in _HISTORY_MARKS.items() if mark and item.startswith(mark.encode())), "user")
+    ident, _, text = item[len(_HISTORY_MARKS[role]):].partition(b":")
+    return {"id": int(ident), "text": text.decode(), **({"role": role} if role != "user" else {})}
+
 
 def typed_text(entry: dict[str, Any]) -> str:
     """What the customer typed in a stored message (ChatMessage.typed)."""
@@ -116,6 +190,8 @@ class Decision:
     from_agent: bool = False
 
 
+# What marks a compact history entry's role (ChatMessage.to_history); the customer's is none.
+_HISTORY_MARKS = {"user": "", "assistant": "a"}
 # Chatwoot's ids are Postgres bigints; anything larger is not an id, only a bigger Redis key.
 MAX_ID = 2**63 - 1
 TRUNCATION_MARK = " [...message truncated]"

@@ -315,6 +315,12 @@ class Settings:
     shards: int = _setting("BUFFER_SHARDS", 16,
                            "shard count of the key layout (the same for every process)", _whole())
     key_prefix: str = _setting("REDIS_KEY_PREFIX", "bs", "prefix of every key", _key_prefix)
+    # Versions before compact buffers read json only: a rolling upgrade from one runs the new
+    # version with `json` until no old process is left (README, upgrading).
+    buffer_format: str = _setting(
+        "BUFFER_FORMAT", "compact", "how buffers and history entries are written: `compact` (JSON "
+        "arrays, what a burst's messages share once) or `json` (JSON objects: all that versions "
+        "before compact buffers read; see Upgrading); either is read", _one_of("compact", "json"))
 
     # -- voice notes and images (media.py, transcripts.py, downloads.py) --
     transcription_model: str = _setting(

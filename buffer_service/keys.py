@@ -5,13 +5,17 @@ to one slot, and a conversation always maps to the same shard (crc32 of "<accoun
 modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
 
     bs:{sN}:due              zset  conv -> deadline ms          (the deadline index)
-    bs:{sN}:first            hash  conv -> first message ms of the pending burst
-    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order (each
-                                   stamped with its arrival ms, "t")
-    bs:{sN}:ttl:<conv>       string with PX = time to deadline  (expiry event = wake-up hint)
+    bs:{sN}:first            hash  conv -> first message ms of a pending burst in the json
+                                   format (a compact burst's head holds it)
+    bs:{sN}:buf:<conv>       list  pending messages of the burst, in arrival order: compact, a
+                                   head "<first ms>[inbox,name,phone]" and a JSON array per
+                                   message; json, a JSON object per message stamped with its
+                                   arrival ms "t" (lib.lua: buffer formats; BUFFER_FORMAT)
+    bs:{sN}:ttl:<conv>       string 1 with PX = time to deadline (expiry event = wake-up hint)
     bs:{sN}:seen:<acct>:<id> string with PX                     (webhook de-duplication; 'own'
                                    for a reply the bot posted, until its echo comes)
-    bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context)
+    bs:{sN}:hist:<conv>      list  recent messages, both sides  (prompt context): "<id>:<text>"
+                                   ("a<id>:..." a reply) or JSON objects (lib.lua for_history)
     bs:{sN}:inflight         zset  batch id -> lease expiry or retry time
     bs:{sN}:active           hash  conv -> batch id             (one batch per conversation)
     bs:{sN}:batch:<id>       hash  job record of one flushed burst

@@ -15,8 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import orjson
-
+from .chatwoot import buffered
 from .flags import Flags
 from .store import BufferStore, decoded, record
 
@@ -162,11 +161,15 @@ class Operations:
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard, conv, _, _ in found:
                 pipe.llen(self.keys.buffer(conv))
+                pipe.lindex(self.keys.buffer(conv), 0)
                 pipe.hget(self.keys.first(shard), conv)
             sizes = await pipe.execute()
         rows = []
         for i, (_, conv, deadline, batch) in enumerate(found):
-            count, first = int(sizes[2 * i]), sizes[2 * i + 1]
+            count, head, first = int(sizes[3 * i]), sizes[3 * i + 1], sizes[3 * i + 2]
+            # A compact buffer's head is no message; it names the first message's time.
+            if head is not None and (head_first := buffered([head])[0]) is not None:
+                count, first = count - 1, str(head_first)
             if count == 0:
                 continue  # a conversation whose batch is in flight and nothing new came
             rows.append({
@@ -190,12 +193,15 @@ class Operations:
             pipe.hget(k.first(shard), conv)
             pipe.hget(k.active(shard), conv)
             pipe.llen(k.history(conv))
-            msgs, deadline, first, batch, hist = await pipe.execute()
+            raw, deadline, first, batch, hist = await pipe.execute()
+        head_first, msgs = buffered(raw)
+        if head_first is not None:
+            first = str(head_first)
         return {
             "conversation": conv,
             "shard": shard,
             "status": "buffering" if deadline is not None else ("waiting" if msgs else "empty"),
-            "messages": [orjson.loads(m) for m in msgs],
+            "messages": msgs,
             "first_message_at": iso(decoded(first) if first else None),
             "deadline_at": iso(int(deadline) if deadline is not None else None),
             "due_in_ms": int(deadline) - now if deadline is not None else None,
@@ -262,7 +268,7 @@ class Operations:
         job = records[0]
         del job["_t"]
         kept = await self.redis.lrange(self.keys.messages(batch_id), 0, -1)
-        job["burst"] = [orjson.loads(m) for m in kept]
+        job["burst"] = buffered(kept)[1]
         return job
 
     async def retry(self, job_id: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio.cluster import RedisCluster
 
-from .chatwoot import ChatMessage, Decision, Handoff
+from .chatwoot import ChatMessage, Decision, Handoff, buffered, from_history
 from .config import Settings
 from .keys import Keys
 from .redis_client import AnyRedis
@@ -117,6 +117,7 @@ class BufferStore:
         own_limits = {inbox: limit for inbox, limit in limits.items() if limit != [
             settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms]}
         self._inbox_limits = orjson.dumps(own_limits) if own_limits else b""
+        self.compact = settings.buffer_format == "compact"
 
     # -- webhook side -----------------------------------------------------------------------
     async def append(self, msg: ChatMessage, *, buffered: bool = True,
@@ -136,6 +137,8 @@ class BufferStore:
                   "handoff": k.handoff(conv), "rate": k.rate(conv), "history": k.history(conv),
                   **({"global_rate": k.global_rate} if s.rate_limit_global and not apart else {})},
             args={"conv": conv, "message": msg.to_json(),
+                  "entry": msg.to_entry() if self.compact else b"",
+                  "burst": msg.burst_head() if self.compact else b"",
                   "window_ms": s.buffer_duration_ms if buffered else 0,
                   "max_age_ms": s.max_buffer_age_ms, "max_size": s.max_buffer_size,
                   "dedup_ms": s.dedup_ttl_s * 1000, "wake": k.wake, "max_bytes": s.max_buffer_bytes,
@@ -183,7 +186,7 @@ class BufferStore:
                 await self.scripts.note(
                     keys={"seen": k.seen(conv, msg.message_id), "history": k.history(conv),
                           "pause": k.pause(conv), "sent": k.sent(conv)},
-                    args={"entry": msg.to_json(), "history_cap": self._history_cap(),
+                    args={"entry": self._for_history(msg), "history_cap": self._history_cap(),
                           "history_ttl_ms": s.history_ttl_s * 1000, "dedup_ms": s.dedup_ttl_s * 1000,
                           "message_id": msg.message_id, "outgoing_text": msg.text if outgoing else "",
                           "prefix": k.prefix(k.shard_of(conv)),
@@ -219,7 +222,7 @@ class BufferStore:
             Batch(id=decoded(b[0]), token=decoded(b[1]), attempts=int(b[2]), conv=decoded(b[3]),
                   first_ms=int(b[4] or 0), deadline_ms=int(b[5] or 0), trigger=decoded(b[6] or ""),
                   claimed_ms=int(b[7]), reply=decoded(b[8] or ""),
-                  messages=tuple(orjson.loads(m) for m in b[9]), takeover=decoded(b[10]))
+                  messages=tuple(buffered(b[9])[1]), takeover=decoded(b[10]))
             for b in raw[2:]
         ]
         return int(raw[0]), int(raw[1]), batches
@@ -308,8 +311,8 @@ class BufferStore:
     async def finish(self, batch: Batch, state: str, *, reason: str = "", reply: str = "",
                      reply_id: int = 0, note: str = "") -> bool:
         s, k = self.settings, self.keys
-        entry = ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
-                            role="assistant").to_json() if reply else b""
+        entry = self._for_history(ChatMessage(batch.account_id, batch.conversation_id, reply_id, reply,
+                                              role="assistant")) if reply else b""
         return bool(await self.scripts.finish(
             keys={"batch": k.batch(batch.id), "messages": k.messages(batch.id),
                   "history": k.history(batch.conv), "seen": k.seen(batch.conv, reply_id),
@@ -361,7 +364,7 @@ class BufferStore:
         if last <= 0:
             return []
         raw = await self.redis.lrange(self.keys.history(conv), -last, -1)
-        return [orjson.loads(r) for r in raw]
+        return [from_history(r) for r in raw]
 
     async def job(self, batch_id: str) -> dict[str, str]:
         return (await self.jobs([batch_id]))[0]
@@ -395,6 +398,10 @@ class BufferStore:
 
     async def wake_all(self) -> None:
         await self.redis.publish(self.keys.wake, 0)
+
+    def _for_history(self, msg: ChatMessage) -> bytes:
+        # The history follows BUFFER_FORMAT: versions before it read json entries only.
+        return msg.to_history() if self.compact else msg.to_json()
 
     def _history_cap(self) -> int:
         # Room for a whole burst on top of the history a prompt uses, so that one long burst

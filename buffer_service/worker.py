@@ -60,7 +60,7 @@ class Worker:
                     self._wake.clear()
                     delay = MAX_AGE_S
                 else:
-                    delay = await self._sweep()
+                    delay = await self._sweep(stop)
                 await self.sweep_log.swept(paused=paused)
                 await self._sleep(delay, stop)
         finally:
@@ -69,8 +69,10 @@ class Worker:
                 await listener
             await self._drain()
 
-    async def _sweep(self) -> float:
-        """Claim as much due work as there are free slots; returns seconds until the next."""
+    async def _sweep(self, stop: asyncio.Event) -> float:
+        """Claim as much due work as there are free slots; returns seconds until the next.
+        Ends early on `stop`: with Redis gone each shard's claim takes its retries (about 0.7 s),
+        and a shutdown must not wait for all of them."""
         self._wake.clear()
         s = self.settings
         delay = s.processing_interval_ms / 1000
@@ -81,6 +83,8 @@ class Worker:
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
         for i in range(s.shards):
+            if stop.is_set():
+                return delay
             shard = (start + i) % s.shards
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)

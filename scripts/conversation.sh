@@ -7,17 +7,20 @@ conv="${1:?usage: $0 ACCOUNT:CONVERSATION (e.g. 1:42)}"
 
 # The shard is crc32(conv) % BUFFER_SHARDS; looking in each is simpler than computing it in bash.
 for ((s = 0; s < SHARDS; s++)); do
-  n=$(rc LLEN "$(shard_key "$s" "buf:$conv")")
+  n=$(buffered_count "$s" "$conv")
   batch=$(rc HGET "$(shard_key "$s" active)" "$conv")
   [[ "$n" -eq 0 && -z "$batch" ]] && continue
   deadline=$(rc ZSCORE "$(shard_key "$s" due)" "$conv")
-  first=$(rc HGET "$(shard_key "$s" first)" "$conv")
+  first=$(first_ms "$s" "$conv")
   echo "conversation    $conv (shard $s)"
   echo "first message   $(utc "$first")"
   echo "deadline        $(utc "${deadline%.*}")"
   echo "batch in flight ${batch:--}"
   echo "buffered        $n message(s):"
-  rc LRANGE "$(shard_key "$s" "buf:$conv")" 0 -1 | nl -w3 -s'  '
+  # Each message as stored: a JSON array [id, text, ...] (compact) or a JSON object (json).
+  from=0
+  if [[ -n "$(buffer_head "$s" "$conv")" ]]; then from=1; fi
+  rc LRANGE "$(shard_key "$s" "buf:$conv")" "$from" -1 | nl -w3 -s'  '
   exit 0
 done
 echo "conversation $conv has no buffered messages and no batch in flight"

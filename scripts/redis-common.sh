@@ -25,3 +25,29 @@ utc() {
   [[ -z "$1" ]] && { echo "-"; return; }
   printf '%s.%03d UTC' "$(date -u -d "@$(( $1 / 1000 ))" '+%F %T')" $(( $1 % 1000 ))
 }
+
+# A buffer in either format (buffer_service/lua/lib.lua, "buffer formats"): a compact buffer
+# starts with a head "<first message ms>[...]", the only entry that starts with a digit; a json
+# buffer's first message time is in the shard's `first` hash.
+# buffer_head SHARD CONV -> the head's first message ms, or nothing for a json buffer
+buffer_head() {
+  local head
+  head=$(rc LINDEX "$(shard_key "$1" "buf:$2")" 0)
+  if [[ "$head" =~ ^([0-9]+) ]]; then echo "${BASH_REMATCH[1]}"; fi
+}
+
+# buffered_count SHARD CONV -> the number of messages (the head is none)
+buffered_count() {
+  local n
+  n=$(rc LLEN "$(shard_key "$1" "buf:$2")")
+  if [[ -n "$(buffer_head "$1" "$2")" ]]; then n=$(( n - 1 )); fi
+  echo "$n"
+}
+
+# first_ms SHARD CONV -> the first message's epoch ms
+first_ms() {
+  local first
+  first=$(buffer_head "$1" "$2")
+  if [[ -z "$first" ]]; then first=$(rc HGET "$(shard_key "$1" first)" "$2"); fi
+  echo "$first"
+}

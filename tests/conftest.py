@@ -30,6 +30,16 @@ logs.configure("console", os.environ.get("TEST_LOG_LEVEL", "warning"))
 ON_CLUSTER = os.environ.get("TEST_REDIS", "standalone") == "cluster"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster pass (`make test-cluster`) is for what goes through Redis: a test that uses
+    no redis-server runs exactly as in the standalone pass, so it is not run twice."""
+    if not ON_CLUSTER:
+        return
+    for item in items:
+        if "redis_server" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason="uses no Redis: covered by the standalone pass"))
+
+
 @pytest.fixture
 def redis_server(request: pytest.FixtureRequest,
                  tmp_path: Path) -> Iterator[RedisServer | RedisClusterServers]:

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
+from buffer_service.chatwoot import buffered
 from buffer_service.config import Settings
 from buffer_service.store import Batch, BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
@@ -223,3 +224,8 @@ class RefusesStatusOnce(ChatwootStandIn):
             self.refused = True
             return web.json_response({"error": "busy"}, status=503)
         return await super()._toggle_status(request)
+
+
+async def buffered_in(redis: Redis, key: str) -> list[dict[str, Any]]:
+    """The messages a buffer (or a batch's messages list) holds, in either format."""
+    return buffered(await redis.lrange(key, 0, -1))[1]

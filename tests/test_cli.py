@@ -127,6 +127,8 @@ async def test_redis_cli_scripts_print_a_live_buffer(settings, make_service, llm
     assert code == 0, err
     assert "first line" in out and "second line" in out and "deadline" in out
     assert out.index("first line") < out.index("second line")
+    # The compact buffer's head is no message, and it names the first message's time.
+    assert "buffered        2 message(s)" in out and "first message   20" in out
     code, out, _ = await run_script(settings, "conversation.sh", "1:43")
     assert code == 0 and "no buffered messages" in out
 

@@ -162,3 +162,19 @@ async def test_fingerprints_are_bounded_in_count(redis, settings):
     # The newest are kept: an echo of the last reply is still recognised.
     echo = ChatMessage(1, 205, 1039, "answer number 39", role="assistant")
     assert await store.note(Decision("note", "outgoing", echo)) == "own"
+
+
+async def test_a_post_in_doubt_on_the_last_attempt_is_settled_not_failed(
+        settings, make_service, llm, chatwoot: ChatwootStandIn, redis: Redis):
+    """The last attempt's post times out, but Chatwoot created the message: the batch is not
+    failed on the spot (the customer has the reply); one more attempt asks Chatwoot, finds it
+    and finishes the batch without posting again."""
+    chatwoot.slow_next(1, answer_s=1.5)
+    svc = await make_service(replace(settings, buffer_duration_ms=300, chatwoot_timeout_s=0.5,
+                                     max_attempts=1))
+    await svc.webhook(message_payload(message_id=13, conversation_id=203, content="is it sent?"))
+    done = await eventually(job_in("completed", redis, "1:203"), timeout=20)
+    assert len(chatwoot.posts_for(203)) == 1
+    assert done["reply_id"] == str(chatwoot.posts[0].message_id)
+    assert int(done["attempts"]) == 2
+    assert [r.method for r in chatwoot.requests if r.method == "GET"] == ["GET"]  # it asked

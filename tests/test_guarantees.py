@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from helpers import (
     HUMAN,
+    buffered_in,
     claim_one,
     conversation_event,
     eventually,
@@ -123,8 +124,7 @@ async def test_llm_failing_always_fails_the_batch_and_a_requeue_answers_it_once(
         await svc.webhook(message_payload(message_id=70 + i, conversation_id=70, content=f"q{i}"))
     failed = await eventually(job_in("failed", redis, "1:70"), timeout=15)
     assert failed["attempts"] == "3" and "HTTP 500" in failed["error"]
-    kept = await redis.lrange(store.keys.messages(failed["id"]), 0, -1)
-    assert len(kept) == 2
+    assert len(await buffered_in(redis, store.keys.messages(failed["id"]))) == 2
     assert chatwoot.posts == []  # never an error text to the customer
 
     assert await store.requeue(failed["id"])

@@ -8,10 +8,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import HUMAN, claim_one, conversation_event, eventually, job_in, wait_for
+from helpers import HUMAN, buffered_in, claim_one, conversation_event, eventually, job_in, wait_for
 from redis.asyncio import Redis
 
-from buffer_service.chatwoot import ChatMessage
+from buffer_service.chatwoot import ChatMessage, buffered
 from buffer_service.config import ConfigError, Settings
 from buffer_service.flags import Flags
 from buffer_service.journal import SweepLog
@@ -80,7 +80,7 @@ async def test_redeliveries_do_not_use_up_the_rate_limit_and_refused_messages_ar
                                           "limit": "conversation"}
     assert (await svc.webhook(refused))["status"] == "duplicate"
     # Not buffered, but in the history the next prompt reads, and counted for operators.
-    assert await redis.llen(store.keys.buffer("1:302")) == 3
+    assert len(await buffered_in(redis, store.keys.buffer("1:302"))) == 3
     assert await _history(redis, settings, "1:302") == ["m4"]
     stats = await Operations(store, Flags(redis, settings)).stats(hours=1)
     assert stats["totals"]["refused_messages"] == {"rate_limited": 1}
@@ -92,7 +92,7 @@ async def test_a_full_buffer_keeps_the_refused_message_in_the_history(settings, 
                for i in range(1, 6)]
     assert answers[-1] == {"status": "ignored", "reason": "buffer_full"}
     kept = await _history(redis, settings, "1:303")
-    assert kept and len(kept) + await redis.llen(store.keys.buffer("1:303")) == 5
+    assert kept and len(kept) + len(await buffered_in(redis, store.keys.buffer("1:303"))) == 5
 
 
 # -- point 4: a size split keeps the leftovers' age ----------------------------------------------------
@@ -105,7 +105,7 @@ async def test_messages_left_by_a_size_split_keep_their_arrival_time(redis, sett
     assert [m["text"] for m in batch.messages] == ["m0", "m1"]
     shard = store.keys.shard_of("1:304")
     arrived = results[2].now_ms
-    assert int(await redis.hget(store.keys.first(shard), "1:304")) == arrived
+    assert buffered(await redis.lrange(store.keys.buffer("1:304"), 0, -1))[0] == arrived
     assert int(await redis.zscore(store.keys.due(shard), "1:304")) == arrived + 3000
 
 
@@ -126,7 +126,7 @@ async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis,
     worker = Worker(store, _Holder(), flags=Flags(redis, s),  # type: ignore[arg-type]
                     sweep_log=SweepLog(redis, s))
     worker._next_shard = broken
-    await worker._sweep()
+    await worker._sweep(asyncio.Event())
     assert worker.claimed == 1
     for task in list(worker._tasks):
         task.cancel()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import structlog.testing
-from helpers import user_texts, wait_for
+from helpers import eventually, job_in, user_texts, wait_for
 
 from devtools.payloads import attachment, message_payload
 
@@ -146,11 +146,14 @@ async def test_two_hundred_conversations_each_get_their_own_reply(settings, make
         assert content == f"Reply to: c{conv} m0 | c{conv} m1"
 
 
-async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot):
+async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot,
+                                                             redis):
     # A human agent's message pauses the bot (test_guarantees.py); here the pause is off.
     svc = await make_service(replace(settings, human_pause_ms=0))
     await svc.webhook(message_payload(message_id=1, conversation_id=13, content="first question"))
-    await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
+    # Finished, not only posted: the finish writes the burst and the reply to the history, and
+    # on a loaded machine the agent's message below could otherwise get there first.
+    await eventually(job_in("completed", redis, "1:13"), timeout=5)
     # A human agent answers in between; then the customer writes again.
     await svc.webhook(message_payload(message_id=2, conversation_id=13, content="agent here",
                                       message_type="outgoing", sender_type="user"))
@@ -226,3 +229,25 @@ async def test_managed_redis_without_config_still_flushes_on_time(settings, make
         await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
     assert 0.95 <= llm.calls[0].at - sent < 2.5
     assert [e["event"] for e in logged].count("expiry_events_unavailable") == 1
+
+
+@pytest.mark.standalone_only
+async def test_a_worker_stops_promptly_when_redis_is_gone(settings, make_service, redis_server, redis):
+    """SIGTERM (here: the stop event) while Redis is down: the sweep in progress must not go on
+    claiming shard after shard, each failing only after its connection retries (16 shards took
+    about 12 s); at most the claim already under way finishes."""
+    with structlog.testing.capture_logs() as logged:
+        # A short sweep interval: the first claim after the kill comes soon.
+        svc = await make_service(replace(settings, processing_interval_ms=300), http=False)
+        # Once it has claimed (its flags are loaded: they hold while Redis is away), it sweeps on.
+        await eventually(lambda: _has_claimed(redis), timeout=10)
+        redis_server.kill()
+        await wait_for(lambda: any(e["event"] == "claim_failed" for e in logged), timeout=10)
+        stopped_at = len(logged)
+        await svc.close()
+    after_stop = [e["event"] for e in logged[stopped_at:]]
+    assert after_stop.count("claim_failed") <= 1, after_stop
+
+
+async def _has_claimed(redis) -> bool:
+    return "cmdstat_evalsha" in await redis.info("commandstats")

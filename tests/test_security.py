@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import service_env, user_texts, wait_for, with_port
+from helpers import buffered_in, service_env, user_texts, wait_for, with_port
 from prometheus_client import REGISTRY
 
 from buffer_service.app import create_app
@@ -51,7 +51,7 @@ async def buffered(redis) -> list[dict[str, Any]]:
     """Every message waiting in any conversation's buffer."""
     out = []
     async for key in redis.scan_iter(match="*:buf:*"):
-        out += [orjson.loads(m) for m in await redis.lrange(key, 0, -1)]
+        out += await buffered_in(redis, key)
     return out
 
 
@@ -327,7 +327,7 @@ async def test_a_buffer_stops_growing_at_its_byte_cap(settings, make_service, st
     kept = outcomes.count("buffered")
     assert kept >= 6 and outcomes == ["buffered"] * kept + ["buffer_full"] * (30 - kept), outcomes
     [key] = [k async for k in store.redis.scan_iter(match="*:buf:*")]
-    assert await store.redis.llen(key) == kept
+    assert len(await buffered_in(store.redis, key)) == kept
     assert await store.redis.memory_usage(key, samples=0) <= 40_000
     # Refused messages are acknowledged once and kept in the history (what the customer wrote
     # reaches the next prompt); a redelivery is a duplicate, not a second refusal.

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-import orjson
 import pytest
-from helpers import wait_for
+from helpers import buffered_in, wait_for
 
 from buffer_service import metrics, presence
 from buffer_service.config import ConfigError, Settings
@@ -153,8 +152,8 @@ async def test_whatsapp_presence_through_evolution(settings, make_service, llm, 
     svc = await make_service(_with_evolution(settings, evolution))
     await svc.webhook(message_payload(message_id=12, conversation_id=20, content="hi"))
     # The buffered message carries the contact's number for the presence.
-    buffered = await redis.lrange(store.keys.buffer("1:20"), 0, -1)
-    assert orjson.loads(buffered[0])["ph"] == NUMBER
+    [buffered] = await buffered_in(redis, store.keys.buffer("1:20"))
+    assert buffered["ph"] == NUMBER
     await wait_for(lambda: len(chatwoot.posts) == 1)
     await wait_for(lambda: evolution.presence_for(NUMBER)[-1:] == ["paused"])
     composing, paused = evolution.presence

@@ -9,12 +9,14 @@
 -- KEYS: due first buffer ttl seen handoff rate history [global_rate]
 -- ARGV: conv message window_ms max_age_ms max_size dedup_ms wake max_bytes version
 --       rate_limit rate_period_ms global_limit history_cap history_ttl_ms prefix pending
---       global_refused
+--       entry burst global_refused
 -- due: zset conv -> deadline ms; first: hash conv -> first message ms; buffer: buf:<conv>;
 -- ttl: the sliding TTL key (its expiry is the wake-up); seen: the message's de-duplication
 -- marker; rate: the conversation's rate limit; global_rate: the global limit's key, only when
 -- that limit is set (outside every shard: see keys.py). message: its json; max_bytes: buffer
--- byte cap (0: none); version: of the conversation snapshot the message came with (0: none);
+-- byte cap (0: none); entry: the message in the compact format, '' to write json (message
+-- is the json one, also what the history keeps); burst: the compact head's part after the first
+-- message time (lib.lua: buffer formats); version: of the conversation snapshot the message came with (0: none);
 -- rate_limit, global_limit: messages per period of the conversation, of all together (0: none);
 -- prefix: the shard's key prefix (keys.py); pending: the snapshot shows the conversation
 -- `pending` (1|0: lib.lua take_charge); global_refused: 1 when the global limit's own call
@@ -27,13 +29,13 @@ local now = now_ms()
 local P = ARGV[15]
 
 if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[6]) then
-  return {0, redis.call('LLEN', KEYS[3]), 0, '', now}
+  return {0, messages_in(KEYS[3]), 0, '', now}
 end
 
 local function kept(why, counted)
-  remember(KEYS[8], ARGV[2], ARGV[13], ARGV[14])
+  remember(KEYS[8], ARGV[17] ~= '' and ARGV[17] or ARGV[2], ARGV[13], ARGV[14])
   if counted then count(P, now, counted, 1) end
-  return {-1, redis.call('LLEN', KEYS[3]), 0, why, now}
+  return {-1, messages_in(KEYS[3]), 0, why, now}
 end
 
 if not take_charge(KEYS[6], '', tonumber(ARGV[9]) or 0, ARGV[14], ARGV[16] == '1') then
@@ -55,16 +57,36 @@ for _, limit in ipairs({{KEYS[7], tonumber(ARGV[10]), 'conversation'}, {KEYS[9],
     return kept('rate_limited:' .. limit[3], 'rate_limited')
   end
 end
-if ARGV[17] == '1' then return kept('rate_limited:global', 'rate_limited') end
+if ARGV[19] == '1' then return kept('rate_limited:global', 'rate_limited') end
 
 local conv = ARGV[1]
-local n = redis.call('RPUSH', KEYS[3], stamped(ARGV[2], now))
+local len = redis.call('LLEN', KEYS[3])
+local head = len > 0 and head_of(KEYS[3]) or nil
+local held = len - (head and 1 or 0)
+local n = held + 1
 local first
-if n == 1 then
+if len == 0 and ARGV[17] ~= '' then
   first = now
-  redis.call('HSET', KEYS[2], conv, now)
+  redis.call('RPUSH', KEYS[3], now .. ARGV[18], ARGV[17])
 else
-  first = tonumber(redis.call('HGET', KEYS[2], conv)) or now
+  -- A buffer stays in the format it was started in (lib.lua: buffer formats). A compact message
+  -- past the size cap starts the next burst, so its arrival time is kept (claim.lua).
+  local entry = ARGV[2]
+  if head and ARGV[17] ~= '' then entry = ARGV[17] end
+  if string.sub(entry, 1, 1) == '{' or held >= tonumber(ARGV[5]) then entry = stamped(entry, now) end
+  redis.call('RPUSH', KEYS[3], entry)
+  if head then
+    first = head_first(head)
+    -- The head names the newest message's inbox and contact, as the json messages do.
+    if ARGV[17] ~= '' and head ~= first .. ARGV[18] then
+      redis.call('LSET', KEYS[3], 0, first .. ARGV[18])
+    end
+  elseif n == 1 then
+    first = now
+    redis.call('HSET', KEYS[2], conv, now)
+  else
+    first = tonumber(redis.call('HGET', KEYS[2], conv)) or now
+  end
 end
 
 local deadline = now + tonumber(ARGV[3])
@@ -81,7 +103,7 @@ end
 if deadline < now then deadline = now end
 
 local added = redis.call('ZADD', KEYS[1], deadline, conv)
-redis.call('SET', KEYS[4], '', 'PX', math.max(1, deadline - now))
+slide(KEYS[4], deadline - now)
 -- Workers already know every deadline they saw in a sweep; only a deadline they cannot know
 -- yet (a new burst, or one made due early) is worth a wake-up message.
 if added == 1 or deadline == now then

@@ -16,10 +16,10 @@
 -- * 'post': the reply is stored with the batch (a retry posts it without asking the LLM
 --   again) and marked unsure until the post's outcome is known, the fingerprint of the part
 --   about to go (the whole reply when it is not split; part.lua records each part that is out)
---   is remembered so that its webhook echo is recognised as ours, and the lease is renewed for
---   the post. The first time, the split (`parts`) is stored with the reply: every retry posts
---   the same parts, whatever its own REPLY_SPLIT / REPLY_MAX_PARTS, so `parts_out` indexes the
---   same list. Once a part is out, the rest of the reply is no longer superseded (the customer
+--   and the attempt that posts it (lib.lua attempts_spent) are remembered so that its webhook
+--   echo is recognised as ours, and the lease is renewed for the post. The first time, the
+--   split (`parts`) is stored with the reply: every retry posts the same parts, whatever its
+--   own REPLY_SPLIT / REPLY_MAX_PARTS, so `parts_out` indexes the same list. Once a part is out, the rest of the reply is no longer superseded (the customer
 --   has its beginning); a takeover still stops it (see 'skip').
 -- KEYS: batch due first buffer ttl messages pause handoff sent
 -- ARGV: batch_id token reply supersede max_age_ms max_size lease_ms own_memory_ms own_kept
@@ -46,21 +46,31 @@ if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
   local conv = redis.call('HGET', KEYS[1], 'conv')
   local first = tonumber(redis.call('HGET', KEYS[1], 'first_ms')) or now
   local max_age = tonumber(ARGV[5])
-  local waiting = redis.call('LLEN', KEYS[4])
-  local held = redis.call('LLEN', KEYS[6])
-  local n = waiting + held
+  local waiting = messages_in(KEYS[4])
+  local n = waiting + messages_in(KEYS[6])
   if ARGV[4] == '1' and waiting > 0 and now - first < max_age and n <= tonumber(ARGV[6]) then
-    for _ = 1, held do
+    -- One head for the joined burst (lib.lua: buffer formats): the held burst's first message
+    -- time, the newest message's inbox and contact.
+    local newer = head_of(KEYS[4])
+    if newer then redis.call('LPOP', KEYS[4]) end
+    for _ = 1, redis.call('LLEN', KEYS[6]) do
       redis.call('LMOVE', KEYS[6], KEYS[4], 'RIGHT', 'LEFT')
     end
-    redis.call('HSET', KEYS[3], conv, first)
+    local older = head_of(KEYS[4])
+    if newer and older then
+      redis.call('LSET', KEYS[4], 0, head_at(newer, first))
+    elseif newer then
+      redis.call('LPUSH', KEYS[4], head_at(newer, first))
+    elseif not older then
+      redis.call('HSET', KEYS[3], conv, first)
+    end
     -- Due when the new messages' window ends, but never past the age cap of the first message.
     -- No due entry: the claim parked the conversation behind this batch, so it is due now.
     local deadline = tonumber(redis.call('ZSCORE', KEYS[2], conv)) or now
     if deadline > first + max_age then deadline = first + max_age end
     if n >= tonumber(ARGV[6]) or deadline < now then deadline = now end
     redis.call('ZADD', KEYS[2], deadline, conv)
-    redis.call('SET', KEYS[5], '', 'PX', math.max(1, deadline - now))
+    slide(KEYS[5], deadline - now)
     redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
     redis.call('HDEL', KEYS[1], 'reply', 'parts')
     close_batch(P, KEYS[1], ARGV[1], conv, now)
@@ -72,7 +82,7 @@ end
 
 local fp = fingerprint(ARGV[14])
 redis.call('HSET', KEYS[1], 'state', 'posting', 'reply', ARGV[3], 'fp', fp, 'posting_ms', now,
-  'unsure', '1')
+  'unsure', '1', 'posting_attempt', redis.call('HGET', KEYS[1], 'attempts') or 0)
 redis.call('HSETNX', KEYS[1], 'parts', ARGV[15])
 own_add(KEYS[9], fp, ARGV[1], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
 redis.call('ZADD', P .. 'inflight', 'XX', now + tonumber(ARGV[7]), ARGV[1])

@@ -10,7 +10,8 @@
 -- {"<inbox id>": [window, size, age]} or ''.
 -- Returns {now, next wake ms or -1, batch...}; a batch is
 --   {id, token, attempts, conv, first ms, deadline ms, trigger, claimed ms, reply, {messages},
---    takeover reason or ''}
+--    takeover reason or ''}; the messages as the buffer holds them, a compact head included
+--   (lib.lua: buffer formats; store.py decodes them).
 -- The takeover reason (a human handles the conversation) lets the worker drop the batch as
 -- skipped before it pays for an LLM call.
 local now = now_ms()
@@ -24,14 +25,12 @@ local max_attempts = tonumber(ARGV[8])
 local inboxes = ARGV[9] ~= '' and cjson.decode(ARGV[9]) or nil
 local out = {now, -1}
 
--- A burst's window, size and age: its inbox's, which rides on each message (the last names it,
--- as in the job record), else the service's.
+-- A burst's window, size and age: its inbox's (the newest message's, as in the job record),
+-- else the service's.
 local function limits_of(buf)
-  if inboxes then
-    local ok, last = pcall(cjson.decode, redis.call('LINDEX', buf, -1))
-    local own = ok and type(last) == 'table' and last.inbox and inboxes[tostring(last.inbox)]
-    if own then return own[1], own[2], own[3] end
-  end
+  local own = inboxes and inbox_of(buf)
+  own = own and inboxes[tostring(own)]
+  if own then return own[1], own[2], own[3] end
   return window, max_size, max_age
 end
 
@@ -85,7 +84,8 @@ if taken < limit then
     local deadline = tonumber(due[i + 1])
     local holder = redis.call('HGET', KEYS[4], conv)
     local buf = P .. 'buf:' .. conv
-    local n = redis.call('LLEN', buf)
+    local head = head_of(buf)
+    local n = messages_in(buf)
     if holder then
       redis.call('ZREM', KEYS[1], conv)
       redis.call('HSET', P .. 'batch:' .. holder, 'blocked', '1')
@@ -97,7 +97,7 @@ if taken < limit then
       local seq = redis.call('INCR', KEYS[5])
       local id = ARGV[2] .. '-' .. seq
       local token = redis.call('INCR', KEYS[5])
-      local first = tonumber(redis.call('HGET', KEYS[2], conv)) or now
+      local first = head and head_first(head) or tonumber(redis.call('HGET', KEYS[2], conv)) or now
       local msgs = P .. 'msgs:' .. id
       local trigger = 'deadline'
       if n >= max_size then
@@ -120,22 +120,25 @@ if taken < limit then
         redis.call('DEL', P .. 'ttl:' .. conv)
       else
         -- More than one burst's worth: the first max_size messages go now, the rest are the
-        -- next burst and get a window of their own.
-        redis.call('RPUSH', msgs, unpack(redis.call('LRANGE', buf, 0, max_size - 1)))
-        redis.call('LTRIM', buf, max_size, -1)
+        -- next burst and get a window of their own. A compact burst keeps its head.
+        local skip = head and 1 or 0
+        redis.call('RPUSH', msgs, unpack(redis.call('LRANGE', buf, 0, max_size - 1 + skip)))
+        redis.call('LTRIM', buf, max_size + skip, -1)
         -- Their age counts from the arrival of the first of them (append.lua stamps it).
-        local ok, head = pcall(cjson.decode, redis.call('LINDEX', buf, 0))
-        local rest_first = ok and type(head) == 'table' and tonumber(head.t) or now
+        local rest_first = stamp_of(redis.call('LINDEX', buf, 0)) or now
         local rest_deadline = math.min(now + window, rest_first + max_age)
         if n - max_size >= max_size or rest_deadline < now then rest_deadline = now end
-        redis.call('HSET', KEYS[2], conv, rest_first)
+        if head then
+          redis.call('LPUSH', buf, head_at(head, rest_first))
+        else
+          redis.call('HSET', KEYS[2], conv, rest_first)
+        end
         redis.call('ZADD', KEYS[1], rest_deadline, conv)
-        redis.call('SET', P .. 'ttl:' .. conv, '', 'PX', math.max(1, rest_deadline - now))
+        slide(P .. 'ttl:' .. conv, rest_deadline - now)
         n = max_size
       end
       -- The job record names its account and inbox for operators; the inbox rides on each message.
-      local ok, last = pcall(cjson.decode, redis.call('LINDEX', msgs, -1))
-      local inbox = ok and type(last) == 'table' and tonumber(last.inbox) or ''
+      local inbox = inbox_of(msgs) or ''
       redis.call('HSET', P .. 'batch:' .. id, 'id', id, 'conv', conv, 'state', 'processing',
         'token', token, 'attempts', 1, 'first_ms', first, 'deadline_ms', deadline,
         'claimed_ms', now, 'trigger', trigger, 'count', n,

@@ -4,7 +4,7 @@
 -- KEYS: due manual buffer
 -- ARGV: conv wake
 -- Returns the number of messages in the burst (0: nothing is pending).
-local n = redis.call('LLEN', KEYS[3])
+local n = messages_in(KEYS[3])
 if n == 0 then return 0 end
 local now = now_ms()
 redis.call('ZADD', KEYS[1], now, ARGV[1])

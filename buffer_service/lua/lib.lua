@@ -67,19 +67,147 @@ local function gcra(key, limit, period, now)
   return 0
 end
 
--- A buffered message carries its arrival time ("t", Redis ms) so that a burst split by the
--- size cap keeps its real age; the history has no use for it.
-local function stamped(json, now)
-  return string.sub(json, 1, -2) .. ',"t":' .. now .. '}'
+-- Set a burst's sliding TTL key to expire in `ms` (its expiry event is the wake-up hint). Its
+-- value is never read: a small integer is one of Redis's shared objects, so the key holds no
+-- value of its own (~35 B less per open conversation than '').
+local function slide(key, ms)
+  redis.call('SET', key, 1, 'PX', math.max(1, ms))
 end
 
--- A message as the history keeps it, 7 days: the id, text, attachments and role that prompts,
--- handoff notes and transcripts read there, not the inbox, contact name, phone and typed text
--- that only the burst itself is read for (claim.lua, processor.py, presence.py, handoff.py).
--- ChatMessage.to_json writes those after id, text and attachments, in that order, and the
--- arrival time comes last; a key with a quote before it cannot be inside a JSON string, and the
--- attachments' own keys are other ones. Entries of any earlier version pass through unchanged.
+-- Buffer entries come in two formats (BUFFER_FORMAT, config.py), and every reader takes both:
+-- * json (versions before compact buffers): one JSON object per message,
+--   {"id", "text", "att", "inbox", "name", "ph", "typed"}, with its arrival time "t" (Redis ms)
+--   appended last; the first message's time is in the shard's `first` hash.
+-- * compact: a head element, then one JSON array per message. The head is what the burst's
+--   messages share: "<first message ms>" followed by the JSON array [inbox, name, phone] of the
+--   newest message, trailing empty values cut ("1764000000000[1]"); it is the only element that
+--   starts with a digit. A message is [id, text, typed, t, attachments], trailing empty ones cut
+--   (typed 0: as `text`; t: arrival ms, only for a message past the size cap, whose arrival
+--   starts the next burst; attachments as ChatMessage.to_entry writes them, always last).
+-- A buffer is in one format: a compact writer appends to a non-empty json buffer in json.
+
+-- The index of the quote that closes the JSON string opening at i.
+local function string_end(s, i)
+  local j = i + 1
+  while true do
+    local q = string.find(s, '"', j, true)
+    local k, escaped = q - 1, false
+    while string.byte(s, k) == 92 do
+      escaped = not escaped
+      k = k - 1
+    end
+    if not escaped then return q end
+    j = q + 1
+  end
+end
+
+-- A compact message's elements as JSON text: {id, text, typed, t, attachments}, as many as it
+-- has. Attachments are last, so their array runs to the entry's closing bracket.
+local function parts(entry)
+  local id = string.match(entry, '^%[(%d+),"')
+  local q = string_end(entry, #id + 3)
+  local out = {id, string.sub(entry, #id + 3, q)}
+  local pos = q + 1
+  while string.sub(entry, pos, pos) == ',' do
+    local c = string.sub(entry, pos + 1, pos + 1)
+    local stop
+    if c == '"' then
+      stop = string_end(entry, pos + 1)
+    elseif c == '[' then
+      stop = #entry - 1
+    else
+      stop = pos + #string.match(entry, '^%d+', pos + 1)
+    end
+    out[#out + 1] = string.sub(entry, pos + 1, stop)
+    pos = stop + 1
+  end
+  return out
+end
+
+local function is_head(entry)
+  local b = entry and string.byte(entry, 1)
+  return b ~= nil and b >= 48 and b <= 57
+end
+
+-- The compact head of a buffer (or a batch's messages), or nil for a json one.
+local function head_of(key)
+  local h = redis.call('LINDEX', key, 0)
+  if is_head(h) then return h end
+  return nil
+end
+
+-- How many messages a buffer holds (its head is none).
+local function messages_in(key)
+  local n = redis.call('LLEN', key)
+  if n > 0 and head_of(key) then return n - 1 end
+  return n
+end
+
+-- The first message ms of a head, and the head with another first message ms.
+local function head_first(h)
+  return tonumber(string.match(h, '^%d+'))
+end
+
+local function head_at(h, first)
+  return first .. string.sub(h, #string.match(h, '^%d+') + 1)
+end
+
+-- The inbox that a burst's messages name (the newest that does): the head's, else the last
+-- json message's; nil when none does.
+local function inbox_of(key)
+  local h = head_of(key)
+  if h then
+    local tail = string.sub(h, #string.match(h, '^%d+') + 1)
+    local ok, shared = pcall(cjson.decode, tail)
+    return ok and type(shared) == 'table' and tonumber(shared[1]) or nil
+  end
+  local ok, last = pcall(cjson.decode, redis.call('LINDEX', key, -1) or '')
+  return ok and type(last) == 'table' and tonumber(last.inbox) or nil
+end
+
+-- A message with its arrival time (json: "t" appended; compact: its 4th element), so that a
+-- burst split by the size cap keeps its real age; the history has no use for it.
+local function stamped(entry, now)
+  if string.sub(entry, 1, 1) == '{' then
+    return string.sub(entry, 1, -2) .. ',"t":' .. now .. '}'
+  end
+  local p = parts(entry)
+  p[3] = p[3] or '0'
+  p[4] = tostring(now)
+  return '[' .. table.concat(p, ',') .. ']'
+end
+
+-- The arrival time a message was stamped with, or nil.
+local function stamp_of(entry)
+  if not entry or is_head(entry) then return nil end
+  if string.sub(entry, 1, 1) == '{' then
+    local ok, m = pcall(cjson.decode, entry)
+    return ok and type(m) == 'table' and tonumber(m.t) or nil
+  end
+  local t = tonumber(parts(entry)[4])
+  if t and t > 0 then return t end
+  return nil
+end
+
+-- A message as the history keeps it, 7 days: a compact buffer's message as a compact history
+-- entry, "<id>:<text>" ("a" in front for the assistant's: ChatMessage.to_history, which also
+-- writes the reply's and noted messages' entries of a compact writer; json with attachments),
+-- a json one as json, which every version reads (BUFFER_FORMAT=json keeps to it): the
+-- id, text, attachments and role that prompts, handoff notes and transcripts read there, not
+-- the inbox, contact name, phone and typed text that only the burst itself is read for
+-- (claim.lua, processor.py, presence.py, handoff.py). ChatMessage.to_json writes those after
+-- id, text and attachments, in that order, and the arrival time comes last; a key with a quote
+-- before it cannot be inside a JSON string, and the attachments' own keys are other ones.
+-- Entries of any earlier version pass through unchanged.
 local function for_history(json)
+  local c = string.sub(json, 1, 1)
+  if c == '[' then
+    local p = parts(json)
+    if p[5] then return '{"id":' .. p[1] .. ',"text":' .. p[2] .. ',"att":' .. p[5] .. '}' end
+    return p[1] .. ':' .. cjson.decode(p[2])
+  elseif c ~= '{' then
+    return json
+  end
   json = string.gsub(json, ',"t":%d+}$', '}')
   local cut
   for _, key in ipairs({',"inbox":', ',"name":', ',"ph":', ',"typed":'}) do
@@ -144,7 +272,7 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
   cap = tonumber(cap)
   if cap > 0 then
     for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
-      redis.call('RPUSH', hist, for_history(m))
+      if not is_head(m) then redis.call('RPUSH', hist, for_history(m)) end
     end
     if entry ~= '' then redis.call('RPUSH', hist, entry) end
     redis.call('LTRIM', hist, -cap, -1)
@@ -162,9 +290,19 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
 end
 
 -- The attempts a batch used up against MAX_ATTEMPTS: those since its last attempt that got a
--- part of its reply out (part.lua), all of them for a batch that got none out.
+-- part of its reply out (part.lua), all of them for a batch that got none out; but not the
+-- latest one when its own post is in doubt (`unsure`, posted by attempt `posting_attempt`: a
+-- timeout, a lost connection, a 5xx, a worker gone while posting). Whether that attempt failed
+-- is known only once the next one asked Chatwoot (before_post.lua): counted at once, a slow
+-- Chatwoot that created the message behind a timeout on the last attempt left a `failed` job
+-- whose reply the customer has. The next attempt counts whatever it does (asking in vain too),
+-- so a batch gets at most one attempt more than MAX_ATTEMPTS, and that one asks Chatwoot
+-- before it posts anything.
 local function attempts_spent(bkey, attempts)
-  return attempts - (tonumber(redis.call('HGET', bkey, 'progress_attempt')) or 0)
+  local b = redis.call('HMGET', bkey, 'progress_attempt', 'unsure', 'posting_attempt')
+  local spent = attempts - (tonumber(b[1]) or 0)
+  if b[2] == '1' and tonumber(b[3]) == attempts then spent = spent - 1 end
+  return spent
 end
 
 -- Who is in charge of a conversation, versioned by Chatwoot's `updated_at` of the snapshot
@@ -186,6 +324,9 @@ local function take_charge(key, reason, v, ttl, back)
     if reason == '' and not back and string.sub(rec[1] or '', 1, 8) == 'handoff:' then
       return false
     end
+  elseif reason == '' and v == 0 then
+    -- No record already says this (the bot, as of no version): no key for every conversation.
+    return true
   end
   redis.call('HSET', key, 'reason', reason, 'v', v)
   redis.call('PEXPIRE', key, ttl)

@@ -17,7 +17,8 @@ if ARGV[4] ~= '0' then
 end
 -- An attempt that got a part out made progress: MAX_ATTEMPTS counts the attempts since
 -- (lib.lua attempts_spent), so a Chatwoot that is slow for a share of posts does not fail a
--- reply of several parts that goes out bit by bit. At most (parts + 1) x MAX_ATTEMPTS in all.
+-- reply of several parts that goes out bit by bit. At most
+-- (parts + 1) x (MAX_ATTEMPTS + 1) in all (lib.lua: a post in doubt is settled first).
 redis.call('HSET', KEYS[1], 'parts_out', ARGV[3], 'last_id', ARGV[4],
   'progress_attempt', redis.call('HGET', KEYS[1], 'attempts') or 0)
 -- posted_id: an echo that overtook this record named the same part (note.lua); it is left to

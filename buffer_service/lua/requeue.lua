@@ -11,6 +11,8 @@ local now = now_ms()
 local conv = redis.call('HGET', KEYS[1], 'conv')
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'progress_attempt', 0,
   'requeued_ms', now)
+-- Numbered from 0 again: an old attempt's post in doubt must not spare a new attempt.
+redis.call('HDEL', KEYS[1], 'posting_attempt')
 redis.call('PERSIST', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 local holder = redis.call('HGET', KEYS[3], conv)
