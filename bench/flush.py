@@ -112,9 +112,10 @@ def _with_window(store: BufferStore, window_ms: int) -> BufferStore:
 
 async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: int, spread_ms: int,
                              messages: int = 1, seed: int = 7, timer_keys: bool = True,
-                             ) -> tuple[dict[str, int], dict[str, int], float]:
-    """Append `messages` messages to each of n conversations through BufferStore.append, with
-    windows lead..lead+spread ms (one store per window: the window is a setting); with
+                             first: int = 100_000) -> tuple[dict[str, int], dict[str, int], float]:
+    """Append `messages` messages to each of n conversations (display ids from `first`) through
+    BufferStore.append, with windows lead..lead+spread ms (one store per window: the window is
+    a setting); with
     `timer_keys`, also set the comparison's timer keys. Returns ({conv: deadline ms},
     {conv: timer deadline ms}, seconds the load took)."""
     rng = random.Random(seed)
@@ -135,14 +136,14 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
             store = stores.get(w) or stores.setdefault(w, _with_window(base, w))
             for j in range(messages):
                 appends.append(store.append(ChatMessage(
-                    1, 100_000 + i, 10_000_000 + i * messages + j,
+                    1, first + i, 10_000_000 + i * messages + j,
                     f"message {j} of conversation {i}: quero saber do meu pedido, por favor")))
         results = await asyncio.gather(*appends)
         pairs: list[Any] = []
         last = results[messages - 1 :: messages]
         for i, r in zip(chunk, last, strict=True):
-            deadlines[f"1:{100_000 + i}"] = r.deadline_ms
-            pairs += [f"1:{100_000 + i}", max(1, r.deadline_ms - r.now_ms)]
+            deadlines[f"1:{first + i}"] = r.deadline_ms
+            pairs += [f"1:{first + i}", max(1, r.deadline_ms - r.now_ms)]
         if timer_keys:
             now = await timers(args=pairs)
             for conv, ms in zip(pairs[::2], pairs[1::2], strict=True):

@@ -27,6 +27,7 @@ from redis.asyncio.connection import (
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
+    parse_url,
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -123,16 +124,25 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
 
 
 def cluster(settings: Settings) -> RedisCluster:
-    """A RedisCluster seeded with every node REDIS_URL lists; credentials and TLS from the first."""
+    """A RedisCluster seeded with every node REDIS_URL lists; credentials and TLS from the first,
+    its `ssl_*` query options too (`?ssl_ca_certs=/path/ca.pem`), as on one server."""
     urls = seed_urls(settings)
     seeds = [ClusterNode(urlparse(u).hostname or "127.0.0.1", urlparse(u).port or 6379) for u in urls]
-    first = urlparse(urls[0])
+    first = parse_url(urls[0])
+    tls: dict[str, Any] = {k: v for k, v in first.items() if k.startswith("ssl_")}
     return RedisCluster(
         startup_nodes=seeds,
-        username=first.username or None,
-        password=first.password or None,
-        ssl=first.scheme == "rediss",
+        username=first.get("username") or None,
+        password=first.get("password") or None,
+        ssl=first.get("connection_class") is SSLConnection,
+        **tls,
         max_connections=_CLUSTER_MAX_CONNECTIONS,
+        # redis-py's default rebuilds the client every 5th MOVED by closing every connection,
+        # those other requests are using too: during a slot migration (MOVED after an ASK that
+        # went out on another connection than its ASKING) they failed with AttributeError and
+        # "Connection closed by server", for many seconds. Each MOVED still patches the slot map,
+        # and the worker refreshes it every few seconds (worker.py).
+        reinitialize_steps=0,
         socket_connect_timeout=2,
         socket_timeout=5,
         retry=_retry(),
@@ -174,10 +184,6 @@ async def connect(settings: Settings, *, attempts: int = _DETECT_ATTEMPTS,
     """The service's client: standalone or cluster, as REDIS_MODE says or the server tells
     (`attempts`, `fallback`: see is_cluster; the CLI asks once and reports an unreachable Redis)."""
     if await is_cluster(settings, attempts=attempts, fallback=fallback):
-        if settings.rate_limit_global:
-            # append.lua takes the global limit's key with the shard's keys; a cluster refuses a
-            # script whose keys span slots (keys.py).
-            raise SystemExit("RATE_LIMIT_GLOBAL is not supported on a Redis Cluster (docs/cluster.md)")
         client = cluster(settings)
         await client.initialize()
         log.info("redis_cluster", primaries=len(client.get_primaries()))
