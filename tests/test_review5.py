@@ -58,3 +58,46 @@ async def test_a_handoff_confirmed_by_a_late_echo_stops_the_bot_answering_the_bu
     assert _contents(chatwoot, 501) == [message], (
         f"the bot answered after the handoff: {_contents(chatwoot, 501)}; jobs "
         f"{[(j.get('state'), j.get('reason')) for j in await jobs(redis, '1:501')]}")
+
+
+# -- 2. fix4: a failed split reply completed by its late echo goes into the history after newer ones
+THREE = ["Your order left the warehouse today.",
+         "It should arrive on Thursday, between 9 and 18.",
+         "Anything else I can help with?"]
+
+
+async def test_a_failed_reply_completed_by_its_late_echo_keeps_the_history_in_order(
+        settings, make_service, llm, chatwoot, redis, store):
+    """Finding: parts 1 and 2 of a 3-part reply are out, part 3's POST is queued behind a busy
+    Rails, the retry's question fails and the batch fails. The customer writes again ("thanks")
+    and that burst is answered and archived. Then Chatwoot creates part 3 and echoes it:
+    note.lua (fix4) completes the failed job and `archive` appends its burst and the whole reply
+    to the end of the history, after the newer burst and its answer.
+    Harm: the conversation's history (every later prompt, the handoff note, transcripts) shows
+    "where is my order?" and the 3-part answer as the latest exchange, after "thanks": the LLM
+    reads an unanswered-looking old question as the customer's last words and the order of what
+    was said is wrong for the agents."""
+    def reply(messages):
+        return "\n\n".join(THREE) if "order" in str(messages[-1].get("content")) else "You're welcome."
+    llm.reply_fn = reply
+    chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
+    svc = await make_service(replace(settings, buffer_duration_ms=200, max_attempts=1,
+                                     chatwoot_timeout_s=0.3, reply_pacing_ms_per_char=20))
+    await svc.webhook(message_payload(message_id=1, conversation_id=502, content="where is my order?"))
+    await wait_for(lambda: len(chatwoot.posts_for(502)) == 2, timeout=10)
+    chatwoot.late_next(1, create_after_s=4.0)  # part 3: created 4 s after it arrives
+    await wait_for(lambda: not chatwoot._late, timeout=10)
+    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
+    await eventually(job_in("failed", redis, "1:502"), timeout=10)
+    await svc.webhook(message_payload(message_id=2, conversation_id=502, content="thanks"))
+    await wait_for(lambda: "You're welcome." in _contents(chatwoot, 502), timeout=10)
+    await eventually(job_in("completed", redis, "1:502"), timeout=10)
+    assert len(chatwoot.posts_for(502)) == 3, "part 3 was created before the next burst was answered"
+    await wait_for(lambda: len(chatwoot.posts_for(502)) == 4, timeout=10)  # part 3 created
+    await asyncio.sleep(0.3)
+    await chatwoot.wait_echoes()
+    states = sorted(j.get("state", "") for j in await jobs(redis, "1:502"))
+    assert states == ["completed", "completed"], states  # the echo completed the failed job
+    said = [(e.get("role", "user"), e["text"]) for e in await store.history("1:502", 50)]
+    assert said == [("user", "where is my order?"), ("assistant", "\n\n".join(THREE)),
+                    ("user", "thanks"), ("assistant", "You're welcome.")], said
