@@ -71,6 +71,24 @@ def checkout(ref: str, dest: Path) -> Path | None:
     return dest
 
 
+@contextlib.contextmanager
+def profiled(pid: int, name: str, seconds: float) -> Iterator[None]:
+    """py-spy (the `bench` extra: pip install -e '.[bench]') samples process `pid` for `seconds`
+    while the block runs; the flame graph goes to bench/results/<name>-flame.svg."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if spy is None:
+        raise SystemExit("py-spy is not installed (pip install -e '.[bench]')")
+    out = RESULTS / f"{name}-flame.svg"
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking",
+                             "--duration", str(max(1, round(seconds))), "--format", "flamegraph",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.wait(60)
+    print(f"flame graph of {name}: {out}")
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far, from /proc/<pid>/stat."""
     raw = Path(f"/proc/{pid}/stat").read_text()
@@ -132,7 +150,9 @@ def wrk(url: str, *, seconds: float, connections: int, env: dict[str, str],
     errors += int(non2xx.group(1)) if non2xx else 0
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     latency_line = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
-    return WrkResult(requests, elapsed, requests / elapsed, errors, _ms(lat["50"]), _ms(lat["99"]),
+    # No latency lines when no request completed (a warm-up against a slow start).
+    p50, p99 = (_ms(lat[q]) if q in lat else float("nan") for q in ("50", "99"))
+    return WrkResult(requests, elapsed, requests / elapsed, errors, p50, p99,
                      _ms(latency_line.group(1)) if latency_line else float("nan"))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import multiprocessing
 import random
 import time
@@ -100,11 +101,21 @@ async def load_junk(redis: Redis, count: int) -> None:
         await script(args=["junk:", start, min(50_000, count - start), 3_600_000, 86_400_000])
 
 
+def _with_window(store: BufferStore, window_ms: int) -> BufferStore:
+    """`store` with another window: a copy that shares its scripts (and so their batchers, one
+    pipeline for all), since building a store parses and registers every script again."""
+    other = copy.copy(store)
+    other.settings = replace(store.settings, buffer_duration_ms=window_ms,
+                             max_buffer_age_ms=max(window_ms, store.settings.max_buffer_age_ms))
+    return other
+
+
 async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: int, spread_ms: int,
                              messages: int = 1, seed: int = 7, timer_keys: bool = True,
-                             ) -> tuple[dict[str, int], dict[str, int], float]:
-    """Append `messages` messages to each of n conversations through BufferStore.append, with
-    windows lead..lead+spread ms (one store per window: the window is a setting); with
+                             first: int = 100_000) -> tuple[dict[str, int], dict[str, int], float]:
+    """Append `messages` messages to each of n conversations (display ids from `first`) through
+    BufferStore.append, with windows lead..lead+spread ms (one store per window: the window is
+    a setting); with
     `timer_keys`, also set the comparison's timer keys. Returns ({conv: deadline ms},
     {conv: timer deadline ms}, seconds the load took)."""
     rng = random.Random(seed)
@@ -112,6 +123,7 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
     # Sorted, so that appends sent together share a store (and so a pipeline).
     windows = sorted(lead_ms + rng.randrange(spread_ms) for _ in range(n))
     stores: dict[int, BufferStore] = {}
+    base = BufferStore(redis, settings)
     timers = redis.register_script(_TIMERS)
     deadlines: dict[str, int] = {}
     timer_deadlines: dict[str, int] = {}
@@ -121,18 +133,17 @@ async def open_conversations(settings: Settings, redis: Redis, n: int, lead_ms: 
         appends = []
         for i in chunk:
             w = windows[i] // 10 * 10  # 10 ms classes keep the number of stores small
-            store = stores.get(w) or stores.setdefault(w, BufferStore(redis, replace(
-                settings, buffer_duration_ms=w, max_buffer_age_ms=max(w, settings.max_buffer_age_ms))))
+            store = stores.get(w) or stores.setdefault(w, _with_window(base, w))
             for j in range(messages):
                 appends.append(store.append(ChatMessage(
-                    1, 100_000 + i, 10_000_000 + i * messages + j,
+                    1, first + i, 10_000_000 + i * messages + j,
                     f"message {j} of conversation {i}: quero saber do meu pedido, por favor")))
         results = await asyncio.gather(*appends)
         pairs: list[Any] = []
         last = results[messages - 1 :: messages]
         for i, r in zip(chunk, last, strict=True):
-            deadlines[f"1:{100_000 + i}"] = r.deadline_ms
-            pairs += [f"1:{100_000 + i}", max(1, r.deadline_ms - r.now_ms)]
+            deadlines[f"1:{first + i}"] = r.deadline_ms
+            pairs += [f"1:{first + i}", max(1, r.deadline_ms - r.now_ms)]
         if timer_keys:
             now = await timers(args=pairs)
             for conv, ms in zip(pairs[::2], pairs[1::2], strict=True):

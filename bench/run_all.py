@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("ingest", "flush", "memory", "llm_calls", "scaling", "media", "cluster")
+SCRIPTS = ("ingest", "flush", "memory", "llm_calls", "scaling", "media", "cluster", "reply_latency")
 
 
 def run(cmd: list[str]) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from . import logs, redis_client
+from . import eventloop, logs, redis_client
 from .config import ConfigError, Settings
 from .flags import FlagError, Flags
 from .ops import NotFound, Operations, OpsError
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "worker" or (args.command == "serve" and not args.no_worker):
             settings.require_worker()
+        loop_factory = eventloop.factory(settings.event_loop)
     except ConfigError as exc:
         print(f"buffer-service: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     http = args.command == "serve"
     worker = args.command == "worker" or not args.no_worker
     try:
-        asyncio.run(service.run(settings, http=http, worker=worker))
+        eventloop.run(service.run(settings, http=http, worker=worker), loop_factory)
     except OSError as exc:  # e.g. the port is taken
         print(f"buffer-service: {exc}", file=sys.stderr)
         return 1

@@ -417,6 +417,11 @@ class Settings:
     log_level: str = _setting("LOG_LEVEL", "info", "debug, info, warning or error",
                               _one_of("debug", "info", "warning", "error"))
 
+    # -- the process --
+    event_loop: str = _setting(
+        "EVENT_LOOP", "auto", "`uvloop` (C event loop: a webhook costs less CPU), `asyncio` (the "
+        "standard library's), or `auto`: uvloop where it is installed", _one_of("auto", "uvloop", "asyncio"))
+
     # -- per inbox --
     inbox_settings_file: str = _setting(
         _INBOX_FILE, "", "a TOML file whose `[inbox.<id>]` tables override the settings marked "

@@ -15,6 +15,7 @@ message takes the unbuffered path (answered on its own, at once).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -110,11 +111,12 @@ class FlagValues:
     def processing(self) -> bool:
         return self.on("processing")
 
-    @property
+    # Parsed once per reload rather than on every webhook (buffers()); the values never change.
+    @functools.cached_property
     def buffering_inboxes(self) -> frozenset[int]:
         return frozenset(int(i) for i in self.value("buffering_inboxes").split(",") if i)
 
-    @property
+    @functools.cached_property
     def buffering_percent(self) -> int:
         return int(self.value("buffering_percent"))
 
@@ -125,7 +127,8 @@ class FlagValues:
         inboxes = self.buffering_inboxes
         if inboxes and inbox_id not in inboxes:
             return False
-        return _percent_bucket(conv) < self.buffering_percent
+        percent = self.buffering_percent
+        return percent >= 100 or _percent_bucket(conv) < percent
 
 
 def _parse(raw: dict[bytes | str, bytes | str]) -> FlagValues:

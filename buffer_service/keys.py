@@ -43,6 +43,8 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
     bs:{sN}:tx:<acct>:<msg>:<n>       string  a voice note's transcript, JSON {"text"} or
                                               {"error", "reason"}, kept HISTORY_TTL_S
     bs:{sN}:txclaim:<acct>:<msg>:<n>  string  token of the process transcribing it, PX lease
+    bs:{sN}:moving:0, :1     never exist: every script given the prefix asks for them first, so
+                             that Redis refuses it while the slot moves (lib.lua whole_slot)
     bs:rl:global             string GCRA state of the limit of all conversations together
     bs:flags                 hash  feature flags (flags.py)
     bs:log:webhooks          stream, capped: one entry per webhook delivery (journal.py)
@@ -53,9 +55,9 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
 batch's keys are found from its id alone.
 
 The untagged keys live in no shard: they are used by their own commands, never inside a shard's
-script, except the global rate limit, which the append script takes only while that limit is set
-(a Redis Cluster refuses a script whose keys span slots, so that limit is refused at start-up on
-a cluster: redis_client.py).
+script, except the global rate limit: on one server the append script takes it while that limit
+is set; a Redis Cluster refuses a script whose keys span slots, so there the limit is checked by
+a call of its own to its key's node before the append (globalrate.lua, store.py).
 
 Lua scripts get the keys they touch as KEYS, built here. A script that finds the name of another
 key only while it runs (a batch id read from an index, a conversation from a batch record)

@@ -5,10 +5,11 @@ in its Redis Cluster slot, but for the global limit's one key.
 
 Message limits (GCRA, lua/lib.lua) admit a burst of up to N accepted messages and then N per
 window. They are checked inside the append script (append.lua), after de-duplication and
-atomically with it, and only for customer messages the bot would answer: neither Chatwoot's
-other events nor its redeliveries use them up, and a message one conversation's limit refuses
-does not count against the global one. A refused message is still kept in the history. The
-spend guard (lua/llmquota.lua) is an exact count per hour-long window.
+atomically with it (on a Redis Cluster the global one by its own call first, given back when the
+append does not buffer the message: globalrate.lua), and only for customer messages the bot
+would answer: neither Chatwoot's other events nor its redeliveries use them up, and a message
+one conversation's limit refuses does not count against the global one. A refused message is
+still kept in the history. The spend guard (lua/llmquota.lua) is an exact count per hour-long window.
 """
 
 from __future__ import annotations

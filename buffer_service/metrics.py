@@ -74,6 +74,10 @@ TYPING_CALLS = Counter(
     ["target", "state", "outcome"])
 
 
+# WEBHOOKS' series by labels: labels() takes a lock and validates its arguments on every call.
+_WEBHOOK_SERIES: dict[tuple[str, str], Counter] = {}
+
+
 def webhook(outcome: str, reason: str = "", status: int = 200) -> None:
     if outcome == "ignored":
         # Reasons carry values ("event:typing_on"); the label keeps the bounded kind only.
@@ -82,7 +86,10 @@ def webhook(outcome: str, reason: str = "", status: int = 200) -> None:
         label = str(status)
     else:
         label = ""
-    WEBHOOKS.labels(outcome, label).inc()
+    series = _WEBHOOK_SERIES.get((outcome, label))
+    if series is None:
+        series = _WEBHOOK_SERIES[outcome, label] = WEBHOOKS.labels(outcome, label)
+    series.inc()
     if outcome == "buffered":
         MESSAGES_BUFFERED.inc()
 

@@ -34,8 +34,9 @@ from .redis_client import AnyRedis
 _TAG = re.compile(r"^-- (KEYS|ARGV):(.*)$")
 _MORE = re.compile(r"^--\s{4,}([\w\[\] ]+)$")
 _NAME = re.compile(r"^\[?(\w+)\]?$")
-# Concurrent webhooks share one round trip for their appends (batcher.py).
-_BATCHED = frozenset({"append"})
+# Concurrent webhooks share one round trip for their appends (batcher.py), and on a cluster for
+# their checks of the global rate limit.
+_BATCHED = frozenset({"append", "globalrate"})
 # The writes REDIS_WAIT_REPLICAS holds until replicas have them: a webhook's append (before it
 # is acknowledged) and the step before a reply's post (before it leaves: a failover that lost it
 # would let the reply be posted twice). They go through the batcher, which sends the WAIT.
@@ -104,7 +105,10 @@ class Script:
                  batched: bool = False, replicas: int = 0) -> None:
         self.name = name
         self.signature = Signature.parse(name, source)
-        # lib.lua holds only local helpers; every script may use them.
+        # lib.lua holds only local helpers; every script may use them. A script that builds key
+        # names from its shard's prefix first makes sure its slot is not being moved (lib.lua).
+        if "prefix" in self.signature.args:
+            lib += f"whole_slot(ARGV[{self.signature.args.index('prefix') + 1}])\n"
         self._script: AsyncScript = redis.register_script(lib + source)
         self._batcher = (ScriptBatcher(redis, self._script, replicas=replicas)
                          if batched or replicas else None)
@@ -132,6 +136,7 @@ class Scripts:
     fail: Script
     finish: Script
     flush: Script
+    globalrate: Script
     handoff: Script
     llmquota: Script
     mark: Script

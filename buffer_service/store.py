@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from .chatwoot import ChatMessage, Decision, Handoff, buffered, from_history
 from .config import Settings
@@ -126,12 +127,15 @@ class BufferStore:
         buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
         s, k, conv = self.settings.for_inbox(msg.inbox_id), self.keys, msg.conv
         shard = k.shard_of(conv)
-        # The global limit's key is in no shard: taken only when that limit is set (keys.py).
+        # The global limit's key is in no shard: on one server the append takes it while that
+        # limit is set; on a cluster its own call does, before (keys.py, globalrate.lua).
+        apart = bool(s.rate_limit_global) and isinstance(self.redis, RedisCluster)
+        taken = apart and not await self._global_rate(s, refund=False)
         raw = await self.scripts.append(
             keys={"due": k.due(shard), "first": k.first(shard), "buffer": k.buffer(conv),
                   "ttl": k.ttl(conv), "seen": k.seen(conv, msg.message_id),
                   "handoff": k.handoff(conv), "rate": k.rate(conv), "history": k.history(conv),
-                  **({"global_rate": k.global_rate} if s.rate_limit_global else {})},
+                  **({"global_rate": k.global_rate} if s.rate_limit_global and not apart else {})},
             args={"conv": conv, "message": msg.to_json(),
                   "entry": msg.to_entry() if self.compact else b"",
                   "burst": msg.burst_head() if self.compact else b"",
@@ -140,11 +144,25 @@ class BufferStore:
                   "dedup_ms": s.dedup_ttl_s * 1000, "wake": k.wake, "max_bytes": s.max_buffer_bytes,
                   "version": _version(snapshot.version if snapshot else None),
                   "rate_limit": s.rate_limit_per_conversation,
-                  "rate_period_ms": s.rate_limit_window_s * 1000, "global_limit": s.rate_limit_global,
+                  "rate_period_ms": s.rate_limit_window_s * 1000,
+                  "global_limit": 0 if apart else s.rate_limit_global,
                   "history_cap": self._history_cap(), "history_ttl_ms": s.history_ttl_s * 1000,
-                  "prefix": k.prefix(shard), "pending": int(bool(snapshot and snapshot.pending))},
+                  "prefix": k.prefix(shard), "pending": int(bool(snapshot and snapshot.pending)),
+                  "global_refused": int(apart and not taken)},
         )
-        return AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), decoded(raw[3]), int(raw[4]))
+        result = AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), decoded(raw[3]), int(raw[4]))
+        if taken and not result.buffered:
+            await self._global_rate(s, refund=True)
+        return result
+
+    async def _global_rate(self, s: Settings, *, refund: bool) -> bool:
+        """Take one message's global allowance (True: refused), or give one back (globalrate.lua).
+        If the append fails after a take, the allowance stays used: a retry may take another,
+        so the limit errs on refusing, never on letting more through."""
+        return bool(await self.scripts.globalrate(
+            keys={"rate": self.keys.global_rate},
+            args={"limit": s.rate_limit_global, "period_ms": s.rate_limit_window_s * 1000,
+                  "refund": int(refund)}))
 
     async def note(self, decision: Decision) -> str:
         """Record what a webhook the bot does not answer tells, in one round trip: who handles

@@ -9,11 +9,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
+import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 
+from buffer_service import app as app_module
+from buffer_service import redis_client
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import ChatMessage, Decision, from_history
 from buffer_service.store import BufferStore
@@ -59,6 +65,42 @@ async def test_a_webhook_costs_one_script_call_and_concurrent_ones_share_round_t
     # Unbatched, every script call would be a request of its own: 200 reads and more. Batched,
     # concurrent calls arrive together (the INFO calls above and the webhook log add a few).
     assert reads1 - reads0 < 200, reads1 - reads0
+
+
+async def test_a_webhook_whose_body_came_with_it_opens_one_timeout_scope(settings, make_service, monkeypatch):
+    """The body timer only runs while a body is still arriving; the Redis budget is the one scope."""
+    svc = await make_service(settings, worker=False)
+    scopes: list[float] = []
+
+    def counted(delay: float | None) -> asyncio.Timeout:
+        scopes.append(delay or 0.0)
+        return asyncio.timeout(delay)
+
+    # Only the app module's view of asyncio: redis-py and aiohttp keep theirs.
+    view = types.ModuleType("asyncio")
+    view.__dict__.update(vars(asyncio), timeout=counted)
+    monkeypatch.setattr(app_module, "asyncio", view)
+    for i in range(5):
+        body = await svc.webhook(message_payload(message_id=500 + i, conversation_id=9, content=f"m {i}"))
+        assert body["status"] == "buffered"
+    assert scopes == [app_module._REDIS_BUDGET_S] * 5
+
+
+def test_the_service_packs_commands_with_hiredis_into_the_same_bytes():
+    """redis-py's asyncio connection packs every argument in Python (~50 us for a webhook's
+    EVALSHA); the service's connections pack in C and must put the same bytes on the wire."""
+    client = redis_client.standalone("redis://127.0.0.1:1/0")
+    fast = client.connection_pool.connection_class
+    assert issubclass(fast, Connection) and fast.pack_command is not Connection.pack_command
+    commands = [("EVALSHA", "a" * 40, 2, b"bs:{s1}:due", "bs:{s1}:buf:1:2", "1:2", '{"text":"olá"}', 5000,
+                 -1, 2.5, 0.1, 1e20, -3e-7, memoryview(b"yz")),
+                ("CONFIG GET", "maxmemory"), (b"SCRIPT LOAD", "return 1"), ("SET", "k", "v" * 100_000)]
+    for command in commands:
+        assert b"".join(fast().pack_command(*command)) == b"".join(Connection().pack_command(*command))
+    assert b"".join(fast().pack_commands(commands)) == b"".join(Connection().pack_commands(commands))
+    for bad in (None, True, bytearray(b"x"), object()):
+        with pytest.raises(DataError):
+            fast().pack_command("SET", "k", bad)
 
 
 async def test_a_seeded_trace_gets_one_llm_call_per_burst(settings, make_service, llm, chatwoot):

@@ -9,7 +9,7 @@
 -- KEYS: due first buffer ttl seen handoff rate history [global_rate]
 -- ARGV: conv message window_ms max_age_ms max_size dedup_ms wake max_bytes version
 --       rate_limit rate_period_ms global_limit history_cap history_ttl_ms prefix pending
---       entry burst
+--       entry burst global_refused
 -- due: zset conv -> deadline ms; first: hash conv -> first message ms; buffer: buf:<conv>;
 -- ttl: the sliding TTL key (its expiry is the wake-up); seen: the message's de-duplication
 -- marker; rate: the conversation's rate limit; global_rate: the global limit's key, only when
@@ -19,7 +19,8 @@
 -- message time (lib.lua: buffer formats); version: of the conversation snapshot the message came with (0: none);
 -- rate_limit, global_limit: messages per period of the conversation, of all together (0: none);
 -- prefix: the shard's key prefix (keys.py); pending: the snapshot shows the conversation
--- `pending` (1|0: lib.lua take_charge).
+-- `pending` (1|0: lib.lua take_charge); global_refused: 1 when the global limit's own call
+-- refused this message (a cluster; global_limit is then 0 here).
 -- Returns {status, count, deadline ms, detail, now ms}: status 1 buffered (detail: what set the
 --   deadline: deadline, age, size), 0 duplicate, -1 kept in the history only (detail: why:
 --   rate_limited:conversation, rate_limited:global, buffer_full, or the reason a human is in
@@ -56,6 +57,7 @@ for _, limit in ipairs({{KEYS[7], tonumber(ARGV[10]), 'conversation'}, {KEYS[9],
     return kept('rate_limited:' .. limit[3], 'rate_limited')
   end
 end
+if ARGV[19] == '1' then return kept('rate_limited:global', 'rate_limited') end
 
 local conv = ARGV[1]
 local len = redis.call('LLEN', KEYS[3])

@@ -7,6 +7,17 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A Redis Cluster moving the shard's slot to another node (MIGRATING/IMPORTING) has part of its
+-- keys on each node. Redis checks only a script's KEYS before running it, and then fails the
+-- script where it stands on the first command that touches a key its node lacks, after the
+-- writes before it (they are not undone): a key built while the script runs, or one it created.
+-- Asking for two keys that never exist makes either node refuse the script here, before any
+-- write (the caller gets an error, like TRYAGAIN, and tries again later); a slot that is not
+-- moving, or one server, answers 0. scripts.py calls it first in every script given `prefix`.
+local function whole_slot(P)
+  redis.call('EXISTS', P .. 'moving:0', P .. 'moving:1')
+end
+
 -- Fencing: only the holder of the current token may change a batch. A closed batch has the
 -- token '', which no caller holds.
 local function holds(bkey, token)
