@@ -8,14 +8,18 @@ iteration) are queued and sent together at the start of the next iteration. Ther
 a lone call waits for nothing, and the batch grows only when calls really overlap.
 
 Each caller gets its own result or its own error; a failed round trip fails every caller in
-it, so the webhook still answers 503 when Redis is down.
+it, so the webhook still answers 503 when Redis is down. Calls that did not run (NOSCRIPT, a
+redirect) go again in a further round trip, a bounded number of times.
 
 With `replicas` (REDIS_WAIT_REPLICAS) each node's calls are followed on the same connection by
 WAIT: Redis replicates asynchronously, so a write the primary answered can vanish with it in a
 failover; a caller whose node's replicas did not confirm in time gets NotReplicated (its write
 may still survive: it is not undone, only not promised). On a Redis Cluster the pipeline is
-redis-py's cluster pipeline: it groups the calls by the node that holds each one's slot, sends
-the groups concurrently and follows MOVED/ASK per call.
+redis-py's cluster pipeline: it groups the calls by the node that holds each one's slot and
+sends the groups concurrently. It would follow MOVED/ASK per call on its own, after the WAITs
+ran, on a node none of them covers: with WAITs a MOVED call goes again in a round of its own
+instead, followed by the WAIT of the node that now holds its slot, and an ASKed one (its slot
+is being migrated) fails, not confirmed.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import MovedError, NoScriptError, RedisError
 from redis.typing import EncodableT, KeyT
 
 from .redis_client import AnyRedis
@@ -35,6 +39,8 @@ from .redis_client import AnyRedis
 _Call = tuple[Sequence[KeyT], Sequence[EncodableT], asyncio.Future[Any]]
 # Bounded like every Redis call; a replica that lags longer than this fails the call instead.
 WAIT_TIMEOUT_MS = 2000
+# Round trips per batch: a NOSCRIPT or a redirect sends its calls again, a bounded number of times.
+_ROUNDS = 3
 
 
 class NotReplicated(RedisError):
@@ -94,16 +100,52 @@ class ScriptBatcher:
                 future.set_result(result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        results = await self._pipeline(batch)
-        # After a Redis restart or SCRIPT FLUSH the script is unknown; NOSCRIPT means it did not
-        # run, so loading it and sending those calls again cannot apply anything twice.
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._redis.script_load(self._script.script)
-            retried = await self._pipeline([batch[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for _ in range(_ROUNDS):
+            sent = await self._pipeline([batch[i] for i in todo])
+            for i, result in zip(todo, sent, strict=True):
                 results[i] = result
+            todo = await self._again(batch, results, todo)
+            if not todo:
+                break
         return results
+
+    async def _again(self, batch: list[_Call], results: list[Any], sent: list[int]) -> list[int]:
+        """Which of the calls `sent` go again: none of them ran. After a Redis restart or SCRIPT
+        FLUSH the script is unknown (NOSCRIPT): loaded here on the node that said so, and if
+        that node is away, only its calls fail. A call MOVED to another node (which the cluster
+        pipeline leaves to us when it sends WAITs: _pipeline) goes once the slot map is mended;
+        ASK and TRYAGAIN (its slot is being migrated) fail the call: it did not run."""
+        again: list[int] = []
+        loads: dict[str, tuple[ClusterNode | None, list[int]]] = {}
+        for i in sent:
+            result = results[i]
+            if isinstance(result, NoScriptError):
+                node = self._node(self._redis, batch[i][0]) \
+                    if isinstance(self._redis, RedisCluster) else None
+                loads.setdefault(node.name if node else "", (node, []))[1].append(i)
+            elif isinstance(result, MovedError) and isinstance(self._redis, RedisCluster):
+                await self._redis.nodes_manager.move_slot(result)
+                again.append(i)
+        for node, calls in loads.values():
+            try:
+                if node is not None:
+                    await self._redis.execute_command("SCRIPT LOAD", self._script.script,
+                                                      target_nodes=node)
+                else:
+                    await self._redis.script_load(self._script.script)
+            except RedisError as exc:
+                for i in calls:
+                    results[i] = exc
+                continue
+            again.extend(calls)
+        return sorted(again)
+
+    @staticmethod
+    def _node(redis: RedisCluster, keys: Sequence[KeyT]) -> ClusterNode | None:
+        # Typed str, but it hashes whatever a key may be (bytes here) through the encoder.
+        return redis.get_node_from_key(cast(str, keys[0]))
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -111,7 +153,12 @@ class ScriptBatcher:
                 # By command name: the cluster pipeline refuses its evalsha() method outright.
                 pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
             waits = self._queue_waits(pipe, batch) if self._replicas else []
-            results = await pipe.execute(raise_on_error=False)
+            if waits and isinstance(pipe, ClusterPipeline):
+                # A call redis-py redirected on its own would run after the WAITs, on a node
+                # none of them covers: the redirected calls go again in a round of their own.
+                results = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            else:
+                results = await pipe.execute(raise_on_error=False)
         calls, acks = results[:len(batch)], results[len(batch):]
         for i, wait in enumerate(waits):
             confirmed = acks[wait] if wait is not None else "no node holds the slot:"
@@ -129,8 +176,7 @@ class ScriptBatcher:
         nodes: dict[str, int] = {}
         waits: list[int | None] = []
         for keys, _, _ in batch:
-            # Typed str, but it hashes whatever a key may be (bytes here) through the encoder.
-            node = self._redis.get_node_from_key(cast(str, keys[0]))
+            node = self._node(self._redis, keys)
             if node is None:
                 waits.append(None)
                 continue

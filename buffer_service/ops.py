@@ -318,14 +318,19 @@ class Operations:
 
     async def cleanup(self, *, purge_failed: bool = False) -> dict[str, int]:
         """Trim the finished-job indexes to JOB_RETENTION_DAYS (finishing a job trims its index
-        too; this catches a shard where nothing finished lately). Records and hourly counters
-        expire by themselves. With purge_failed, delete every failed job for good."""
+        too; this catches a shard where nothing finished lately): completed jobs whose records
+        expired leave the index and the completed count (`completed_index`: how many).
+        Records and hourly counters expire by themselves. With purge_failed, delete every
+        failed job for good."""
         now = await self.now_ms()
         keep_ms = self.settings.job_retention_days * 86_400_000
         out = {"completed_index": 0, "skipped_index": 0, "failed_purged": 0}
         for shard in range(self.settings.shards):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(self.keys.jobs(shard, "completed"), "-inf", now - keep_ms)
+                await self.store.scripts.trimdone(
+                    keys={"done": self.keys.done(shard), "donecount": self.keys.done_counts(shard),
+                          "completed": self.keys.jobs(shard, "completed")},
+                    args={"retention_ms": keep_ms}, client=pipe)
                 pipe.zremrangebyscore(self.keys.jobs(shard, "skipped"), "-inf", now - keep_ms)
                 pipe.zrange(self.keys.failed(shard), 0, -1)
                 done, skipped, failed = await pipe.execute()

@@ -149,6 +149,7 @@ class Scripts:
     release: Script
     renew: Script
     requeue: Script
+    trimdone: Script
 
     def __init__(self, redis: AnyRedis, wait_replicas: int = 0) -> None:
         sources = sources_by_name()

@@ -191,7 +191,7 @@ class BufferStore:
                           "message_id": msg.message_id, "outgoing_text": msg.text if outgoing else "",
                           "prefix": k.prefix(k.shard_of(conv)),
                           "pause_ms": s.human_pause_ms if decision.from_agent else 0,
-                          "retention_ms": s.job_retention_days * 86_400_000},
+                          "retention_ms": s.job_retention_days * 86_400_000, "wake": k.wake},
                     client=pipe)
             results = await pipe.execute()
         return decoded(results[-1]) if msg is not None else ""
@@ -343,8 +343,7 @@ class BufferStore:
         k = self.keys
         shard = k.shard_of_batch(batch_id)
         return bool(await self.scripts.requeue(
-            keys={"batch": k.batch(batch_id), "inflight": k.inflight(shard), "active": k.active(shard),
-                  "failed": k.failed(shard)},
+            keys={"batch": k.batch(batch_id)},
             args={"batch_id": batch_id, "wake": k.wake, "prefix": k.prefix(shard)},
         ))
 

@@ -226,6 +226,25 @@ local function remember(hist, entry, cap, ttl)
   end
 end
 
+-- Forget the buckets of compact records (below) that Redis expired: a bucket lives `retention`
+-- ms after its last write, its zset entry and count must go with it, or the figures keep
+-- counting records that are gone. Run by each completion (compact) and by `cleanup` for the
+-- shards where nothing completed lately (trimdone.lua). `jobs`: the index of whole completed
+-- records that a previous version wrote, trimmed too until it is empty.
+-- Returns how many records the forgotten buckets and index entries held.
+local function forget_done(done, counts, jobs, now, retention)
+  local forgotten = redis.call('ZREMRANGEBYSCORE', jobs, '-inf', now - retention)
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', done, '-inf', now - retention, 'LIMIT', 0, 1000)
+    if #gone == 0 then return forgotten end
+    for _, n in ipairs(redis.call('HMGET', counts, unpack(gone))) do
+      forgotten = forgotten + (tonumber(n) or 0)
+    end
+    redis.call('ZREM', done, unpack(gone))
+    redis.call('HDEL', counts, unpack(gone))
+  end
+end
+
 -- A completed job's record, kept JOB_RETENTION_DAYS, is most of what stays in Redis after a
 -- burst: so it is one JSON array in a hash of 256 batch sequence numbers, `done:<seq // 256>`
 -- (small enough for Redis's compact listpack encoding: no key, expiry or index entry of its
@@ -253,14 +272,20 @@ local function compact(P, bkey, id, retention, now)
   redis.call('HINCRBY', counts, bucket, redis.call('HSET', key, seq, rec))
   redis.call('PEXPIRE', key, retention)
   redis.call('ZADD', P .. 'done', now, bucket)
-  local gone = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', now - retention)
-  if #gone > 0 then
-    redis.call('ZREM', P .. 'done', unpack(gone))
-    redis.call('HDEL', counts, unpack(gone))
-  end
-  -- The index of whole completed records that a previous version wrote, until it is empty.
-  redis.call('ZREMRANGEBYSCORE', P .. 'jobs:completed', '-inf', now - retention)
+  forget_done(P .. 'done', counts, P .. 'jobs:completed', now, retention)
   redis.call('DEL', bkey)
+end
+
+-- The history entry of a whole reply (`text`, as it was posted: all its parts) from the entry
+-- of its last part's echo, which names the message, in the format store.py wrote it in
+-- (ChatMessage.to_history: compact "a<id>:<text>"; to_json: {"id":…,"text":…,
+-- "role":"assistant"}); an entry of another shape is kept as it is.
+local function reply_entry(entry, text)
+  local mark = string.match(entry, '^a%d+:')
+  if mark then return mark .. text end
+  local id = string.match(entry, '^{"id":(%d+),"text":')
+  if not id then return entry end
+  return '{"id":' .. id .. ',"text":' .. cjson.encode(text) .. ',"role":"assistant"}'
 end
 
 -- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
@@ -358,6 +383,18 @@ local function own_take(key, fp)
   return nil
 end
 
+-- Count a batch's outcome (its state) in the hour's figures: a completed one with its
+-- first-message-to-reply time. (close_batch; note.lua for a failed batch its echo completes.)
+local function count_outcome(P, bkey, now)
+  local state = redis.call('HGET', bkey, 'state')
+  if state == 'completed' then
+    local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
+    count(P, now, state, 1, 'reply_ms', now - first)
+  else
+    count(P, now, state, 1)
+  end
+end
+
 -- A batch leaves the pipeline for good or for now (done, skipped, superseded, failed): nobody
 -- holds it, and the conversation's next batch may go. That is a batch an operator re-queued
 -- while this one ran (`next`, in the order they were re-queued: requeue.lua), else the burst
@@ -366,13 +403,7 @@ end
 local function close_batch(P, bkey, id, conv, now)
   redis.call('HSET', bkey, 'token', '', 'finished_ms', now)
   -- Every way out passes here, so the hourly count of outcomes is kept here (its state is set).
-  local state = redis.call('HGET', bkey, 'state')
-  if state == 'completed' then
-    local first = tonumber(redis.call('HGET', bkey, 'first_ms')) or now
-    count(P, now, state, 1, 'reply_ms', now - first)
-  else
-    count(P, now, state, 1)
-  end
+  count_outcome(P, bkey, now)
   local inflight, active = P .. 'inflight', P .. 'active'
   redis.call('ZREM', inflight, id)
   local parked = redis.call('HGET', bkey, 'blocked') == '1'
@@ -395,4 +426,31 @@ local function close_batch(P, bkey, id, conv, now)
     return redis.call('ZADD', P .. 'due', 'NX', now, conv) == 1
   end
   return false
+end
+
+-- Put a failed batch back in the pipeline: its attempts start again (MAX_ATTEMPTS counts from
+-- here, also for a reply whose parts made progress: attempts_spent) and any worker takes it at
+-- once, or, while another batch of the conversation runs, right after that one and before any
+-- burst that arrived meanwhile: it holds older messages, and replies go out in order
+-- (close_batch hands the conversation to it). An operator's retry (requeue.lua), or the echo
+-- that confirmed a handoff's message, whose other steps are left (note.lua).
+local function requeue(P, bkey, id, now, wake)
+  local conv = redis.call('HGET', bkey, 'conv')
+  redis.call('HSET', bkey, 'state', 'queued', 'attempts', 0, 'progress_attempt', 0,
+    'requeued_ms', now)
+  -- Numbered from 0 again: an old attempt's post in doubt must not spare a new attempt.
+  redis.call('HDEL', bkey, 'posting_attempt')
+  redis.call('PERSIST', bkey)
+  redis.call('ZREM', P .. 'failed', id)
+  local active = P .. 'active'
+  local holder = redis.call('HGET', active, conv)
+  if holder and holder ~= id then
+    local hkey = P .. 'batch:' .. holder
+    local queue = redis.call('HGET', hkey, 'next')
+    redis.call('HSET', hkey, 'next', queue and (queue .. ' ' .. id) or id)
+    return
+  end
+  redis.call('HSET', active, conv, id)
+  redis.call('ZADD', P .. 'inflight', now, id)
+  redis.call('PUBLISH', wake, now)
 end
