@@ -185,7 +185,7 @@ class BufferStore:
                 outgoing = msg.role == "assistant"
                 await self.scripts.note(
                     keys={"seen": k.seen(conv, msg.message_id), "history": k.history(conv),
-                          "pause": k.pause(conv), "sent": k.sent(conv)},
+                          "pause": k.pause(conv), "sent": k.sent(conv), "handoff": k.handoff(conv)},
                     args={"entry": self._for_history(msg), "history_cap": self._history_cap(),
                           "history_ttl_ms": s.history_ttl_s * 1000, "dedup_ms": s.dedup_ttl_s * 1000,
                           "message_id": msg.message_id, "outgoing_text": msg.text if outgoing else "",

@@ -118,3 +118,27 @@ async def test_a_superseded_compact_burst_keeps_its_first_message_time(settings,
     assert [m["text"] for m in await buffered_in(redis, store.keys.buffer("1:406"))] == ["a", "b"]
     again = await claim_one(store)
     assert again.first_ms == first and [m["text"] for m in again.messages] == ["a", "b"]
+
+
+async def test_a_batch_finished_after_newer_exchanges_goes_into_the_history_in_order(settings, redis):
+    """A late batch (re-queued after it failed, or completed by its echo: lib.lua add_in_order)
+    goes after the last entry not newer than its burst, among entries of both formats and
+    entries without an id; the cap still keeps the newest."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=1, history_messages=2, max_buffer_size=3))
+    conv = "1:407"
+    await store.append(ChatMessage(1, 407, 20, "late question", inbox_id=6))
+    batch = await claim_one(store)
+    hist = store.keys.history(conv)
+    await redis.rpush(hist, b"10:older", b'{"id":11,"text":"older json"}', b"no id",
+                      b'{"id":21,"text":"newer json"}', b"a30:newer answer")
+    assert await store.finish(batch, "completed", reply="late answer", reply_id=40)
+    assert await redis.lrange(hist, 0, -1) == [  # the cap: 2 + a burst of 3
+        b"no id", b"20:late question", b"a40:late answer", b'{"id":21,"text":"newer json"}',
+        b"a30:newer answer"]
+    # Every entry newer: the late batch goes first.
+    await store.append(ChatMessage(1, 408, 5, "oldest", inbox_id=6))
+    batch = await claim_one(store)
+    await redis.rpush(store.keys.history("1:408"), b"6:newer")
+    assert await store.finish(batch, "completed", reply="reply", reply_id=7)
+    assert await redis.lrange(store.keys.history("1:408"), 0, -1) == [b"5:oldest", b"a7:reply", b"6:newer"]
+    assert await redis.pttl(store.keys.history("1:408")) > 0

@@ -288,18 +288,53 @@ local function reply_entry(entry, text)
   return '{"id":' .. id .. ',"text":' .. cjson.encode(text) .. ',"role":"assistant"}'
 end
 
+-- The message id a history entry names (compact "<id>:" or "a<id>:"; json {"id":<id>,…}),
+-- or nil for an entry of another shape.
+local function entry_id(entry)
+  local id = string.match(entry, '^a?(%d+):') or string.match(entry, '^{"id":(%d+)[,}]')
+  return id and tonumber(id)
+end
+
+-- Add a finished burst's entries (its messages, then its reply) to the history where they
+-- belong: after the last entry that is not newer than the burst's newest message (`newest`,
+-- nil: at the end). That is the end, but for a batch finished late (completed by its echo, or
+-- re-queued after it failed) while newer bursts were answered: appended, its old question and
+-- answer would read as the latest exchange. Entries without an id count as older. Chatwoot
+-- numbers all its messages in one sequence, so ids order them. Only a late batch reads the list.
+local function add_in_order(hist, entries, newest)
+  local last = redis.call('LINDEX', hist, -1)
+  local later = {}
+  if newest and last and (entry_id(last) or 0) > newest then
+    local all = redis.call('LRANGE', hist, 0, -1)
+    local at = #all
+    while at > 1 and (entry_id(all[at - 1]) or 0) > newest do at = at - 1 end
+    for i = at, #all do later[#later + 1] = all[i] end
+    if at > 1 then redis.call('LTRIM', hist, 0, at - 2) else redis.call('DEL', hist) end
+  end
+  for _, e in ipairs(entries) do redis.call('RPUSH', hist, e) end
+  for _, e in ipairs(later) do redis.call('RPUSH', hist, e) end
+end
+
 -- A finished batch's burst, and its reply (`entry`, '' for none), go to the conversation's
--- history for later prompts. A completed batch's record shrinks to what operators read in
--- `jobs` (compact, below); any other keeps its whole record for `retention` ms, listed in the
--- `jobs` index of its state, which forgets what the records' own expiry forgets. (finish.lua;
--- note.lua for a failed batch that its reply's echo completes.) P: the shard's key prefix.
+-- history for later prompts, in order (add_in_order). A completed batch's record shrinks to
+-- what operators read in `jobs` (compact, below); any other keeps its whole record for
+-- `retention` ms, listed in the `jobs` index of its state, which forgets what the records' own
+-- expiry forgets. (finish.lua; note.lua for a failed batch that its reply's echo completes.)
+-- P: the shard's key prefix.
 local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention, jobs, now)
   cap = tonumber(cap)
   if cap > 0 then
+    local entries, newest = {}, nil
     for _, m in ipairs(redis.call('LRANGE', msgs, 0, -1)) do
-      if not is_head(m) then redis.call('RPUSH', hist, for_history(m)) end
+      if not is_head(m) then
+        local e = for_history(m)
+        entries[#entries + 1] = e
+        local n = entry_id(e)
+        if n and (not newest or n > newest) then newest = n end
+      end
     end
-    if entry ~= '' then redis.call('RPUSH', hist, entry) end
+    if entry ~= '' then entries[#entries + 1] = entry end
+    add_in_order(hist, entries, newest)
     redis.call('LTRIM', hist, -cap, -1)
     redis.call('PEXPIRE', hist, hist_ttl)
   end

@@ -8,12 +8,15 @@
 --   (as part.lua does). The echo of an earlier part of a failed reply leaves the batch failed,
 --   and an operator's retry posts the parts that are left. The echo of its last part (or of
 --   its whole reply) completes it here, with the burst and the whole reply, as it was posted,
---   in the history; unless the reply hands the conversation over (mark.lua): the handoff's
---   other steps (record, note, status) are still to come, so the batch is re-queued (lib.lua
---   requeue), and a worker goes straight on to them and the finish (before_post.lua 'posted').
+--   in the history; unless the reply hands the conversation over (mark.lua): the customer has
+--   been told a person will answer, so the handoff is recorded here at once (as handoff.py
+--   does first, lib.lua take_charge), and a burst in flight meanwhile is skipped at its
+--   before_post instead of answered; the other steps (note, status) are still to come, so the
+--   batch is re-queued (lib.lua requeue), and a worker goes straight on to them and the finish
+--   (before_post.lua 'posted').
 -- * A human agent's message pauses the bot in the conversation. Our own replies look the same
 --   when the service posts with a user access token; the two ways above tell them apart.
--- KEYS: seen history pause sent
+-- KEYS: seen history pause sent handoff
 -- ARGV: entry history_cap history_ttl_ms dedup_ms message_id outgoing_text prefix pause_ms
 --       retention_ms wake
 -- outgoing_text: the text of an outgoing message ('' otherwise); pause_ms: 0 unless a human
@@ -42,6 +45,10 @@ if ARGV[6] ~= '' then
       local last = not stored or out >= #cjson.decode(stored)
       if last and (redis.call('HGET', bkey, 'handoff') or '') ~= '' then
         redis.call('HSET', bkey, 'posted_id', ARGV[5])
+        -- The record handoff.py writes: its reason's kind, as of the record's own version.
+        local kind = string.match(redis.call('HGET', bkey, 'handoff'), '^[^:]*')
+        take_charge(KEYS[5], 'handoff:' .. kind,
+          tonumber(redis.call('HGET', KEYS[5], 'v')) or 0, ARGV[3], false)
         requeue(P, bkey, id, now, ARGV[10])
       elseif last then
         local reply = redis.call('HGET', bkey, 'reply')
