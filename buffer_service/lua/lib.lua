@@ -288,28 +288,40 @@ local function reply_entry(entry, text)
   return '{"id":' .. id .. ',"text":' .. cjson.encode(text) .. ',"role":"assistant"}'
 end
 
--- The message id a history entry names (compact "<id>:" or "a<id>:"; json {"id":<id>,…}),
--- or nil for an entry of another shape.
-local function entry_id(entry)
-  local id = string.match(entry, '^a?(%d+):') or string.match(entry, '^{"id":(%d+)[,}]')
+-- The message id of a customer's history entry (compact "<id>:"; json {"id":<id>,…} without a
+-- role), or nil for the assistant's or an agent's entry ("a<id>:", json with "role") and any
+-- other shape. A quote inside a json entry's text is escaped, so '"role":"' is the key.
+local function customer_id(entry)
+  local id = string.match(entry, '^(%d+):')
+  if not id and not string.find(entry, '"role":"', 1, true) then
+    id = string.match(entry, '^{"id":(%d+)[,}]')
+  end
   return id and tonumber(id)
 end
 
 -- Add a finished burst's entries (its messages, then its reply) to the history where they
--- belong: after the last entry that is not newer than the burst's newest message (`newest`,
--- nil: at the end). That is the end, but for a batch finished late (completed by its echo, or
+-- belong: before the first customer message newer than the burst's newest (`newest`, nil: at
+-- the end). That is the end, but for a batch finished late (completed by its echo, or
 -- re-queued after it failed) while newer bursts were answered: appended, its old question and
--- answer would read as the latest exchange. Entries without an id count as older. Chatwoot
--- numbers all its messages in one sequence, so ids order them. Only a late batch reads the list.
+-- answer would read as the latest exchange. Chatwoot numbers all its messages in one
+-- sequence, so ids order them; replies and agents' messages are not compared (a reply's id is
+-- newer than the next burst's messages whenever the customer wrote before it was posted, and
+-- the exchange must still read question, answer). Only a list whose last entry is newer than
+-- the burst is read whole.
 local function add_in_order(hist, entries, newest)
   local last = redis.call('LINDEX', hist, -1)
   local later = {}
-  if newest and last and (entry_id(last) or 0) > newest then
+  if newest and last and (string.match(last, '^a?(%d+):') or string.match(last, '^{"id":(%d+)[,}]')
+      or '0') + 0 > newest then
     local all = redis.call('LRANGE', hist, 0, -1)
-    local at = #all
-    while at > 1 and (entry_id(all[at - 1]) or 0) > newest do at = at - 1 end
-    for i = at, #all do later[#later + 1] = all[i] end
-    if at > 1 then redis.call('LTRIM', hist, 0, at - 2) else redis.call('DEL', hist) end
+    local at
+    for i, e in ipairs(all) do
+      if (customer_id(e) or 0) > newest then at = i break end
+    end
+    if at then
+      for i = at, #all do later[#later + 1] = all[i] end
+      if at > 1 then redis.call('LTRIM', hist, 0, at - 2) else redis.call('DEL', hist) end
+    end
   end
   for _, e in ipairs(entries) do redis.call('RPUSH', hist, e) end
   for _, e in ipairs(later) do redis.call('RPUSH', hist, e) end
@@ -329,7 +341,7 @@ local function archive(P, bkey, id, msgs, hist, entry, cap, hist_ttl, retention,
       if not is_head(m) then
         local e = for_history(m)
         entries[#entries + 1] = e
-        local n = entry_id(e)
+        local n = customer_id(e)
         if n and (not newest or n > newest) then newest = n end
       end
     end
