@@ -50,7 +50,8 @@ class Worker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = asyncio.create_task(self._listen())
+        closing = asyncio.Event()
+        listener = asyncio.create_task(self._listen(closing))
         log.info("worker_started", shards=self.settings.shards,
                  concurrency=self.settings.worker_concurrency)
         try:
@@ -64,6 +65,7 @@ class Worker:
                 await self.sweep_log.swept(paused=paused)
                 await self._sleep(delay, stop)
         finally:
+            closing.set()
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
@@ -156,11 +158,15 @@ class Worker:
     def _reconnected(self, connection: object) -> None:
         self._wake.set()
 
-    async def _listen(self) -> None:
+    async def _listen(self, closing: asyncio.Event) -> None:
         """Turn wake-up messages and TTL-key expiry events into an early sweep: on the one
         server, or on every primary of a cluster (an expiry event stays on its node), the set of
-        primaries looked at again when a subscription fails or every TOPOLOGY_CHECK_S."""
-        while True:
+        primaries looked at again when a subscription fails or every TOPOLOGY_CHECK_S.
+
+        Ends when `closing` is set, not only on cancellation: redis-py's cluster client can
+        swallow a CancelledError that arrives while it refreshes the slot map, and the task
+        group entered next would then wait for its subscriptions forever."""
+        while not closing.is_set():
             nodes: list[Redis] = []
             try:
                 nodes = await redis_client.subscription_nodes(self.store.redis, self.settings)
@@ -169,10 +175,14 @@ class Worker:
                     for node in nodes:
                         group.create_task(self._listen_on(node))
                     group.create_task(self._watch_topology(primaries))
+                    group.create_task(_raise_when(closing))
+            except* _Closing:
+                pass
             except* (RedisError, OSError, _TopologyChanged) as failed:
                 log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
                             retry_in_s=self._backoff)
-                await asyncio.sleep(self._backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), self._backoff)
                 self._backoff = min(self._backoff * 2, 5.0)
             finally:
                 for node in nodes:
@@ -223,3 +233,12 @@ class Worker:
 
 class _TopologyChanged(Exception):
     pass
+
+
+class _Closing(Exception):
+    pass
+
+
+async def _raise_when(closing: asyncio.Event) -> None:
+    await closing.wait()
+    raise _Closing
