@@ -17,11 +17,15 @@ loop, and notes when each request arrived. Per burst, with every clock this mach
   post    posting starts -> the reply's POST reaches the Chatwoot stand-in
   total   deadline -> reply posted
 
-Targets are listed with --targets (`worker`, or `worker@asyncio` / `worker@uvloop` for the event
-loop, EVENT_LOOP), each with a fresh Redis; every one is run --repeat times, medians reported.
+Targets are listed with --targets: `worker` (this checkout's code) or a git ref (that commit's
+`buffer_service`, for a before/after in the same run), each optionally `@asyncio` / `@uvloop`
+for the event loop (EVENT_LOOP), each with a fresh Redis; every one is run --repeat times,
+medians reported. Besides the worker's CPU per burst, Redis's and the two stand-ins' (their
+processes' CPU over the measured bursts, divided by the bursts answered): what a burst costs
+the machine, and so what a rate needs.
 
     python bench/reply_latency.py [--quick] [--repeat N] [--rate R] [--concurrency C]
-                                  [--targets worker@asyncio,worker] [--profile worker]
+                                  [--targets worker@asyncio,worker,580c5c1@uvloop] [--profile worker]
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from typing import Any
 
 from cluster import completed, lateness
 from common import (
+    ROOT,
+    checkout,
     cpu_seconds,
     median,
     parser,
@@ -110,7 +116,13 @@ class StandIn:
 
 async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, concurrency: int,
                    profile: bool) -> dict[str, Any]:
-    _, _, event_loop = kind.partition("@")
+    code, _, event_loop = kind.partition("@")
+    code_dir = ROOT
+    if code != "worker":
+        got = checkout(code, tmp / f"code-{code}")
+        if got is None:
+            raise SystemExit(f"git ref {code!r} is not available")
+        code_dir = got
     llm, chatwoot = StandIn("llm"), StandIn("chatwoot")
     proc = None
     with running_redis(tmp / f"redis-{run_no}") as server:
@@ -122,7 +134,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                               **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}))
             # Started first and idle meanwhile: nothing falls due before the lead has passed.
             log = tmp / f"{kind}-{run_no}.log"
-            proc = spawn_service(["worker"], env, log)
+            proc = spawn_service(["worker"], env, log, code_dir)
             ready = time.monotonic() + 60
             while b'"worker_started"' not in log.read_bytes():
                 if time.monotonic() > ready or proc.poll() is not None:
@@ -137,7 +149,10 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                                                        int(spread_s * 1000), timer_keys=False)
             if time.monotonic() - t0 > lead_ms / 1000 - 1:
                 raise SystemExit("loading took longer than the lead; run with a lower --rate or --spread")
+            others = {"redis": server.proc.pid if server.proc else 0, "llm": llm.proc.pid or 0,
+                      "chatwoot": chatwoot.proc.pid or 0}
             cpu0 = cpu_seconds(proc.pid)
+            others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
             with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 2) if profile
                   else contextlib.nullcontext()):
                 await asyncio.sleep(max(0.0, t0 + lead_ms / 1000 - time.monotonic()))
@@ -148,6 +163,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                             and len(await lateness(redis, settings)) >= n + _WARM_UP):
                         break
             cpu = cpu_seconds(proc.pid) - cpu0
+            others_cpu = {name: cpu_seconds(pid) - others0[name] for name, pid in others.items()}
             claimed = await _claims(redis, settings)
         finally:
             if proc is not None:
@@ -166,7 +182,9 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         stages["post"].append(posted[conv] - posting_ms)
         stages["total"].append(posted[conv] - deadline)
     row: dict[str, Any] = {"kind": kind, "open": n, "answered": len(stages["total"]),
-                           "worker_cpu_us_per_burst": cpu / max(1, len(posted)) * 1e6}
+                           "worker_cpu_us_per_burst": cpu / max(1, len(posted)) * 1e6,
+                           **{f"{name}_cpu_us_per_burst": used / max(1, len(posted)) * 1e6
+                              for name, used in others_cpu.items()}}
     for stage, values in stages.items():
         row[f"{stage}_p50_ms"] = percentile(values, 50)
         row[f"{stage}_p99_ms"] = percentile(values, 99)
@@ -203,7 +221,7 @@ def main() -> dict[str, Any]:
     p.add_argument("--rate", type=float, default=1000, help="bursts falling due per second")
     p.add_argument("--spread", type=float, default=0, help="seconds; default 10 (quick 3)")
     p.add_argument("--targets", default="worker@asyncio,worker",
-                   help="comma list of worker, worker@asyncio, worker@uvloop")
+                   help="comma list of worker or a git ref, each optionally @asyncio or @uvloop")
     p.add_argument("--concurrency", type=int, default=0,
                    help="WORKER_CONCURRENCY of the worker (default: the service's default)")
     p.add_argument("--profile", metavar="TARGET", default="",
@@ -223,7 +241,9 @@ def main() -> dict[str, Any]:
                       f"{row['total_max_ms']:.0f} ms (p99s: claim {row['claim_p99_ms']:.0f}, llm "
                       f"{row['llm_p99_ms']:.0f}, answer {row['answer_p99_ms']:.0f}, post "
                       f"{row['post_p99_ms']:.0f}); "
-                      f"{row['worker_cpu_us_per_burst']:.0f} us worker CPU/burst", flush=True)
+                      f"CPU us/burst: worker {row['worker_cpu_us_per_burst']:.0f}, redis "
+                      f"{row['redis_cpu_us_per_burst']:.0f}, llm {row['llm_cpu_us_per_burst']:.0f}, "
+                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}", flush=True)
     summary = {}
     out = []
     for kind in args.targets.split(","):
@@ -233,10 +253,13 @@ def main() -> dict[str, Any]:
         out.append([kind, f"{round(s['answered'])} / {n}",
                     *(f"{s[f'{stage}_p50_ms']:.0f} / {s[f'{stage}_p99_ms']:.0f}"
                       for stage in ("claim", "llm", "answer", "post", "total")),
-                    round(s["total_max_ms"]), round(s["worker_cpu_us_per_burst"])])
+                    round(s["total_max_ms"]),
+                    *(round(s[f"{name}_cpu_us_per_burst"])
+                      for name in ("worker", "redis", "llm", "chatwoot"))])
     print()
     print(table(["target", "answered", "deadline -> claimed", "-> LLM request", "-> posting",
-                 "-> posted", "total (p50 / p99 ms)", "total max ms", "worker CPU us/burst"], out))
+                 "-> posted", "total (p50 / p99 ms)", "total max ms", "CPU us/burst: worker", "redis",
+                 "LLM stand-in", "Chatwoot stand-in"], out))
     main_kind = "worker" if "worker" in summary else next(iter(summary))
     ok = summary[main_kind]["answered"] >= n and summary[main_kind]["total_p99_ms"] <= 100
     print(f"\n{main_kind}: target p99 deadline -> posted <= 100 ms at {args.rate:.0f} bursts/s: "
