@@ -70,6 +70,7 @@ from devtools.redis_server import running_redis
 # flush.open_conversations' messages name their conversation: "message 0 of conversation 17: ..."
 _CONVERSATION = re.compile(r"of conversation (\d+):")
 _WARM_UP = 50
+_WARM_UP_CONV = "1:9000"  # conversations 900000.. (`_warm_up`)
 
 
 def _standin(kind: str, conn: Connection) -> None:
@@ -134,14 +135,17 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                               **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}))
             # Started first and idle meanwhile: nothing falls due before the lead has passed.
             log = tmp / f"{kind}-{run_no}.log"
+            spawned = time.monotonic()
             proc = spawn_service(["worker"], env, log, code_dir)
             ready = time.monotonic() + 60
             while b'"worker_started"' not in log.read_bytes():
                 if time.monotonic() > ready or proc.poll() is not None:
                     raise SystemExit(f"the worker did not start; see {log}")
                 await asyncio.sleep(0.1)
-            # A new worker's first LLM call imports and builds much of the openai client's
-            # models (seconds on a busy machine): the measured bursts find a warm worker.
+            started_s = time.monotonic() - spawned
+            # A worker that did not build the openai client at start (before LLMClient.warm)
+            # builds it on its first LLM call (seconds on a busy machine): the measured bursts
+            # find a warm worker either way, and these first ones show what a fresh one costs.
             await _warm_up(settings, redis)
             lead_ms = 3000 + 2 * n  # loading takes 0.5-1.5 ms a conversation on this machine
             t0 = time.monotonic()
@@ -165,6 +169,8 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
             cpu = cpu_seconds(proc.pid) - cpu0
             others_cpu = {name: cpu_seconds(pid) - others0[name] for name, pid in others.items()}
             claimed = await _claims(redis, settings)
+            first_due = {r[0]: r[5] + r[6] for r in await completed(redis, settings)
+                         if r[0].startswith(_WARM_UP_CONV)}
         finally:
             if proc is not None:
                 await asyncio.to_thread(stop, proc)
@@ -189,6 +195,10 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         row[f"{stage}_p50_ms"] = percentile(values, 50)
         row[f"{stage}_p99_ms"] = percentile(values, 99)
     row["total_max_ms"] = max(stages["total"], default=float("nan"))
+    first = [posted[conv] - due for conv, due in first_due.items() if conv in posted]
+    row["start_s"] = started_s
+    row["first_p50_ms"] = percentile(first, 50)
+    row["first_max_ms"] = max(first, default=float("nan"))
     return row
 
 
@@ -243,7 +253,9 @@ def main() -> dict[str, Any]:
                       f"{row['post_p99_ms']:.0f}); "
                       f"CPU us/burst: worker {row['worker_cpu_us_per_burst']:.0f}, redis "
                       f"{row['redis_cpu_us_per_burst']:.0f}, llm {row['llm_cpu_us_per_burst']:.0f}, "
-                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}", flush=True)
+                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}; started in "
+                      f"{row['start_s']:.2f} s, its first {_WARM_UP} bursts (due at once) p50 "
+                      f"{row['first_p50_ms']:.0f} max {row['first_max_ms']:.0f} ms", flush=True)
     summary = {}
     out = []
     for kind in args.targets.split(","):
@@ -253,12 +265,13 @@ def main() -> dict[str, Any]:
         out.append([kind, f"{round(s['answered'])} / {n}",
                     *(f"{s[f'{stage}_p50_ms']:.0f} / {s[f'{stage}_p99_ms']:.0f}"
                       for stage in ("claim", "llm", "answer", "post", "total")),
-                    round(s["total_max_ms"]),
+                    round(s["total_max_ms"]), f"{s['first_p50_ms']:.0f} / {s['first_max_ms']:.0f}",
                     *(round(s[f"{name}_cpu_us_per_burst"])
                       for name in ("worker", "redis", "llm", "chatwoot"))])
     print()
     print(table(["target", "answered", "deadline -> claimed", "-> LLM request", "-> posting",
-                 "-> posted", "total (p50 / p99 ms)", "total max ms", "CPU us/burst: worker", "redis",
+                 "-> posted", "total (p50 / p99 ms)", "total max ms",
+                 f"a fresh worker's first {_WARM_UP} (p50 / max ms)", "CPU us/burst: worker", "redis",
                  "LLM stand-in", "Chatwoot stand-in"], out))
     main_kind = "worker" if "worker" in summary else next(iter(summary))
     ok = summary[main_kind]["answered"] >= n and summary[main_kind]["total_p99_ms"] <= 100

@@ -52,9 +52,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         closing = asyncio.Event()
         listener = asyncio.create_task(self._listen(closing))
-        log.info("worker_started", shards=self.settings.shards,
-                 concurrency=self.settings.worker_concurrency)
         try:
+            # While the subscriptions connect; before any lease starts running.
+            await self.processor.warm()
+            log.info("worker_started", shards=self.settings.shards,
+                     concurrency=self.settings.worker_concurrency)
             while not stop.is_set():
                 paused = not await self.flags.processing()
                 if paused:  # the processing switch: claim nothing, look at it again soon
