@@ -155,6 +155,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                 raise SystemExit("loading took longer than the lead; run with a lower --rate or --spread")
             others = {"redis": server.proc.pid if server.proc else 0, "llm": llm.proc.pid or 0,
                       "chatwoot": chatwoot.proc.pid or 0}
+            await redis.config_resetstat()
             cpu0 = cpu_seconds(proc.pid)
             others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
             with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 2) if profile
@@ -168,6 +169,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                         break
             cpu = cpu_seconds(proc.pid) - cpu0
             others_cpu = {name: cpu_seconds(pid) - others0[name] for name, pid in others.items()}
+            scripts = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
             claimed = await _claims(redis, settings)
             first_due = {r[0]: r[5] + r[6] for r in await completed(redis, settings)
                          if r[0].startswith(_WARM_UP_CONV)}
@@ -196,6 +198,7 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         row[f"{stage}_p99_ms"] = percentile(values, 99)
     row["total_max_ms"] = max(stages["total"], default=float("nan"))
     first = [posted[conv] - due for conv, due in first_due.items() if conv in posted]
+    row["scripts_per_burst"] = scripts / max(1, len(posted))
     row["start_s"] = started_s
     row["first_p50_ms"] = percentile(first, 50)
     row["first_max_ms"] = max(first, default=float("nan"))
@@ -253,7 +256,8 @@ def main() -> dict[str, Any]:
                       f"{row['post_p99_ms']:.0f}); "
                       f"CPU us/burst: worker {row['worker_cpu_us_per_burst']:.0f}, redis "
                       f"{row['redis_cpu_us_per_burst']:.0f}, llm {row['llm_cpu_us_per_burst']:.0f}, "
-                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}; started in "
+                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}; "
+                      f"{row['scripts_per_burst']:.1f} script calls/burst; started in "
                       f"{row['start_s']:.2f} s, its first {_WARM_UP} bursts (due at once) p50 "
                       f"{row['first_p50_ms']:.0f} max {row['first_max_ms']:.0f} ms", flush=True)
     summary = {}
