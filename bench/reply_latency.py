@@ -158,9 +158,10 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
             await redis.config_resetstat()
             cpu0 = cpu_seconds(proc.pid)
             others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
-            with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 2) if profile
+            await asyncio.sleep(max(0.0, t0 + lead_ms / 1000 - time.monotonic()))
+            # Sampled while the bursts fall due (the lead before them is idle).
+            with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 1) if profile
                   else contextlib.nullcontext()):
-                await asyncio.sleep(max(0.0, t0 + lead_ms / 1000 - time.monotonic()))
                 end = t0 + lead_ms / 1000 + spread_s + 30
                 while time.monotonic() < end:
                     await asyncio.sleep(0.25)
