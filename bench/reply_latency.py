@@ -20,8 +20,9 @@ loop, and notes when each request arrived. Per burst, with every clock this mach
 Targets are listed with --targets: `worker` (this checkout's code) or a git ref (that commit's
 `buffer_service`, for a before/after in the same run), each optionally `@asyncio` / `@uvloop`
 for the event loop (EVENT_LOOP), each with a fresh Redis; every one is run --repeat times,
-medians reported. Besides the worker's CPU per burst, Redis's and the two stand-ins' (their
-processes' CPU over the measured bursts, divided by the bursts answered): what a burst costs
+medians reported; `+NAME=value` after a target sets a setting of its worker
+(`worker@uvloop+TYPING_INDICATOR=off`). Besides the worker's CPU per burst, Redis's and the two
+stand-ins' (their processes' CPU over the measured bursts, divided by the bursts answered): what a burst costs
 the machine, and so what a rate needs.
 
     python bench/reply_latency.py [--quick] [--repeat N] [--rate R] [--concurrency C]
@@ -117,7 +118,9 @@ class StandIn:
 
 async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, concurrency: int,
                    profile: bool) -> dict[str, Any]:
-    code, _, event_loop = kind.partition("@")
+    target, *assignments = kind.split("+")
+    overrides = dict(a.split("=", 1) for a in assignments)
+    code, _, event_loop = target.partition("@")
     code_dir = ROOT
     if code != "worker":
         got = checkout(code, tmp / f"code-{code}")
@@ -132,7 +135,8 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         try:
             env = service_env(server.url, free_port(), EVENT_LOOP=event_loop or "auto",
                               **llm.env, **chatwoot.env,
-                              **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}))
+                              **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}),
+                              **overrides)
             # Started first and idle meanwhile: nothing falls due before the lead has passed.
             log = tmp / f"{kind}-{run_no}.log"
             spawned = time.monotonic()
