@@ -1,8 +1,7 @@
-"""Adversarial review of the changes after review5: the late echo that records a handoff at once
-(f5cb09a), the late batch put into the history in order (d556d0d, e152dfd: lib.lua
-add_in_order), the wake-up listener that ends on a closing event (580c5c1), and hiredis command
-packing (redis_client._HiredisPacking). Each test shows one finding against the real service
-code and fails until it is fixed."""
+"""Adversarial review of the changes after review5: the late batch put into the history in order
+(d556d0d, e152dfd: lib.lua add_in_order) and the wake-up listener that ends on a closing event
+(580c5c1), with the errors the listener lets through. Each test shows one finding against the
+real service code and fails until it is fixed."""
 
 from __future__ import annotations
 
