@@ -17,7 +17,7 @@ import contextlib
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import metrics, redis_client
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
@@ -67,9 +67,14 @@ class Worker:
         finally:
             closing.set()
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-            await self._drain()
+            try:
+                # Not `await listener`: a listener that died of an error would raise it here,
+                # and the batches in flight would be neither drained nor released.
+                await asyncio.wait({listener})
+            finally:
+                await self._drain()
+            if not listener.cancelled() and (error := listener.exception()) is not None:
+                raise error
 
     async def _sweep(self, stop: asyncio.Event) -> float:
         """Claim as much due work as there are free slots; returns seconds until the next.
@@ -178,7 +183,9 @@ class Worker:
                     group.create_task(_raise_when(closing))
             except* _Closing:
                 pass
-            except* (RedisError, OSError, _TopologyChanged) as failed:
+            # RedisClusterException is not a RedisError: redis-py raises it when a slot-map
+            # refresh finds slots without an owner (a failover under way) or no seed answering.
+            except* (RedisError, RedisClusterException, OSError, _TopologyChanged) as failed:
                 log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
                             retry_in_s=self._backoff)
                 with contextlib.suppress(TimeoutError):
