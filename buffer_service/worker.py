@@ -179,7 +179,7 @@ class Worker:
                 async with asyncio.TaskGroup() as group:
                     for node in nodes:
                         group.create_task(self._listen_on(node))
-                    group.create_task(self._watch_topology(primaries))
+                    group.create_task(self._watch_topology(primaries, closing))
                     group.create_task(_raise_when(closing))
             except* _Closing:
                 pass
@@ -196,13 +196,18 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await node.aclose()
 
-    async def _watch_topology(self, primaries: frozenset[str]) -> None:
-        """Ends the subscriptions when the cluster's primaries change (failover, resharding)."""
+    async def _watch_topology(self, primaries: frozenset[str], closing: asyncio.Event) -> None:
+        """Ends the subscriptions when the cluster's primaries change (failover, resharding).
+        Ends on `closing` too: the slot-map refresh can swallow the stop's cancellation (see
+        `_listen`), and the task group would wait for this loop forever."""
         if primaries == frozenset({""}):
             return  # standalone: its subscription reconnects by itself
-        while True:
-            await asyncio.sleep(TOPOLOGY_CHECK_S)
-            if await redis_client.primary_names(self.store.redis) != primaries:
+        while not closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), TOPOLOGY_CHECK_S)
+                return
+            now = await redis_client.primary_names(self.store.redis)
+            if now != primaries and not closing.is_set():
                 raise _TopologyChanged("the cluster's primaries changed")
 
     async def _listen_on(self, node: Redis) -> None:
