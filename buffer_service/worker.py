@@ -185,7 +185,8 @@ class Worker:
                 pass
             # RedisClusterException is not a RedisError: redis-py raises it when a slot-map
             # refresh finds slots without an owner (a failover under way) or no seed answering.
-            except* (RedisError, RedisClusterException, OSError, _TopologyChanged) as failed:
+            except* (RedisError, RedisClusterException, OSError, _TopologyChanged,
+                     _SubscriptionEnded) as failed:
                 log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
                             retry_in_s=self._backoff)
                 with contextlib.suppress(TimeoutError):
@@ -237,6 +238,9 @@ class Worker:
                 elif data == FLAGS_CHANGED:
                     self.flags.invalidate()
                 self._wake.set()
+            # listen() returns once nothing is subscribed any more. The task group outlives
+            # this (_raise_when waits for `closing`), so only an error makes it subscribe again.
+            raise _SubscriptionEnded("the subscription ended")
         finally:
             with contextlib.suppress(Exception):
                 # redis-py leaves PubSub.aclose unannotated; it returns None.
@@ -244,6 +248,10 @@ class Worker:
 
 
 class _TopologyChanged(Exception):
+    pass
+
+
+class _SubscriptionEnded(Exception):
     pass
 
 

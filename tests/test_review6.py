@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from helpers import claim_one, eventually, jobs, wait_for
+from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
@@ -172,3 +174,37 @@ async def test_a_worker_stops_when_the_topology_check_swallows_its_cancellation(
     cleanup.set()
     await asyncio.wait({running}, timeout=10)
     assert stopped, "the worker did not stop: its topology check swallowed the cancellation"
+
+
+# -- 4. 580c5c1: a subscription that ends without an error is never made again --------------------
+async def test_the_wakeup_listener_subscribes_again_after_its_subscription_ends_cleanly(
+        settings, redis, monkeypatch):
+    """Finding: redis-py's PubSub.listen() returns, without an error, once the pubsub is no
+    longer subscribed to anything. Before 580c5c1 the task group then ended and `_listen`
+    subscribed again; since, `_raise_when(closing)` keeps the group alive, so the listener sits
+    there with no subscription: no wake-up or expiry event reaches the worker any more.
+    Expected: a subscription that ends is lost like one that fails, and is made again."""
+    real = PubSub.listen
+    listens = 0
+
+    def listen(self: PubSub) -> AsyncIterator[Any]:
+        nonlocal listens
+        listens += 1
+        if listens == 1:  # the first subscription ends at once, as after an unsubscribe
+            return _nothing()
+        return real(self)
+
+    monkeypatch.setattr(PubSub, "listen", listen)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(settings, http=False, stop=stop))
+    try:
+        await wait_for(lambda: listens >= 2, timeout=10)
+    finally:
+        stop.set()
+        await asyncio.wait({running}, timeout=20)
+    assert running.done() and running.exception() is None, running
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
