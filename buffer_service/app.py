@@ -5,7 +5,8 @@ the webhook log (journal.py) and counted, by this app's own middleware.
 A webhook is acknowledged as soon as its message is stored in Redis, never after the LLM:
 Chatwoot waits at most 5 s and, for agent bots, hands the conversation to humans when a
 delivery fails (docs/chatwoot.md). If Redis cannot store the message the answer
-is 503, so nothing is acknowledged that was not stored.
+is 500, so nothing is acknowledged that was not stored, and Chatwoot delivers it again: an
+agent bot's delivery is retried only after a 429 or a 500 (a 503 would be final).
 
 A webhook passes, in order: the size cap (413, decided from Content-Length before reading, and
 the read itself capped), authentication on the raw bytes (401, auth.py), JSON and field checks
@@ -63,7 +64,7 @@ _LINE = web.AppKey("webhook_line", structlog.typing.FilteringBoundLogger)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
 # than refusing connections) would otherwise hold a webhook for the client's retries of 5 s
-# socket timeouts. Past this budget the answer is 503, well before Chatwoot's 5 s.
+# socket timeouts. Past this budget the answer is 500, well before Chatwoot's 5 s.
 _REDIS_BUDGET_S = 3.0
 # Chatwoot sends its body at once; a client that trickles one must not hold a handler forever.
 _BODY_TIMEOUT_S = 10.0
@@ -99,10 +100,18 @@ def _answered(request: web.Request, body: dict[str, object]) -> web.Response:
     return _json(body)
 
 
-def _unavailable(exc: Exception) -> web.Response:
+# A webhook whose message was not stored: Chatwoot performs an agent bot's job again (3
+# attempts, 3 s apart) only after a 429 or a 500 (lib/webhooks/trigger.rb). Any other failure,
+# 503 included, is final: the message is never delivered again and Chatwoot moves a pending
+# conversation to open. A retry of a message that was stored after all (a WAIT that timed out
+# after the write) is answered `duplicate`.
+_NOT_STORED = 500
+
+
+def _unavailable(exc: Exception, status: int = 503) -> web.Response:
     log.error("redis_unavailable", error=str(exc) or type(exc).__name__)
     return _json({"status": "unavailable", "error": "storage unavailable, retry later"},
-                 status=503, headers={"Retry-After": "1"})
+                 status=status, headers={"Retry-After": "1"})
 
 
 def _rejected(status: int, error: str) -> web.Response:
@@ -167,7 +176,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
                         await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
         except (RedisError, TimeoutError) as exc:
-            return _unavailable(exc)
+            return _unavailable(exc, _NOT_STORED)
         body.update(decision.extra)
         request.app[_LINE].info("webhook", outcome=body["status"], reason=body.get("reason"),
                  conversation=msg.conv if msg else None, message_id=msg.message_id if msg else None,

@@ -8,7 +8,7 @@ iteration) are queued and sent together at the start of the next iteration. Ther
 a lone call waits for nothing, and the batch grows only when calls really overlap.
 
 Each caller gets its own result or its own error; a failed round trip fails every caller in
-it, so the webhook still answers 503 when Redis is down. Calls that did not run (NOSCRIPT, a
+it, so the webhook still answers 500 when Redis is down. Calls that did not run (NOSCRIPT, a
 redirect) go again in a further round trip, a bounded number of times.
 
 With `replicas` (REDIS_WAIT_REPLICAS) each node's calls are followed on the same connection by

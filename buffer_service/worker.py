@@ -27,7 +27,7 @@ import math
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import metrics, redis_client
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
@@ -118,9 +118,14 @@ class Worker:
         finally:
             closing.set()
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-            await self._drain()
+            try:
+                # Not `await listener`: a listener that died of an error would raise it here,
+                # and the batches in flight would be neither drained nor released.
+                await asyncio.wait({listener})
+            finally:
+                await self._drain()
+            if not listener.cancelled() and (error := listener.exception()) is not None:
+                raise error
 
     async def _sweep(self, stop: asyncio.Event) -> float:
         """Claim as much due work as there are free slots; returns seconds until the next.
@@ -245,11 +250,14 @@ class Worker:
                 async with asyncio.TaskGroup() as group:
                     for node in nodes:
                         group.create_task(self._listen_on(node))
-                    group.create_task(self._watch_topology(primaries))
+                    group.create_task(self._watch_topology(primaries, closing))
                     group.create_task(_raise_when(closing))
             except* _Closing:
                 pass
-            except* (RedisError, OSError, _TopologyChanged) as failed:
+            # RedisClusterException is not a RedisError: redis-py raises it when a slot-map
+            # refresh finds slots without an owner (a failover under way) or no seed answering.
+            except* (RedisError, RedisClusterException, OSError, _TopologyChanged,
+                     _SubscriptionEnded) as failed:
                 log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
                             retry_in_s=self._backoff)
                 with contextlib.suppress(TimeoutError):
@@ -260,13 +268,18 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await node.aclose()
 
-    async def _watch_topology(self, primaries: frozenset[str]) -> None:
-        """Ends the subscriptions when the cluster's primaries change (failover, resharding)."""
+    async def _watch_topology(self, primaries: frozenset[str], closing: asyncio.Event) -> None:
+        """Ends the subscriptions when the cluster's primaries change (failover, resharding).
+        Ends on `closing` too: the slot-map refresh can swallow the stop's cancellation (see
+        `_listen`), and the task group would wait for this loop forever."""
         if primaries == frozenset({""}):
             return  # standalone: its subscription reconnects by itself
-        while True:
-            await asyncio.sleep(TOPOLOGY_CHECK_S)
-            if await redis_client.primary_names(self.store.redis) != primaries:
+        while not closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), TOPOLOGY_CHECK_S)
+                return
+            now = await redis_client.primary_names(self.store.redis)
+            if now != primaries and not closing.is_set():
                 raise _TopologyChanged("the cluster's primaries changed")
 
     async def _listen_on(self, node: Redis) -> None:
@@ -300,6 +313,9 @@ class Worker:
                 else:  # "<ms> <a key of its shard>" (lib.lua wake_up); older versions: "<ms>"
                     at_ms, _, key = data.partition(" ")
                     self._due_at(self._shard_named(key), at_ms)
+            # listen() returns once nothing is subscribed any more. The task group outlives
+            # this (_raise_when waits for `closing`), so only an error makes it subscribe again.
+            raise _SubscriptionEnded("the subscription ended")
         finally:
             with contextlib.suppress(Exception):
                 # redis-py leaves PubSub.aclose unannotated; it returns None.
@@ -314,6 +330,10 @@ class Worker:
 
 
 class _TopologyChanged(Exception):
+    pass
+
+
+class _SubscriptionEnded(Exception):
     pass
 
 

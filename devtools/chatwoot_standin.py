@@ -134,12 +134,20 @@ class StatusChange:
 
 @dataclass
 class Echo:
-    """Outcome of one echo webhook delivery; ``status`` is None when it raised."""
+    """Outcome of one webhook delivery attempt (an echo, or :meth:`ChatwootStandIn.deliver`);
+    ``status`` is None when it raised (no answer: refused, or past the 5 s timeout)."""
 
     at: float
     message_id: int
     status: int | None
     error: str | None = None
+    attempt: int = 1
+
+
+# lib/webhooks/trigger.rb: the only answers after which an agent bot's job is performed again;
+# app/jobs/agent_bots/webhook_job.rb: `retry_on RetryableError, wait: 3.seconds, attempts: 3`.
+RETRYABLE_AGENT_BOT_STATUSES = frozenset({429, 500})
+AGENT_BOT_ATTEMPTS = 3
 
 
 class ChatwootStandIn(_ActiveStorage, _StandInServer):
@@ -163,6 +171,9 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
     :attr:`slow_answer_s`, and no echo is sent for them: a Chatwoot too busy to answer in time),
     :meth:`late_next` (such posts are created only after a while, whether or not the client is
     still waiting: a request queued behind a busy Rails).
+
+    :meth:`deliver` sends a webhook (a customer's message) the way Chatwoot's jobs do, with
+    their retry policy; :attr:`webhook_retry_s` shortens the 3 s between an agent bot's attempts.
     """
 
     def __init__(
@@ -185,6 +196,10 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.inbox_id = inbox_id
         #: Conversation status reported in echo webhooks.
         self.conversation_status = "pending"
+        #: Seconds between an agent bot's delivery attempts (Chatwoot: 3).
+        self.webhook_retry_s = 3.0
+        #: Every attempt of :meth:`deliver`, in order.
+        self.deliveries: list[Echo] = []
         #: Seconds to wait before answering any request.
         self.delay: float = 0.0
         #: The token is an agent bot's: listing messages and toggling typing answer 401.
@@ -242,6 +257,7 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
         self.status_changes.clear()
         self.requests.clear()
         self.echoes.clear()
+        self.deliveries.clear()
         self.messages.clear()
         self._faults.clear()
 
@@ -501,20 +517,55 @@ class ChatwootStandIn(_ActiveStorage, _StandInServer):
                       "updated_at": self.updated_at.get(conversation_id, 0.0),
                       "last_non_activity_message": messages[-1] if messages else None})
 
+    async def deliver(self, url: str, payload: dict[str, Any], *, agent_bot: bool = True) -> int | None:
+        """Deliver one webhook as Chatwoot does (``lib/webhooks/trigger.rb``): POST, 5 s timeout,
+        signed with :attr:`echo_secret`, success is a 2xx. An agent bot's job is performed again
+        after :attr:`webhook_retry_s` only when the answer was 429 or 500, 3 attempts in all
+        (same ``X-Chatwoot-Delivery``); a timeout, a refused connection, any other status is
+        final at once. An account webhook (``agent_bot=False``) is delivered once. When an agent
+        bot's delivery of ``message_created``/``message_updated`` finally fails, a ``pending``
+        conversation becomes ``open``: Chatwoot hands it to humans. Returns the last answer's
+        status (None: no answer); every attempt is in :attr:`deliveries`."""
+        delivery = str(uuid.uuid4())
+        attempts = AGENT_BOT_ATTEMPTS if agent_bot else 1
+        status: int | None = None
+        for attempt in range(1, attempts + 1):
+            at = time.time()
+            status, error = await self._post_webhook(url, payload, delivery)
+            self.deliveries.append(Echo(at, payload.get("id", 0), status, error, attempt))
+            if status is not None and 200 <= status < 300:
+                return status
+            if not agent_bot or status not in RETRYABLE_AGENT_BOT_STATUSES or attempt == attempts:
+                break
+            await asyncio.sleep(self.webhook_retry_s)
+        conversation_id = (payload.get("conversation") or {}).get("id")
+        if agent_bot and payload.get("event") in ("message_created", "message_updated") \
+                and conversation_id is not None \
+                and self.statuses.get(conversation_id, self.conversation_status) == "pending":
+            self.statuses[conversation_id] = "open"
+            self.updated_at[conversation_id] = round(time.time(), 6)
+        return status
+
     async def _deliver_echo(self, url: str, payload: dict[str, Any]) -> None:
-        """POST one webhook like ``Webhooks::Trigger``: 5 s timeout, no retry, errors logged."""
-        raw = orjson.dumps(payload)
+        """POST one webhook like ``Webhooks::Trigger`` for an account webhook: no retry."""
         at = time.time()
+        status, error = await self._post_webhook(url, payload, str(uuid.uuid4()))
+        self.echoes.append(Echo(at=at, message_id=payload["id"], status=status, error=error))
+
+    async def _post_webhook(self, url: str, payload: dict[str, Any],
+                            delivery: str) -> tuple[int | None, str | None]:
+        """One POST of a webhook: its answer's status, or None and the error (logged)."""
+        raw = orjson.dumps(payload)
+        headers = webhook_headers(raw, self.echo_secret)
+        headers["X-Chatwoot-Delivery"] = delivery
         try:
             if self._session is None:
                 raise RuntimeError("stand-in stopped")
-            async with self._session.post(
-                url, data=raw, headers=webhook_headers(raw, self.echo_secret)
-            ) as resp:
+            async with self._session.post(url, data=raw, headers=headers) as resp:
                 await resp.read()
-                self.echoes.append(Echo(at=at, message_id=payload["id"], status=resp.status))
+                return resp.status, None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Chatwoot logs and drops failed deliveries, never retries
-            log.warning("echo webhook to %s failed: %r", url, exc)
-            self.echoes.append(Echo(at=at, message_id=payload["id"], status=None, error=repr(exc)))
+        except Exception as exc:  # Chatwoot logs a failed delivery
+            log.warning("webhook to %s failed: %r", url, exc)
+            return None, repr(exc)

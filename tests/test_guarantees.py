@@ -443,6 +443,35 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
     assert len(asked) == (0 if echo else 1)
 
 
+# -- Redis refusing a write: Chatwoot delivers the message again --------------------------------
+@pytest.mark.standalone_only
+async def test_a_message_redis_could_not_store_is_delivered_again_and_answered_once(
+        settings, make_service, redis, llm, chatwoot):
+    """An agent bot's webhook job is performed again only after a 429 or a 500; any other
+    failure is final, the message is never delivered again and Chatwoot hands the conversation
+    to humans (docs/chatwoot.md). The stand-in delivers with that policy. Redis refuses writes
+    for a moment (no replica for min-replicas-to-write: the same refusal as an out-of-memory
+    or an unconfirmed WAIT): the answer must make Chatwoot retry, and the retry is buffered and
+    answered once, the conversation left with the bot."""
+    settings = replace(settings, buffer_duration_ms=300)
+    svc = await make_service(settings)
+    chatwoot.webhook_retry_s = 0.5
+    payload = message_payload(message_id=1, conversation_id=77, content="where is my order?")
+    await redis.config_set("min-replicas-to-write", 1)
+    try:
+        delivering = asyncio.create_task(chatwoot.deliver(svc.url + "/webhooks/chatwoot", payload))
+        await wait_for(lambda: bool(chatwoot.deliveries), timeout=10)
+    finally:
+        await redis.config_set("min-replicas-to-write", 0)
+    assert chatwoot.deliveries[0].status == 500
+    assert await delivering == 200
+    assert chatwoot.statuses.get(77, "pending") == "pending"  # not handed to humans
+    await wait_for(lambda: len(chatwoot.posts_for(77)) == 1, timeout=10)
+    await eventually(job_in("completed", redis, "1:77"), timeout=10)
+    assert [p.body["content"] for p in chatwoot.posts_for(77)] == ["Reply to: where is my order?"]
+    assert len(llm.calls) == 1
+
+
 # -- Redis restarts ---------------------------------------------------------------------------
 @pytest.mark.standalone_only
 async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoot, redis_server, tmp_path):
@@ -477,7 +506,7 @@ async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoo
 
             started = time.monotonic()
             status, body = await post(message_payload(message_id=999, conversation_id=99))
-            assert (status, body["status"]) == (503, "unavailable")
+            assert (status, body["status"]) == (500, "unavailable")  # Chatwoot retries a 500
             assert time.monotonic() - started < 4.5  # answered before Chatwoot's 5 s timeout
             assert await get("/readyz") == 503
             await asyncio.sleep(2.0)  # the deadlines pass while Redis is down

@@ -218,7 +218,7 @@ async def test_health_checks(settings, make_service, redis_server):
     async with svc.session.get(svc.url + "/healthz") as resp:
         assert resp.status == 200
     status, body = await svc.post("/webhooks/chatwoot", message_payload(message_id=1, conversation_id=1))
-    assert status == 503 and body["status"] == "unavailable"
+    assert status == 500 and body["status"] == "unavailable"
 
 
 @pytest.mark.redis_args("--rename-command", "CONFIG", "", "--notify-keyspace-events", "")

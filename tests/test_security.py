@@ -442,7 +442,7 @@ async def test_llm_spend_guard_skips_bursts_over_the_hourly_limit(settings, make
 
 
 # -- dependencies failing ------------------------------------------------------------------------
-async def test_hung_or_dead_redis_answers_503_before_chatwoot_gives_up(settings, make_service, redis_server):
+async def test_hung_or_dead_redis_answers_500_before_chatwoot_gives_up(settings, make_service, redis_server):
     svc = await make_service(settings)
     assert (await svc.webhook(message_payload(message_id=1, conversation_id=60)))["status"] == "buffered"
     assert redis_server.proc is not None
@@ -451,7 +451,7 @@ async def test_hung_or_dead_redis_answers_503_before_chatwoot_gives_up(settings,
         started = time.monotonic()
         status, answer, headers = await post_raw(
             svc, WEBHOOK, orjson.dumps(message_payload(message_id=2, conversation_id=60)))
-        assert status == 503 and headers["Retry-After"] == "1" and answer["status"] == "unavailable"
+        assert status == 500 and headers["Retry-After"] == "1" and answer["status"] == "unavailable"
         assert time.monotonic() - started < 4.5  # Chatwoot waits 5 s, then hands over to humans
         started = time.monotonic()
         async with svc.session.get(svc.url + "/readyz") as resp:
@@ -465,7 +465,7 @@ async def test_hung_or_dead_redis_answers_503_before_chatwoot_gives_up(settings,
     started = time.monotonic()
     status, _, headers = await post_raw(svc, WEBHOOK, orjson.dumps(message_payload(message_id=10,
                                                                                    conversation_id=61)))
-    assert status == 503 and headers["Retry-After"] == "1"
+    assert status == 500 and headers["Retry-After"] == "1"
     assert time.monotonic() - started < 4.5
 
 

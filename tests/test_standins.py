@@ -58,12 +58,14 @@ class Receiver:
         self.got = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.url = ""
+        #: Statuses the next deliveries are answered with; 200 once they are used up.
+        self.answers: list[int] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.bodies.append(await request.read())
         self.headers.append(dict(request.headers))
         self.got.set()
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True}, status=self.answers.pop(0) if self.answers else 200)
 
     async def start(self) -> None:
         app = web.Application()
@@ -361,6 +363,47 @@ async def test_chatwoot_echo_failure_is_logged_not_raised() -> None:
         await server.stop()
     assert len(server.echoes) == 1
     assert server.echoes[0].status is None and server.echoes[0].error
+
+
+@pytest.mark.parametrize(("answers", "agent_bot", "tried", "final", "opened"), [
+    ([500, 429], True, [500, 429, 200], 200, False),  # 429 and 500 are retried
+    ([500, 500, 500], True, [500, 500, 500], 500, True),  # 3 attempts in all, then humans
+    ([503], True, [503], 503, True),  # any other failure is final at once
+    ([502], True, [502], 502, True),
+    ([400], True, [400], 400, True),
+    ([500], False, [500], 500, False),  # an account webhook: delivered once, no status change
+])
+async def test_chatwoot_delivers_webhooks_with_the_agent_bot_retry_policy(
+        answers: list[int], agent_bot: bool, tried: list[int], final: int, opened: bool) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    receiver.answers = list(answers)
+    server = ChatwootStandIn(token=CW_TOKEN)
+    server.webhook_retry_s = 0.01
+    await server.start()
+    try:
+        status = await server.deliver(receiver.url, message_payload(message_id=7, conversation_id=245),
+                                      agent_bot=agent_bot)
+    finally:
+        await server.stop()
+        await receiver.stop()
+    assert status == final
+    assert [(d.attempt, d.status) for d in server.deliveries] == list(enumerate(tried, 1))
+    assert len({h["X-Chatwoot-Delivery"] for h in receiver.headers}) == 1  # one job, retried
+    assert server.statuses.get(245, "pending") == ("open" if opened else "pending")
+
+
+async def test_chatwoot_delivery_without_an_answer_is_final_at_once() -> None:
+    server = ChatwootStandIn(token=CW_TOKEN)
+    server.webhook_retry_s = 0.01
+    await server.start()
+    try:
+        status = await server.deliver("http://127.0.0.1:9/nowhere",
+                                      message_payload(message_id=7, conversation_id=245))
+    finally:
+        await server.stop()
+    assert status is None and len(server.deliveries) == 1 and server.deliveries[0].error
+    assert server.statuses[245] == "open"
 
 
 # ------------------------------------------------------------------------------------------

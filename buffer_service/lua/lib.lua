@@ -314,13 +314,24 @@ end
 -- answer would read as the latest exchange. Chatwoot numbers all its messages in one
 -- sequence, so ids order them; replies and agents' messages are not compared (a reply's id is
 -- newer than the next burst's messages whenever the customer wrote before it was posted, and
--- the exchange must still read question, answer). Only a list whose last entry is newer than
--- the burst is read whole.
+-- the exchange must still read question, answer). So only the customer's entries count, and
+-- the list is read whole only when the last of them is newer than the burst: the end of the
+-- list is looked at first (a burst archived in order ends it: its messages, then its reply,
+-- whatever that reply's id, 0 when Chatwoot did not give one), the whole list when no
+-- customer entry is among its last TAIL.
+local TAIL = 8
 local function add_in_order(hist, entries, newest)
-  local last = redis.call('LINDEX', hist, -1)
   local later = {}
-  if newest and last and (string.match(last, '^a?(%d+):') or string.match(last, '^{"id":(%d+)[,}]')
-      or '0') + 0 > newest then
+  local must_read = false
+  if newest then
+    local tail = redis.call('LRANGE', hist, -TAIL, -1)
+    must_read = #tail == TAIL
+    for i = #tail, 1, -1 do
+      local id = customer_id(tail[i])
+      if id then must_read = id > newest break end
+    end
+  end
+  if must_read then
     local all = redis.call('LRANGE', hist, 0, -1)
     local at
     for i, e in ipairs(all) do
