@@ -95,8 +95,9 @@ class Worker:
             shard = (start + i) % s.shards
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
-            except RedisError as exc:
-                # One shard's failure must not keep the others from being served.
+            except (RedisError, RedisClusterException) as exc:
+                # One shard's failure must not keep the others from being served (a slot map
+                # refreshed during a failover raises RedisClusterException, see `_listen`).
                 log.warning("claim_failed", shard=shard, error=str(exc))
                 delay = min(delay, 1.0)
                 continue
