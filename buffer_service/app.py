@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import admin, metrics
 from .auth import (
@@ -175,7 +175,9 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
                     if decision.action == "note":  # not answered, but kept as history
                         await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
-        except (RedisError, TimeoutError) as exc:
+        # RedisClusterException is not a RedisError: the cluster client raises it when its
+        # slot map, refreshed during a failover, leaves the message's slot without an owner.
+        except (RedisError, RedisClusterException, TimeoutError) as exc:
             return _unavailable(exc, _NOT_STORED)
         body.update(decision.extra)
         request.app[_LINE].info("webhook", outcome=body["status"], reason=body.get("reason"),

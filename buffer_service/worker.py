@@ -153,8 +153,9 @@ class Worker:
             looks = (self._looks_all, self._looks[shard])
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
-            except RedisError as exc:
-                # One shard's failure must not keep the others from being served.
+            except (RedisError, RedisClusterException) as exc:
+                # One shard's failure must not keep the others from being served (a slot map
+                # refreshed during a failover raises RedisClusterException, see `_listen`).
                 log.warning("claim_failed", shard=shard, error=str(exc))
                 self._due[shard] = clock() + 1.0
                 continue

@@ -21,6 +21,7 @@ from buffer_service import redis_client, service, worker
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.keys import Keys
 from buffer_service.store import BufferStore
+from devtools.payloads import message_payload
 
 
 def _said(history: list[dict]) -> list[tuple[str, str]]:
@@ -208,3 +209,48 @@ async def test_the_wakeup_listener_subscribes_again_after_its_subscription_ends_
 async def _nothing() -> AsyncIterator[Any]:
     return
     yield
+
+
+# -- the same exception outside the listener: a claim, a webhook's append ------------------------
+async def test_a_claim_that_meets_a_slot_map_without_full_coverage_does_not_end_the_worker(
+        settings, store, llm, chatwoot, monkeypatch):
+    """Found while fixing 2: redis-py's cluster client refreshes its slot map before a command's
+    attempt, outside its own error handling, so RedisClusterException reaches any caller. The
+    worker's sweep retried a claim after a RedisError only: one failover ended the worker loop,
+    and with it the process. Expected: the claim is retried and the burst answered."""
+    real = BufferStore.claim
+    calls = 0
+
+    async def claim(self: BufferStore, shard: int, limit: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisClusterException(_UNCOVERED)
+        return await real(self, shard, limit)
+
+    monkeypatch.setattr(BufferStore, "claim", claim)
+    await store.append(ChatMessage(1, 603, 1, "where is my order?", inbox_id=1), buffered=False)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(settings, http=False, stop=stop))
+    try:
+        await wait_for(lambda: bool(chatwoot.posts_for(603)) or running.done(), timeout=15)
+    finally:
+        stop.set()
+        await asyncio.wait({running}, timeout=20)
+    assert [p.body["content"] for p in chatwoot.posts_for(603)] == ["Reply to: where is my order?"]
+
+
+async def test_a_webhook_whose_append_meets_a_slot_map_without_full_coverage_answers_500(
+        settings, make_service, monkeypatch):
+    """The webhook caught RedisError only: the same exception was an unhandled error, aiohttp's
+    plain-text 500 with a traceback in the log, not the service's answer for a message it could
+    not store (500 with Retry-After and {"status": "unavailable"}, which Chatwoot retries)."""
+    async def append(self: BufferStore, *args: Any, **kwargs: Any) -> Any:
+        raise RedisClusterException(_UNCOVERED)
+
+    monkeypatch.setattr(BufferStore, "append", append)
+    svc = await make_service(settings, worker=False)
+    async with svc.session.post(svc.url + "/webhooks/chatwoot", json=message_payload(
+            message_id=1, conversation_id=604)) as resp:
+        assert resp.status == 500 and resp.headers.get("Retry-After") == "1", await resp.text()
+        assert (await resp.json())["status"] == "unavailable"
