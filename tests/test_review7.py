@@ -148,3 +148,30 @@ async def test_an_expired_key_whose_name_is_not_utf8_does_not_end_the_wakeups(
     await asyncio.sleep(0.5)
     await store.append(_msg(903, 1, "still answered promptly?"), buffered=False)
     await wait_for(lambda: bool(chatwoot.posts_for(903)), timeout=5)
+
+
+# -- 4. a deadline moved earlier without a wake-up ---------------------------------------------------
+async def test_a_deadline_a_shorter_window_moves_earlier_is_claimed_at_that_deadline(
+        settings, store, redis, llm, chatwoot, make_service, monkeypatch):
+    """Finding (older than fast3; the per-shard memory of e129740 leaves it no other way out):
+    append.lua publishes a wake-up only for a new due entry or one due at once. A webhook
+    server whose window is shorter than the one that set the conversation's deadline (a rolling
+    change of MESSAGE_BUFFER_DURATION_MS or INBOX_SETTINGS_FILE: old and new processes take
+    webhooks side by side) moves that deadline earlier in silence, and the worker, which knows
+    the older, later deadline, sleeps until it. Expiry events are off (a managed Redis): the TTL
+    key's event is the only other hint, late or never (docs/redis-timing.md).
+    Scenario: message 1 through a process with a 30 s window, message 2 through one with a 1 s
+    window. Expected: the burst is claimed about 1 s after message 2, not 30 s after message 1.
+    Fix: append.lua reads the score it replaces and publishes when the deadline moved earlier."""
+    s = _quiet(settings)
+    await _without_expiry_events(redis, monkeypatch)
+    await make_service(s, http=False)
+    old = BufferStore(redis, replace(s, buffer_duration_ms=30_000, max_buffer_age_ms=_MINUTE_MS))
+    new = BufferStore(redis, replace(s, buffer_duration_ms=1000, max_buffer_age_ms=_MINUTE_MS))
+    # The worker is subscribed once a burst due at once is answered after its start.
+    await store.append(_msg(1001, 1, "probe"), buffered=False)
+    await wait_for(lambda: bool(chatwoot.posts_for(1001)), timeout=15)
+    await old.append(_msg(1002, 1, "hi"))
+    await asyncio.sleep(0.5)  # its wake-up is in: the worker knows the 30 s deadline
+    await new.append(_msg(1002, 2, "are you there?"))
+    await wait_for(lambda: bool(chatwoot.posts_for(1002)), timeout=6)
