@@ -115,7 +115,9 @@ async def test_a_claim_answer_that_arrives_late_does_not_delay_the_next_wakeup(
     await make_service(s, http=False)
     await _settled(claims)
     stall["s"] = 8.0
-    await store.append(_msg(701, 1, "first"), buffered=False)
+    # Due after its window: claimed at its deadline, not while copies of its wake-up (one per
+    # primary of a cluster) still arrive, which would make the worker claim again at once.
+    await store.append(_msg(701, 1, "first"))
     await wait_for(lambda: bool(chatwoot.posts_for(701)), timeout=20)
     await _settled(claims)
     await store.append(_msg(702, 1, "second"), buffered=False)
