@@ -259,7 +259,8 @@ async def _missing(redis: Redis, key: str) -> bool:
 
 
 async def test_a_human_assignee_means_no_bot_reply(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    # The window need only outlast the next webhook, sent at once (each phase waits it out).
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     body = await svc.webhook(message_payload(message_id=140, conversation_id=140, content="hi",
                                              assignee=HUMAN))
     assert body == {"status": "ignored", "reason": "human_assignee"}
@@ -300,7 +301,7 @@ async def test_a_takeover_while_the_llm_writes_is_caught_right_before_posting(
 
 
 async def test_a_closed_reply_window_skips_without_retrying(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     await svc.webhook(message_payload(message_id=160, conversation_id=160, content="hi"))
     await svc.webhook(conversation_event("conversation_updated", 160, can_reply=False))
     skipped = await eventually(job_in("skipped", redis, "1:160"), timeout=10)
@@ -310,7 +311,7 @@ async def test_a_closed_reply_window_skips_without_retrying(settings, make_servi
 
 async def test_an_older_webhook_does_not_overrule_a_newer_one(settings, make_service, llm, chatwoot,
                                                               redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     await svc.webhook(message_payload(message_id=171, conversation_id=170, content="hi"))
     earlier = datetime.now(UTC) + timedelta(seconds=1)
     later = earlier + timedelta(seconds=5)
