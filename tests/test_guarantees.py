@@ -138,7 +138,7 @@ async def test_llm_failing_always_fails_the_batch_and_a_requeue_answers_it_once(
 async def test_client_errors_are_not_retried_and_a_stored_reply_is_reused(
         settings, make_service, llm, chatwoot, redis, store):
     chatwoot.fail_next(1, 422)
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     await svc.webhook(message_payload(message_id=80, conversation_id=80, content="hello"))
     failed = await eventually(job_in("failed", redis, "1:80"), timeout=10)
     assert failed["attempts"] == "1" and "HTTP 422" in failed["error"]
