@@ -390,7 +390,8 @@ async def test_kill_9_during_a_slow_llm_call_another_worker_answers_once(
 async def test_kill_9_after_the_llm_answered_posts_the_stored_reply_once(
         settings, make_service, llm, held_chatwoot, workers, redis):
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_before = True
     llm.reply_fn = lambda messages: "Your order ships tomorrow."
     svc = await make_service(settings, worker=False)
@@ -420,7 +421,8 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
     echo of the message records it; without an echo the retry asks Chatwoot and finds it. Either
     way the reply is posted once (docs/delivery-guarantees.md)."""
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_after = True
     svc = await make_service(settings, worker=False)
     first = await workers.start(settings)
@@ -503,6 +505,7 @@ async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoo
 
 # -- shutdown ---------------------------------------------------------------------------------
 async def test_sigterm_finishes_a_batch_in_flight_and_exits_0(settings, make_service, llm, chatwoot, workers):
+    settings = replace(settings, buffer_duration_ms=200)
     llm.delay = 1.5
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="10")
@@ -516,7 +519,8 @@ async def test_sigterm_finishes_a_batch_in_flight_and_exits_0(settings, make_ser
 async def test_sigterm_does_not_release_a_batch_whose_post_may_have_gone_out(
         settings, make_service, llm, held_chatwoot, workers, redis):
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_after = True
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="0.5")
@@ -539,7 +543,7 @@ async def test_sigterm_does_not_release_a_batch_whose_post_may_have_gone_out(
 async def test_sigterm_releases_what_it_cannot_finish_for_another_worker_at_once(
         settings, make_service, llm, chatwoot, workers, redis):
     # A long lease: the batch can only come back this soon because it was released.
-    settings = replace(settings, processing_lease_ms=60_000)
+    settings = replace(settings, processing_lease_ms=60_000, buffer_duration_ms=200)
     llm.delay = 30
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="0.5")

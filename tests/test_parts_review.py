@@ -252,7 +252,7 @@ async def test_a_retry_that_finishes_a_reply_in_parts_turns_typing_off(
     starts it and its `stop()` sends nothing. The killed worker's `on` is the last word:
     Chatwoot shows the bot typing after the reply is complete. Expected (issue 11): `off`
     after the last part in every outcome; a retry that resumes a reply ends with `off`."""
-    settings = replace(settings, processing_lease_ms=3000)
+    settings = replace(settings, processing_lease_ms=3000, buffer_duration_ms=200)
     llm.reply_fn = lambda messages: "\n\n".join(FOUR)
     svc = await make_service(settings, worker=False)
     first = await workers.start(settings, REPLY_PACING_MS_PER_CHAR="100")  # ~1.8 s pauses
