@@ -13,8 +13,8 @@ A sweep claims only from the shards that have work by now: those whose last clai
 (its next deadline has come, or it had more due than there were free slots), those a wake-up
 message or an expiry event named, and every shard after a wake-up that names none (an older
 version's, a flag change, a reconnect) and at each periodic sweep. Claiming from all shards
-on every wake-up cost a round trip each (16 by default), ~50 script calls a burst
-(BENCHMARKS.md §8).
+on every wake-up and every finished batch cost a round trip each (16 by default): 63 claim
+calls for one burst on an idle worker, 1-2 now (BENCHMARKS.md §8).
 """
 
 from __future__ import annotations
@@ -321,7 +321,6 @@ class Worker:
             with contextlib.suppress(Exception):
                 # redis-py leaves PubSub.aclose unannotated; it returns None.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
 
     def _shard_named(self, key: str) -> int | None:
         try:
