@@ -8,6 +8,7 @@ periodic sweep instead of being claimed promptly, so "not within a few seconds" 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -177,3 +178,90 @@ async def test_a_deadline_a_shorter_window_moves_earlier_is_claimed_at_that_dead
     await asyncio.sleep(0.5)  # its wake-up is in: the worker knows the 30 s deadline
     await new.append(_msg(1002, 2, "are you there?"))
     await wait_for(lambda: bool(chatwoot.posts_for(1002)), timeout=6)
+
+
+# -- 5. a subscription whose connection died in silence ----------------------------------------------
+class _Proxy:
+    """A TCP hop between the service and Redis, like the NAT or load balancer of a cloud
+    network: `drop_subscriptions` forgets the flows that subscribed (the idle ones, which a NAT
+    drops after a few idle minutes), so what either side sends on them is lost without a
+    reset; new connections pass as before."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self._links: list[dict[str, bool]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    def drop_subscriptions(self) -> int:
+        dropped = [link for link in self._links if link["subscribed"]]
+        for link in dropped:
+            link["dead"] = True
+        return len(dropped)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        link = {"subscribed": False, "dead": False}
+        self._links.append(link)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, outbound: bool) -> None:
+            while data := await src.read(65536):
+                if outbound and b"SUBSCRIBE" in data.upper():
+                    link["subscribed"] = True
+                if not link["dead"]:
+                    dst.write(data)
+                    await dst.drain()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False),
+                                 return_exceptions=True)
+        finally:
+            writer.close()
+            up_writer.close()
+
+
+async def test_a_subscription_whose_connection_died_in_silence_is_made_again(
+        settings, store, redis, llm, chatwoot, make_service):
+    """Finding (older than fast3 and fix6, which re-subscribe only after an error or a clean
+    end): the wake-up subscription reads without a timeout (socket_timeout=None, no health
+    check, no TCP keepalive: redis_client.standalone(blocking=True)), and a listener sends
+    nothing. A flow that dies without a reset (a NAT or load balancer that dropped it after
+    its idle timeout, e.g. 350 s on AWS, 4 min on Azure; a Redis host gone without a word)
+    leaves listen() waiting forever: no error, so no new subscription, and no wake-up or expiry
+    event reaches the worker again. Every burst then waits for the periodic sweep, silently.
+    Scenario: the subscription's flow is dropped in the network; a burst due at once arrives.
+    Expected: the worker notices a dead subscription within seconds and subscribes again; the
+    burst is claimed promptly. Fix: a heartbeat the listener expects (e.g. its own message
+    on the wake channel, or a PING on the pubsub connection, every few seconds), its absence
+    counted as a lost subscription; TCP keepalive as well."""
+    if isinstance(redis, RedisCluster):
+        pytest.skip("the proxy stands in front of one server")
+    target = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = _Proxy(target)
+    await proxy.start()
+    try:
+        s = _quiet(settings, redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        svc = await make_service(s, http=False)
+        for conv in (1101, 1102):  # the second is claimed through the subscription (see 3)
+            await store.append(_msg(conv, 1, "probe"), buffered=False)
+            await wait_for(lambda conv=conv: bool(chatwoot.posts_for(conv)), timeout=15)
+        assert proxy.drop_subscriptions() == 1
+        await asyncio.sleep(1)
+        await store.append(_msg(1103, 1, "still answered promptly?"), buffered=False)
+        await wait_for(lambda: bool(chatwoot.posts_for(1103)), timeout=15)
+    finally:
+        with contextlib.suppress(Exception):
+            await svc.close()
+        await proxy.stop()
