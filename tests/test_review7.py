@@ -61,9 +61,10 @@ async def test_another_worker_retries_a_batch_at_its_retry_time(settings, store,
     """Finding: fail.lua puts a retrying batch in the inflight set at its retry time and
     publishes nothing. The worker whose attempt failed looks at the shard again (outcome
     'retrying' is not in _ENDED) and learns the time; every other worker still remembers the
-    shard's next time as its last claim saw it (here the failed attempt's 60 s lease). Since
-    e129740 a wake-up for another shard no longer makes them claim from every shard, so nothing
-    but the periodic sweep tells them. Scenario: worker A asks the LLM, worker B starts meanwhile
+    shard's next time as its last claim saw it (here the failed attempt's 60 s lease). Before
+    e129740 any wake-up, for any shard, made them claim from every shard, so in a busy system
+    they found it soon (in a quiet one they did not either); now nothing but the periodic sweep
+    tells them. Scenario: worker A asks the LLM, worker B starts meanwhile
     (its sweep sees the batch leased for a minute), the LLM answers 500, the batch is retrying,
     and A is stopped (a deploy, a scale-down) before the retry time.
     Expected: B takes the batch at its retry time (seconds), not at the next periodic sweep.
