@@ -2,6 +2,9 @@
 
 Targets (--targets), each a real process loaded by wrk (another process) in the same run:
   bare       bench/bare_server.py: aiohttp reading the body and answering 200 (the baseline)
+  floor      bench/bare_server.py REDIS_URL: the bare handler plus what storing cannot avoid on
+             this stack (orjson parse, one batched two-command script call through the
+             service's client); the service's rate cannot exceed it
   service    `buffer-service serve --no-worker` as checked out (appends batched per loop turn)
   unbatched  the same code with ScriptBatcher replaced by one awaited EVALSHA per call: the
              before/after of batching, everything else equal
@@ -128,8 +131,9 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
     with running_redis(tmp) as redis:
         log = tmp / f"{kind}-{run_no}.log"
         loop_env = {"EVENT_LOOP": event_loop or "auto"}
-        if base == "bare":
-            proc = subprocess.Popen([sys.executable, str(BENCH / "bare_server.py"), str(port)],
+        if base in ("bare", "floor"):
+            proc = subprocess.Popen([sys.executable, str(BENCH / "bare_server.py"), str(port)]
+                                    + ([redis.url] if base == "floor" else []),
                                     env=dict(os.environ, PYTHONPATH=str(ROOT), **loop_env),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
@@ -188,8 +192,8 @@ def main() -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--conversations", type=int, default=0, help="default 20000 (quick 10000)")
     p.add_argument("--targets", default="bare,service,unbatched",
-                   help="comma list of bare, service, unbatched, no-limits, signed, before; each may end in "
-                        "@asyncio or @uvloop")
+                   help="comma list of bare, floor, service, unbatched, no-limits, signed, before; "
+                        "each may end in @asyncio or @uvloop")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="after its measured runs, record a py-spy flame graph of TARGET under full load")
     p.add_argument("--before-ref", default="9cf19f8",
@@ -206,7 +210,7 @@ def main() -> dict[str, Any]:
             base, _, event_loop = kind.partition("@")
             if event_loop not in ("", "auto", "uvloop", "asyncio"):
                 raise SystemExit(f"unknown event loop in {kind!r}")
-            if base in ("bare", "service", "no-limits", "signed"):
+            if base in ("bare", "floor", "service", "no-limits", "signed"):
                 kinds[kind] = ROOT
             elif base == "unbatched":
                 kinds[kind] = unbatched_copy(tmp / "unbatched")

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +95,27 @@ def job_in(state: str, redis: Redis, conv: str) -> Callable[[], Awaitable[dict[s
     async def check() -> dict[str, str] | None:
         return next((j for j in await jobs(redis, conv) if j["state"] == state), None)
     return check
+
+
+@asynccontextmanager
+async def fail_a_part_late(chatwoot: ChatwootStandIn, redis: Redis, conversation_id: int, *,
+                           posts: int, create_after_s: float = 2.0,
+                           send: Awaitable[Any] | None = None) -> AsyncIterator[dict[str, str]]:
+    """The next POST of a reply (a part, or the whole message) goes in late: Chatwoot creates it
+    `create_after_s` after it arrives, the client gives up on it (unsure), the retry's question
+    to Chatwoot (GET …/messages) gets a 500 and the batch fails (the caller's MAX_ATTEMPTS=1).
+    `send`, if given, is what leads to that POST (a webhook), run once the delay is set.
+    The block runs with the failed job while the message is still inside Chatwoot; after it,
+    Chatwoot has created the message, the conversation's `posts`-th, and delivered its echo."""
+    chatwoot.late_next(1, create_after_s=create_after_s)
+    if send is not None:
+        await send
+    await wait_for(lambda: not chatwoot._late, timeout=10)  # the POST is inside Chatwoot
+    chatwoot.fail_next(1)
+    yield await eventually(job_in("failed", redis, f"1:{conversation_id}"), timeout=10)
+    await wait_for(lambda: len(chatwoot.posts_for(conversation_id)) == posts, timeout=10)
+    late = chatwoot.posts_for(conversation_id)[posts - 1].message_id
+    await wait_for(lambda: any(e.message_id == late for e in chatwoot.echoes), timeout=10)
 
 
 def conversation_event(event: str, conversation_id: int, *, status: str = "pending",

@@ -138,7 +138,7 @@ async def test_llm_failing_always_fails_the_batch_and_a_requeue_answers_it_once(
 async def test_client_errors_are_not_retried_and_a_stored_reply_is_reused(
         settings, make_service, llm, chatwoot, redis, store):
     chatwoot.fail_next(1, 422)
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     await svc.webhook(message_payload(message_id=80, conversation_id=80, content="hello"))
     failed = await eventually(job_in("failed", redis, "1:80"), timeout=10)
     assert failed["attempts"] == "1" and "HTTP 422" in failed["error"]
@@ -259,7 +259,8 @@ async def _missing(redis: Redis, key: str) -> bool:
 
 
 async def test_a_human_assignee_means_no_bot_reply(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    # The window need only outlast the next webhook, sent at once (each phase waits it out).
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     body = await svc.webhook(message_payload(message_id=140, conversation_id=140, content="hi",
                                              assignee=HUMAN))
     assert body == {"status": "ignored", "reason": "human_assignee"}
@@ -300,7 +301,7 @@ async def test_a_takeover_while_the_llm_writes_is_caught_right_before_posting(
 
 
 async def test_a_closed_reply_window_skips_without_retrying(settings, make_service, llm, chatwoot, redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     await svc.webhook(message_payload(message_id=160, conversation_id=160, content="hi"))
     await svc.webhook(conversation_event("conversation_updated", 160, can_reply=False))
     skipped = await eventually(job_in("skipped", redis, "1:160"), timeout=10)
@@ -310,7 +311,7 @@ async def test_a_closed_reply_window_skips_without_retrying(settings, make_servi
 
 async def test_an_older_webhook_does_not_overrule_a_newer_one(settings, make_service, llm, chatwoot,
                                                               redis):
-    svc = await make_service(replace(settings, buffer_duration_ms=3000))
+    svc = await make_service(replace(settings, buffer_duration_ms=1000))
     await svc.webhook(message_payload(message_id=171, conversation_id=170, content="hi"))
     earlier = datetime.now(UTC) + timedelta(seconds=1)
     later = earlier + timedelta(seconds=5)
@@ -389,7 +390,8 @@ async def test_kill_9_during_a_slow_llm_call_another_worker_answers_once(
 async def test_kill_9_after_the_llm_answered_posts_the_stored_reply_once(
         settings, make_service, llm, held_chatwoot, workers, redis):
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_before = True
     llm.reply_fn = lambda messages: "Your order ships tomorrow."
     svc = await make_service(settings, worker=False)
@@ -419,7 +421,8 @@ async def test_kill_9_between_post_and_finish(settings, make_service, llm, held_
     echo of the message records it; without an echo the retry asks Chatwoot and finds it. Either
     way the reply is posted once (docs/delivery-guarantees.md)."""
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_after = True
     svc = await make_service(settings, worker=False)
     first = await workers.start(settings)
@@ -531,6 +534,7 @@ async def test_redis_kill_9_loses_no_acknowledged_message(settings, llm, chatwoo
 
 # -- shutdown ---------------------------------------------------------------------------------
 async def test_sigterm_finishes_a_batch_in_flight_and_exits_0(settings, make_service, llm, chatwoot, workers):
+    settings = replace(settings, buffer_duration_ms=200)
     llm.delay = 1.5
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="10")
@@ -544,7 +548,8 @@ async def test_sigterm_finishes_a_batch_in_flight_and_exits_0(settings, make_ser
 async def test_sigterm_does_not_release_a_batch_whose_post_may_have_gone_out(
         settings, make_service, llm, held_chatwoot, workers, redis):
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     chatwoot.hold_after = True
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="0.5")
@@ -567,7 +572,7 @@ async def test_sigterm_does_not_release_a_batch_whose_post_may_have_gone_out(
 async def test_sigterm_releases_what_it_cannot_finish_for_another_worker_at_once(
         settings, make_service, llm, chatwoot, workers, redis):
     # A long lease: the batch can only come back this soon because it was released.
-    settings = replace(settings, processing_lease_ms=60_000)
+    settings = replace(settings, processing_lease_ms=60_000, buffer_duration_ms=200)
     llm.delay = 30
     svc = await make_service(settings, worker=False)
     worker = await workers.start(settings, SHUTDOWN_GRACE_S="0.5")

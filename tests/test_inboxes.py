@@ -27,7 +27,7 @@ def _call_for(llm, text: str):
 
 async def test_two_inboxes_with_different_windows_and_prompts_behave_differently_in_one_process(
         settings, make_service, llm, chatwoot, tmp_path):
-    svc = await make_service(_with_inboxes(replace(settings, buffer_duration_ms=5000), tmp_path, '''
+    svc = await make_service(_with_inboxes(replace(settings, buffer_duration_ms=1000), tmp_path, '''
 [inbox.1]
 message_buffer_duration_ms = 200
 system_prompt = "You sell shoes."
@@ -45,7 +45,7 @@ handoff_tool = false
     other = await svc.webhook(message_payload(message_id=3, conversation_id=23, inbox_id=9,
                                               content="hello"))
     # Each burst's deadline is its inbox's window after its message (Redis time, exact).
-    assert (sales["flush_in_ms"], support["flush_in_ms"], other["flush_in_ms"]) == (200, 600, 5000)
+    assert (sales["flush_in_ms"], support["flush_in_ms"], other["flush_in_ms"]) == (200, 600, 1000)
 
     await wait_for(lambda: len(chatwoot.posts_for(21)) == 1 and len(chatwoot.posts_for(22)) == 1,
                    timeout=10)

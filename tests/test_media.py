@@ -136,7 +136,7 @@ async def test_a_slow_transcription_delays_the_reply_only_by_what_remains_at_the
 async def test_a_recorded_transcript_is_not_paid_for_twice(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis):
     llm.fail_next(1, 500)  # the first answer of the burst fails: the batch is retried
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     await svc.webhook(message_payload(message_id=2, conversation_id=32, content=None,
                                       attachments=[voice(chatwoot, "my order number is 5521")]))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
@@ -152,7 +152,7 @@ async def test_a_recorded_transcript_is_not_paid_for_twice(
 
 async def test_a_download_that_failed_for_a_passing_reason_is_tried_again_for_the_burst(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn, redis: Redis):
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     chatwoot.fail_next(1, 503)  # Chatwoot's storage hiccups when the voice note arrives
     await svc.webhook(message_payload(message_id=7, conversation_id=36, content=None,
                                       attachments=[voice(chatwoot, "two pizzas, please")]))
@@ -165,7 +165,7 @@ async def test_a_download_that_failed_for_a_passing_reason_is_tried_again_for_th
 
 async def test_chatwoots_own_transcript_is_used_without_a_call(
         settings, make_service, llm: LLMStandIn, chatwoot: ChatwootStandIn):
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     att = voice(chatwoot, "not this", transcribed_text="I want to cancel my order")
     await svc.webhook(message_payload(message_id=4, conversation_id=33, content=None, attachments=[att]))
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)

@@ -98,7 +98,8 @@ async def test_kill_9_between_parts_resumes_at_the_next_part_and_repeats_none(
     """A worker killed after part 2 of 4 is recorded (or, `unsure`, while Chatwoot created part
     3 but had not answered: the retry asks Chatwoot, finds it, and goes on with part 4)."""
     chatwoot = held_chatwoot
-    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url)
+    settings = replace(settings, processing_lease_ms=3000, chatwoot_base_url=chatwoot.base_url,
+                       buffer_duration_ms=200)
     llm.reply_fn = lambda messages: "\n\n".join(FOUR)
     svc = await make_service(settings, worker=False)
     # ~1.7 s pauses: long enough to be killed in, short next to the lease.

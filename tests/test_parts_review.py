@@ -8,7 +8,16 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import HUMAN, conversation_event, eventually, job_in, jobs, kill9, wait_for
+from helpers import (
+    HUMAN,
+    conversation_event,
+    eventually,
+    fail_a_part_late,
+    job_in,
+    jobs,
+    kill9,
+    wait_for,
+)
 
 from buffer_service.keywords import parse_keywords
 from devtools.net import free_port
@@ -47,13 +56,8 @@ async def test_a_parts_late_echo_after_the_batch_failed_does_not_complete_a_repl
                                      chatwoot_timeout_s=0.3, reply_pacing_ms_per_char=20))
     await svc.webhook(message_payload(message_id=1, conversation_id=301, content="where is it?"))
     await wait_for(lambda: len(chatwoot.posts_for(301)) == 1, timeout=10)
-    chatwoot.late_next(1, create_after_s=2.0)  # part 2: created 2 s after it arrives
-    await wait_for(lambda: not chatwoot._late, timeout=10)  # part 2's POST is inside Chatwoot
-    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
-    await eventually(job_in("failed", redis, "1:301"), timeout=10)
-    await wait_for(lambda: len(chatwoot.posts_for(301)) == 2, timeout=10)  # part 2 created
-    await asyncio.sleep(0.3)
-    await chatwoot.wait_echoes()
+    async with fail_a_part_late(chatwoot, redis, 301, posts=2):  # part 2, then its echo
+        pass
     job = await _job(redis, "1:301")
     if job["state"] == "failed":  # an operator's retry gets the rest out
         assert await store.requeue(job["id"])
@@ -248,7 +252,7 @@ async def test_a_retry_that_finishes_a_reply_in_parts_turns_typing_off(
     starts it and its `stop()` sends nothing. The killed worker's `on` is the last word:
     Chatwoot shows the bot typing after the reply is complete. Expected (issue 11): `off`
     after the last part in every outcome; a retry that resumes a reply ends with `off`."""
-    settings = replace(settings, processing_lease_ms=3000)
+    settings = replace(settings, processing_lease_ms=3000, buffer_duration_ms=200)
     llm.reply_fn = lambda messages: "\n\n".join(FOUR)
     svc = await make_service(settings, worker=False)
     first = await workers.start(settings, REPLY_PACING_MS_PER_CHAR="100")  # ~1.8 s pauses

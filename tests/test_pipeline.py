@@ -115,7 +115,7 @@ async def test_attachments_are_named_and_media_without_caption_is_buffered(setti
 
 
 async def test_duplicate_delivery_is_buffered_once(settings, make_service, llm, chatwoot):
-    svc = await make_service(settings)
+    svc = await make_service(replace(settings, buffer_duration_ms=200))
     payload = message_payload(message_id=42, conversation_id=12, content="only once")
     assert (await svc.webhook(payload))["status"] == "buffered"
     assert (await svc.webhook(payload))["status"] == "duplicate"
@@ -149,7 +149,7 @@ async def test_two_hundred_conversations_each_get_their_own_reply(settings, make
 async def test_history_of_both_sides_reaches_the_next_prompt(settings, make_service, llm, chatwoot,
                                                              redis):
     # A human agent's message pauses the bot (test_guarantees.py); here the pause is off.
-    svc = await make_service(replace(settings, human_pause_ms=0))
+    svc = await make_service(replace(settings, human_pause_ms=0, buffer_duration_ms=200))
     await svc.webhook(message_payload(message_id=1, conversation_id=13, content="first question"))
     # Finished, not only posted: the finish writes the burst and the reply to the history, and
     # on a loaded machine the agent's message below could otherwise get there first.

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
-from helpers import eventually, job_in, jobs, wait_for
+from helpers import eventually, fail_a_part_late, job_in, jobs, wait_for
 from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_cluster import _cluster_nodes, _move_slot, cluster, nodes_of_shards  # noqa: F401 (the fixture)
@@ -50,13 +50,8 @@ async def test_a_late_echo_completing_a_failed_split_reply_keeps_the_whole_reply
                                      chatwoot_timeout_s=0.3, reply_pacing_ms_per_char=20))
     await svc.webhook(message_payload(message_id=1, conversation_id=401, content="where is my order?"))
     await wait_for(lambda: len(chatwoot.posts_for(401)) == 2, timeout=10)
-    chatwoot.late_next(1, create_after_s=2.0)  # part 3: created 2 s after it arrives
-    await wait_for(lambda: not chatwoot._late, timeout=10)  # part 3's POST is inside Chatwoot
-    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
-    await eventually(job_in("failed", redis, "1:401"), timeout=10)
-    await wait_for(lambda: len(chatwoot.posts_for(401)) == 3, timeout=10)  # part 3 created
-    await asyncio.sleep(0.3)
-    await chatwoot.wait_echoes()
+    async with fail_a_part_late(chatwoot, redis, 401, posts=3):  # part 3, then its echo
+        pass
     [job] = await jobs(redis, "1:401")
     if job["state"] == "failed":  # a fix may leave it to an operator's retry
         assert await store.requeue(job["id"])
@@ -84,16 +79,11 @@ async def test_a_handoff_whose_message_is_confirmed_by_a_late_echo_still_hands_o
     svc = await make_service(replace(settings, buffer_duration_ms=200, max_attempts=1,
                                      chatwoot_timeout_s=0.3, handoff_keywords=parse_keywords("humano"),
                                      handoff_message=message))
-    chatwoot.late_next(1, create_after_s=2.0)
-    await svc.webhook(message_payload(message_id=1, conversation_id=402, content="humano"))
-    await wait_for(lambda: not chatwoot._late, timeout=10)  # the POST is inside Chatwoot
     # Since a post in doubt on the last attempt gets one more attempt that asks Chatwoot
     # (main, branch ci), the question fails too, as in the first test, for the batch to fail.
-    chatwoot.fail_next(1)
-    await eventually(job_in("failed", redis, "1:402"), timeout=10)
-    await wait_for(lambda: len(chatwoot.posts_for(402)) == 1, timeout=10)  # created late
-    await asyncio.sleep(0.3)
-    await chatwoot.wait_echoes()
+    async with fail_a_part_late(chatwoot, redis, 402, posts=1, send=svc.webhook(
+            message_payload(message_id=1, conversation_id=402, content="humano"))):
+        pass
     [job] = await jobs(redis, "1:402")
     if job["state"] == "failed":  # a fix may leave the rest of the handoff to a retry
         assert await store.requeue(job["id"])
@@ -156,14 +146,11 @@ async def test_a_reply_completed_by_its_late_echo_counts_its_real_reply_time(
     chatwoot.echo_webhook_url = f"http://127.0.0.1:{settings.port}/webhooks/chatwoot"
     s = replace(settings, buffer_duration_ms=200, max_attempts=1, chatwoot_timeout_s=0.3)
     svc = await make_service(s)
-    chatwoot.late_next(1, create_after_s=2.0)
-    await svc.webhook(message_payload(message_id=1, conversation_id=405, content="hello"))
-    await wait_for(lambda: not chatwoot._late, timeout=10)  # the POST is inside Chatwoot
     # Since a post in doubt on the last attempt gets one more attempt that asks Chatwoot
     # (main, branch ci), the question fails too, as in the first test, for the batch to fail.
-    chatwoot.fail_next(1)
-    await eventually(job_in("failed", redis, "1:405"), timeout=10)
-    await eventually(job_in("completed", redis, "1:405"), timeout=10)  # the late echo
+    async with fail_a_part_late(chatwoot, redis, 405, posts=1, send=svc.webhook(
+            message_payload(message_id=1, conversation_id=405, content="hello"))):
+        await eventually(job_in("completed", redis, "1:405"), timeout=10)  # the late echo
     totals = (await Operations(BufferStore(redis, s), Flags(redis, s)).stats(1))["totals"]
     assert totals["completed"] == 1
     assert totals["avg_first_message_to_reply_s"] >= 2.0, totals

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from helpers import eventually, job_in, jobs, wait_for
+from helpers import eventually, fail_a_part_late, job_in, jobs, wait_for
 
 from buffer_service.keywords import parse_keywords
 from devtools.payloads import message_payload
@@ -38,18 +38,12 @@ async def test_a_handoff_confirmed_by_a_late_echo_stops_the_bot_answering_the_bu
     svc = await make_service(replace(settings, buffer_duration_ms=200, max_attempts=1,
                                      chatwoot_timeout_s=0.3, handoff_keywords=parse_keywords("humano"),
                                      handoff_message=message))
-    chatwoot.late_next(1, create_after_s=3.0)
-    await svc.webhook(message_payload(message_id=1, conversation_id=501, content="humano"))
-    await wait_for(lambda: not chatwoot._late, timeout=10)  # the POST is inside Chatwoot
-    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
-    await eventually(job_in("failed", redis, "1:501"), timeout=10)
-    assert not chatwoot.posts_for(501), "the handoff message was created before the batch failed"
-    llm.delay = 5.0  # the new burst is with the LLM when the echo comes
-    await svc.webhook(message_payload(message_id=2, conversation_id=501, content="and my order?"))
-    await wait_for(lambda: len(llm.calls) == 1, timeout=10)
-    await wait_for(lambda: len(chatwoot.posts_for(501)) == 1, timeout=10)  # created late
-    await asyncio.sleep(0.3)
-    await chatwoot.wait_echoes()
+    async with fail_a_part_late(chatwoot, redis, 501, posts=1, create_after_s=3.0, send=svc.webhook(
+            message_payload(message_id=1, conversation_id=501, content="humano"))):
+        assert not chatwoot.posts_for(501), "the handoff message was created before the batch failed"
+        llm.delay = 5.0  # the new burst is with the LLM when the echo comes
+        await svc.webhook(message_payload(message_id=2, conversation_id=501, content="and my order?"))
+        await wait_for(lambda: len(llm.calls) == 1, timeout=10)
     # The echo is in (the handoff batch is re-queued) and the new burst's answer is not out yet.
     assert "queued" in [j.get("state") for j in await jobs(redis, "1:501")]
     assert _contents(chatwoot, 501) == [message]
@@ -85,17 +79,12 @@ async def test_a_failed_reply_completed_by_its_late_echo_keeps_the_history_in_or
                                      chatwoot_timeout_s=0.3, reply_pacing_ms_per_char=20))
     await svc.webhook(message_payload(message_id=1, conversation_id=502, content="where is my order?"))
     await wait_for(lambda: len(chatwoot.posts_for(502)) == 2, timeout=10)
-    chatwoot.late_next(1, create_after_s=4.0)  # part 3: created 4 s after it arrives
-    await wait_for(lambda: not chatwoot._late, timeout=10)
-    chatwoot.fail_next(1)  # the retry's question (GET …/messages) gets a 500
-    await eventually(job_in("failed", redis, "1:502"), timeout=10)
-    await svc.webhook(message_payload(message_id=2, conversation_id=502, content="thanks"))
-    await wait_for(lambda: "You're welcome." in _contents(chatwoot, 502), timeout=10)
-    await eventually(job_in("completed", redis, "1:502"), timeout=10)
-    assert len(chatwoot.posts_for(502)) == 3, "part 3 was created before the next burst was answered"
-    await wait_for(lambda: len(chatwoot.posts_for(502)) == 4, timeout=10)  # part 3 created
-    await asyncio.sleep(0.3)
-    await chatwoot.wait_echoes()
+    # Part 3 is created 4 s after it arrives, then echoed (posts=4: after the next burst's answer).
+    async with fail_a_part_late(chatwoot, redis, 502, posts=4, create_after_s=4.0):
+        await svc.webhook(message_payload(message_id=2, conversation_id=502, content="thanks"))
+        await wait_for(lambda: "You're welcome." in _contents(chatwoot, 502), timeout=10)
+        await eventually(job_in("completed", redis, "1:502"), timeout=10)
+        assert len(chatwoot.posts_for(502)) == 3, "part 3 was created before the next burst was answered"
     states = sorted(j.get("state", "") for j in await jobs(redis, "1:502"))
     assert states == ["completed", "completed"], states  # the echo completed the failed job
     said = [(e.get("role", "user"), e["text"]) for e in await store.history("1:502", 50)]

@@ -288,15 +288,23 @@ local function reply_entry(entry, text)
   return '{"id":' .. id .. ',"text":' .. cjson.encode(text) .. ',"role":"assistant"}'
 end
 
--- The message id of a customer's history entry (compact "<id>:"; json {"id":<id>,…} without a
--- role), or nil for the assistant's or an agent's entry ("a<id>:", json with "role") and any
--- other shape. A quote inside a json entry's text is escaped, so '"role":"' is the key.
+-- The message id a history entry names, and whether it is a customer's: compact "<id>:<text>"
+-- (a customer's) or "a<id>:<text>" (the assistant's), json {"id":<id>,…} (a customer's without
+-- a role; a quote inside a json entry's text is escaped, so '"role":"' is the key). nil for
+-- any other shape.
+local function history_id(entry)
+  local a, id = string.match(entry, '^(a?)(%d+):')
+  if id then return tonumber(id), a == '' end
+  id = string.match(entry, '^{"id":(%d+)[,}]')
+  if id then return tonumber(id), not string.find(entry, '"role":"', 1, true) end
+  return nil, false
+end
+
+-- The message id of a customer's history entry, or nil for the assistant's, an agent's (json
+-- with "role") and any other shape.
 local function customer_id(entry)
-  local id = string.match(entry, '^(%d+):')
-  if not id and not string.find(entry, '"role":"', 1, true) then
-    id = string.match(entry, '^{"id":(%d+)[,}]')
-  end
-  return id and tonumber(id)
+  local id, customer = history_id(entry)
+  return customer and id or nil
 end
 
 -- Add a finished burst's entries (its messages, then its reply) to the history where they
