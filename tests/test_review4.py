@@ -202,7 +202,7 @@ async def test_a_webhook_redirected_by_moved_is_confirmed_by_the_new_nodes_wait(
     """The fix's other half: with every replica up, a webhook whose append is redirected by
     MOVED (the slot moved, the client's map is stale) is still acknowledged, once the replica of
     the node that ran the append holds the message (its WAIT, not the old node's, confirmed it).
-    The batcher sends the redirected call again in a round of its own, not the caller a 503."""
+    The batcher sends the redirected call again in a round of its own, not the caller a 500."""
     settings = replace(settings, redis_url=cluster.url, redis_wait_replicas=1)
     keys = Keys(settings)
     owners = nodes_of_shards(keys, cluster)
