@@ -21,6 +21,8 @@ if ARGV[6] == '0' and attempts_spent(KEYS[1], attempts) < tonumber(ARGV[5]) then
   local retry_at = now + tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'state', 'retrying', 'token', '', 'retry_ms', retry_at)
   redis.call('ZADD', ARGV[9] .. 'inflight', retry_at, ARGV[1])
+  -- Every worker must learn the retry time: the one whose attempt failed may be gone by then.
+  wake_up(ARGV[7], retry_at, KEYS[1])
   return 'retrying'
 end
 
