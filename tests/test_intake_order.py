@@ -11,6 +11,7 @@ import pytest
 from helpers import HUMAN, buffered_in, claim_one, conversation_event, eventually, job_in, wait_for
 from redis.asyncio import Redis
 
+from buffer_service import redis_client
 from buffer_service.chatwoot import ChatMessage, buffered
 from buffer_service.config import ConfigError, Settings
 from buffer_service.flags import Flags
@@ -160,3 +161,34 @@ async def test_a_requeued_batch_goes_right_after_the_current_one(redis, settings
     assert await store.finish(after, "skipped", reason="test")
     last = await claim_one(store)
     assert [m["text"] for m in last.messages] == ["newer question"]
+
+
+async def test_a_superseded_batch_wakes_the_workers_for_the_batch_queued_behind_it(redis, settings):
+    """The batch an operator queued behind the current one is due when the current one is
+    superseded; the wake-up must say so, not the new burst's later deadline (a worker that knows
+    its shard's next time sleeps until the time a wake-up names)."""
+    store = BufferStore(redis, replace(settings, buffer_duration_ms=30_000, max_buffer_age_ms=60_000))
+    await store.append(ChatMessage(1, 307, 70, "old question"), buffered=False)
+    old = await claim_one(store)
+    assert await store.fail(old, "Chatwoot said 422", retry_in_ms=0, permanent=True) == "failed"
+    await store.append(ChatMessage(1, 307, 71, "new question"), buffered=False)
+    current = await claim_one(store)
+    assert await store.requeue(old.id)
+    await store.append(ChatMessage(1, 307, 72, "newer question"))  # due in 30 s
+    nodes = await redis_client.subscription_nodes(redis, settings)  # a PUBLISH reaches them all
+    node = nodes[0]
+    pubsub = node.pubsub()
+    try:
+        await pubsub.subscribe(store.keys.wake)
+        await pubsub.get_message(timeout=1)  # the subscription's confirmation
+        assert await store.before_post(current, "stale answer") == ("superseded", "2")
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        seconds, micros = await node.time()
+    finally:
+        await pubsub.aclose()
+        for each in nodes:
+            await each.aclose()
+    assert message is not None
+    assert int(message["data"].split(b" ")[0]) <= seconds * 1000 + micros // 1000
+    taken = await claim_one(store)
+    assert taken.id == old.id

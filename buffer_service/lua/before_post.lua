@@ -73,9 +73,10 @@ if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
     slide(KEYS[5], deadline - now)
     redis.call('HSET', KEYS[1], 'state', 'superseded', 'reason', 'new_messages')
     redis.call('HDEL', KEYS[1], 'reply', 'parts')
-    close_batch(P, KEYS[1], ARGV[1], conv, now)
+    -- A batch an operator queued behind this one is due now, before the new deadline.
+    local queued = close_batch(P, KEYS[1], ARGV[1], conv, now)
     redis.call('PEXPIRE', KEYS[1], ARGV[10])
-    wake_up(ARGV[11], deadline, KEYS[2])
+    wake_up(ARGV[11], queued and now or deadline, KEYS[2])
     return {'superseded', n}
   end
 end
