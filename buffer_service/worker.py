@@ -64,9 +64,11 @@ class Worker:
         self._looks: collections.Counter[int] = collections.Counter()
         self._looks_all = 0
         self._full_sweep_at = 0.0
-        # Redis ms minus loop seconds x 1000, as of the last claim's answer: turns a wake-up's
-        # deadline into loop time.
-        self._offset_ms: float | None = None
+        # Shard -> Redis ms minus loop seconds x 1000 as of its last claim (a cluster's nodes
+        # may differ in clock): turns a Redis time into loop time. The loop clock is read before
+        # the claim is sent, so whatever its answer took makes a wake-up early (a spare claim),
+        # never late.
+        self._offset_ms: dict[int, float] = {}
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
@@ -77,14 +79,15 @@ class Worker:
         """A wake-up says `shard` has work at Redis time `at_ms`: a shard whose next deadline
         is known only moves it earlier (no claim before then), any other is looked at."""
         known = self._due.get(shard) if shard is not None else None
+        offset = self._offset_ms.get(shard) if shard is not None else None
         try:
             at = float(at_ms)
         except ValueError:
             at = math.nan
-        if shard is None or known is None or self._offset_ms is None or math.isnan(at):
+        if shard is None or known is None or offset is None or math.isnan(at):
             self._look(shard)
             return
-        self._due[shard] = min(known, (at - self._offset_ms) / 1000)
+        self._due[shard] = min(known, (at - offset) / 1000)
         self._looks[shard] += 1  # a claim running now may answer without this deadline
         self._wake.set()
 
@@ -151,6 +154,7 @@ class Worker:
             if self._due.get(shard, -math.inf) > clock():
                 continue
             looks = (self._looks_all, self._looks[shard])
+            sent = clock()
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
             except (RedisError, RedisClusterException) as exc:
@@ -162,12 +166,11 @@ class Worker:
             for batch in batches:
                 self._start(batch)
             free -= len(batches)
-            self._offset_ms = now - clock() * 1000
+            offset = self._offset_ms[shard] = now - sent * 1000
             if looks != (self._looks_all, self._looks[shard]):
                 self._due.pop(shard, None)  # woken for it meanwhile: its answer may be old
             else:
-                self._due[shard] = clock() + max(0.0, (next_ms - now) / 1000) if next_ms >= 0 \
-                    else math.inf
+                self._due[shard] = (next_ms - offset) / 1000 if next_ms >= 0 else math.inf
             if free <= 0:
                 return self._full_sweep_at - clock()  # a finishing task wakes the loop
         # Until the first shard has work or the next full sweep; a shard not known (woken for
