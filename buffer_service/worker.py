@@ -248,6 +248,7 @@ class Worker:
         group entered next would then wait for its subscriptions forever."""
         while not closing.is_set():
             nodes: list[Redis] = []
+            failed = False
             try:
                 nodes = await redis_client.subscription_nodes(self.store.redis, self.settings)
                 primaries = await redis_client.primary_names(self.store.redis)
@@ -261,16 +262,24 @@ class Worker:
             # RedisClusterException is not a RedisError: redis-py raises it when a slot-map
             # refresh finds slots without an owner (a failover under way) or no seed answering.
             except* (RedisError, RedisClusterException, OSError, _TopologyChanged,
-                     _SubscriptionEnded) as failed:
-                log.warning("wakeup_subscription_lost", error=str(failed.exceptions[0]),
+                     _SubscriptionEnded) as lost:
+                log.warning("wakeup_subscription_lost", error=str(lost.exceptions[0]),
                             retry_in_s=self._backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(closing.wait(), self._backoff)
-                self._backoff = min(self._backoff * 2, 5.0)
+                failed = True
+            except* Exception as broken:
+                # Unforeseen (a bug, a message nobody expected): the worker goes on, so it must
+                # not go on without wake-ups; subscribing again also looks at every shard.
+                log.error("wakeup_listener_failed", retry_in_s=self._backoff,
+                          exc_info=broken.exceptions[0])
+                failed = True
             finally:
                 for node in nodes:
                     with contextlib.suppress(Exception):
                         await node.aclose()
+            if failed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
 
     async def _watch_topology(self, primaries: frozenset[str], closing: asyncio.Event) -> None:
         """Ends the subscriptions when the cluster's primaries change (failover, resharding).
@@ -306,7 +315,9 @@ class Worker:
                 if isinstance(channel, bytes):
                     channel = channel.decode()
                 data = message["data"]
-                data = data.decode() if isinstance(data, bytes) else str(data)
+                # The expired channel names every key of the database, another application's
+                # binary ones too: such a name only has to fail is_deadline, not the listener.
+                data = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
                 if channel == expired:
                     if not self.store.keys.is_deadline(data):
                         continue

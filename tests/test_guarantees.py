@@ -34,7 +34,7 @@ from helpers import (
 )
 from redis.asyncio import Redis
 
-from buffer_service import redis_client, service
+from buffer_service import redis_client, service, worker
 from buffer_service.chatwoot import ChatMessage, Decision
 from buffer_service.store import BufferStore
 from devtools.chatwoot_standin import ChatwootStandIn
@@ -679,6 +679,30 @@ async def test_a_wake_up_names_its_shard_and_an_older_versions_wakes_every_shard
         await redis.publish(store.keys.wake, f"{now} {store.keys.due(shard)}" if wake == "named"
                             else str(now))
         await wait_for(lambda n=n: len(chatwoot.posts) == n, timeout=5)
+
+
+async def test_a_wake_up_listener_that_fails_unforeseen_starts_again(settings, make_service, llm,
+                                                                      chatwoot, store, monkeypatch):
+    """The worker goes on whatever ends its wake-up listener: an error nobody foresaw (a bug, a
+    message of an unexpected shape) must not leave it without wake-ups until the periodic
+    sweep; the listener subscribes again, which also looks at every shard."""
+    await make_service(replace(settings, processing_interval_ms=60_000), http=False)
+    for conv in (194, 195):  # the second is claimed through the subscription: it is up
+        await store.append(ChatMessage(1, conv, 1, "probe"), buffered=False)
+        await wait_for(lambda conv=conv: bool(chatwoot.posts_for(conv)), timeout=15)
+    real = worker.Worker._shard_named
+    broken = {"once": True}
+
+    def shard_named(self: worker.Worker, key: str) -> int | None:
+        if broken.pop("once", False):
+            raise RuntimeError("unforeseen")
+        return real(self, key)
+
+    monkeypatch.setattr(worker.Worker, "_shard_named", shard_named)
+    for conv in (196, 197):  # the first's wake-up breaks the listener
+        await store.append(ChatMessage(1, conv, 1, "still answered promptly?"), buffered=False)
+        await wait_for(lambda conv=conv: bool(chatwoot.posts_for(conv)), timeout=5)
+    assert not broken
 
 
 class IdlessChatwoot(ChatwootStandIn):
