@@ -102,11 +102,13 @@ if n >= tonumber(ARGV[5]) then
 end
 if deadline < now then deadline = now end
 
-local added = redis.call('ZADD', KEYS[1], deadline, conv)
+local was = tonumber(redis.call('ZSCORE', KEYS[1], conv))
+redis.call('ZADD', KEYS[1], deadline, conv)
 slide(KEYS[4], deadline - now)
--- Workers already know every deadline they saw in a sweep; only a deadline they cannot know
--- yet (a new burst, or one made due early) is worth a wake-up message.
-if added == 1 or deadline == now then
+-- Workers already know every deadline they saw in a sweep, and claim no earlier; only a
+-- deadline they cannot know yet is worth a wake-up message: a new burst, one made due at once,
+-- or one moved earlier (a process with a shorter window, during a rolling change of it).
+if not was or deadline < was or deadline == now then
   wake_up(ARGV[7], deadline, KEYS[1])
 end
 return {1, n, deadline, trigger, now}
