@@ -105,7 +105,10 @@ def _retry() -> Retry:
 def standalone(url: str, *, blocking: bool = False) -> Redis:
     """A client that retries a command a few times across a reconnect, with backoff.
 
-    `blocking` is for the pub/sub connection, which waits for messages without a read timeout.
+    `blocking` is for the pub/sub connection, which waits for messages without a read timeout
+    (worker.py sends it a PING when it is quiet). TCP keepalive (not on by default in every
+    redis-py version) keeps a NAT's entry for an idle connection, and lets the kernel notice a
+    peer gone without a word.
     """
     # A blocking pool: a burst of concurrent webhooks waits briefly for a connection instead
     # of failing with "Too many connections".
@@ -118,6 +121,7 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=0 if blocking else 30,
+        socket_keepalive=True,
     )
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return Redis(connection_pool=pool)
@@ -202,7 +206,8 @@ async def subscription_nodes(redis: AnyRedis, settings: Settings) -> list[Redis]
     await redis.nodes_manager.initialize()
     return [Redis(connection_pool=BlockingConnectionPool(
         **_node_kwargs(node), max_connections=4, timeout=5, socket_connect_timeout=2,
-        socket_timeout=None, retry=_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError]))
+        socket_timeout=None, socket_keepalive=True, retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError]))
         for node in redis.get_primaries()]
 
 
@@ -217,7 +222,7 @@ async def primary_names(redis: AnyRedis) -> frozenset[str]:
 def _node_kwargs(node: ClusterNode) -> dict[str, Any]:
     kwargs = dict(node.connection_kwargs)
     kwargs["connection_class"] = node.connection_class
-    for unwanted in ("socket_timeout", "socket_connect_timeout", "retry", "retry_on_error",
-                     "max_connections"):
+    for unwanted in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry",
+                     "retry_on_error", "max_connections"):
         kwargs.pop(unwanted, None)
     return kwargs

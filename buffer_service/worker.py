@@ -24,9 +24,12 @@ import collections
 import contextlib
 import functools
 import math
+from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisClusterException, RedisError
 
 from . import metrics, redis_client
@@ -40,6 +43,10 @@ log = structlog.get_logger("buffer_service.worker")
 # How often a cluster's primaries are looked at for one the subscriptions do not cover yet (a
 # failed node is noticed at once, by its broken subscription).
 TOPOLOGY_CHECK_S = 5.0
+# A subscription quiet this long is sent a PING; one whose PING is not answered within as long
+# again is taken for lost (a NAT or load balancer that dropped the idle flow without a reset
+# leaves the read waiting forever) and made again, which also looks at every shard.
+HEARTBEAT_S = 3.0
 # Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
 # superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
 _ENDED = frozenset({"completed", "skipped", "superseded", "failed"})
@@ -308,7 +315,7 @@ class Worker:
             self._backoff = 0.2
             if pubsub.connection is not None:
                 pubsub.connection.register_connect_callback(self._reconnected)
-            async for message in pubsub.listen():
+            async for message in _heard(pubsub):
                 if message["type"] != "message":
                     continue
                 channel = message["channel"]
@@ -328,7 +335,7 @@ class Worker:
                 else:  # "<ms> <a key of its shard>" (lib.lua wake_up); older versions: "<ms>"
                     at_ms, _, key = data.partition(" ")
                     self._due_at(self._shard_named(key), at_ms)
-            # listen() returns once nothing is subscribed any more. The task group outlives
+            # _heard ends once nothing is subscribed any more. The task group outlives
             # this (_raise_when waits for `closing`), so only an error makes it subscribe again.
             raise _SubscriptionEnded("the subscription ended")
         finally:
@@ -353,6 +360,22 @@ class _SubscriptionEnded(Exception):
 
 class _Closing(Exception):
     pass
+
+
+async def _heard(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
+    """PubSub.listen() with a heartbeat: raises _SubscriptionEnded when nothing, not even the
+    answer to a PING, came for twice HEARTBEAT_S."""
+    clock = asyncio.get_running_loop().time
+    heard = clock()
+    while pubsub.subscribed:
+        message = await pubsub.get_message(timeout=HEARTBEAT_S)
+        if message is not None:
+            heard = clock()
+            yield message
+        elif clock() - heard > 1.5 * HEARTBEAT_S:  # a PING went out a HEARTBEAT_S ago
+            raise _SubscriptionEnded(f"no answer to a PING within {HEARTBEAT_S} s")
+        else:
+            await pubsub.ping()
 
 
 async def _raise_when(closing: asyncio.Event) -> None:
