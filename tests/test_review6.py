@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -184,31 +183,28 @@ async def test_the_wakeup_listener_subscribes_again_after_its_subscription_ends_
     longer subscribed to anything. Before 580c5c1 the task group then ended and `_listen`
     subscribed again; since, `_raise_when(closing)` keeps the group alive, so the listener sits
     there with no subscription: no wake-up or expiry event reaches the worker any more.
-    Expected: a subscription that ends is lost like one that fails, and is made again."""
-    real = PubSub.listen
-    listens = 0
+    Expected: a subscription that ends is lost like one that fails, and is made again.
+    (The listener reads with get_message since 457109c; the first subscription is ended by an
+    unsubscribe, whatever reads it, instead of a stand-in for listen().)"""
+    real = PubSub.subscribe
+    subscribes = 0
 
-    def listen(self: PubSub) -> AsyncIterator[Any]:
-        nonlocal listens
-        listens += 1
-        if listens == 1:  # the first subscription ends at once, as after an unsubscribe
-            return _nothing()
-        return real(self)
+    async def subscribe(self: PubSub, *args: Any, **kwargs: Any) -> None:
+        nonlocal subscribes
+        subscribes += 1
+        await real(self, *args, **kwargs)
+        if subscribes == 1:  # the first subscription ends at once
+            await self.unsubscribe()
 
-    monkeypatch.setattr(PubSub, "listen", listen)
+    monkeypatch.setattr(PubSub, "subscribe", subscribe)
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(settings, http=False, stop=stop))
     try:
-        await wait_for(lambda: listens >= 2, timeout=10)
+        await wait_for(lambda: subscribes >= 2, timeout=10)
     finally:
         stop.set()
         await asyncio.wait({running}, timeout=20)
     assert running.done() and running.exception() is None, running
-
-
-async def _nothing() -> AsyncIterator[Any]:
-    return
-    yield
 
 
 # -- the same exception outside the listener: a claim, a webhook's append ------------------------
