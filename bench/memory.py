@@ -133,6 +133,8 @@ async def part_layouts(url: str, n: int) -> dict[str, Any]:
     variants = {
         "json: JSON object per message, first-message hash (BUFFER_FORMAT=json)": "json",
         "compact: head + JSON array per message (BUFFER_FORMAT=compact)": "compact",
+        "compact, key names b:/t: for buf:/ttl: (2 bytes shorter; not done)": "compact-short",
+        "compact, messages as <id>:<text> instead of [id, text] (not done)": "compact-text",
         "compact entries in one string value instead of a list (not done)": "string",
     }
     out: dict[str, Any] = {}
@@ -147,15 +149,20 @@ async def part_layouts(url: str, n: int) -> dict[str, Any]:
                         conv, shard = msgs[0].conv, store.keys.shard_of(msgs[0].conv)
                         head = f"{first_ms + i}".encode() + msgs[0].burst_head()
                         entries = [m.to_entry() for m in msgs]
+                        buffer, ttl = store.keys.buffer(conv), store.keys.ttl(conv)
+                        if layout == "compact-short":
+                            buffer, ttl = buffer.replace(":buf:", ":b:"), ttl.replace(":ttl:", ":t:")
                         if layout == "json":
-                            pipe.rpush(store.keys.buffer(conv), *[m.to_json() for m in msgs])
+                            pipe.rpush(buffer, *[m.to_json() for m in msgs])
                             pipe.hset(store.keys.first(shard), conv, first_ms + i)
-                        elif layout == "compact":
-                            pipe.rpush(store.keys.buffer(conv), head, *entries)
+                        elif layout == "compact-text":
+                            pipe.rpush(buffer, head, *[f"{m.message_id}:{m.text}" for m in msgs])
+                        elif layout.startswith("compact"):
+                            pipe.rpush(buffer, head, *entries)
                         else:
-                            pipe.set(store.keys.buffer(conv), b"\n".join([head, *entries]))
+                            pipe.set(buffer, b"\n".join([head, *entries]))
                         pipe.zadd(store.keys.due(shard), {conv: first_ms + i})
-                        pipe.set(store.keys.ttl(conv), 1, px=3_600_000)
+                        pipe.set(ttl, 1, px=3_600_000)
                     await pipe.execute()
             out[f"layout:{name}"] = (await used(redis) - base) / n
     finally:

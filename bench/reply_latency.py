@@ -17,11 +17,16 @@ loop, and notes when each request arrived. Per burst, with every clock this mach
   post    posting starts -> the reply's POST reaches the Chatwoot stand-in
   total   deadline -> reply posted
 
-Targets are listed with --targets (`worker`, or `worker@asyncio` / `worker@uvloop` for the event
-loop, EVENT_LOOP), each with a fresh Redis; every one is run --repeat times, medians reported.
+Targets are listed with --targets: `worker` (this checkout's code) or a git ref (that commit's
+`buffer_service`, for a before/after in the same run), each optionally `@asyncio` / `@uvloop`
+for the event loop (EVENT_LOOP), each with a fresh Redis; every one is run --repeat times,
+medians reported; `+NAME=value` after a target sets a setting of its worker
+(`worker@uvloop+TYPING_INDICATOR=off`). Besides the worker's CPU per burst, Redis's and the two
+stand-ins' (their processes' CPU over the measured bursts, divided by the bursts answered): what a burst costs
+the machine, and so what a rate needs.
 
     python bench/reply_latency.py [--quick] [--repeat N] [--rate R] [--concurrency C]
-                                  [--targets worker@asyncio,worker] [--profile worker]
+                                  [--targets worker@asyncio,worker,580c5c1@uvloop] [--profile worker]
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from typing import Any
 
 from cluster import completed, lateness
 from common import (
+    ROOT,
+    checkout,
     cpu_seconds,
     median,
     parser,
@@ -64,6 +71,7 @@ from devtools.redis_server import running_redis
 # flush.open_conversations' messages name their conversation: "message 0 of conversation 17: ..."
 _CONVERSATION = re.compile(r"of conversation (\d+):")
 _WARM_UP = 50
+_WARM_UP_CONV = "1:9000"  # conversations 900000.. (`_warm_up`)
 
 
 def _standin(kind: str, conn: Connection) -> None:
@@ -110,7 +118,15 @@ class StandIn:
 
 async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, concurrency: int,
                    profile: bool) -> dict[str, Any]:
-    _, _, event_loop = kind.partition("@")
+    target, *assignments = kind.split("+")
+    overrides = dict(a.split("=", 1) for a in assignments)
+    code, _, event_loop = target.partition("@")
+    code_dir = ROOT
+    if code != "worker":
+        got = checkout(code, tmp / f"code-{code}")
+        if got is None:
+            raise SystemExit(f"git ref {code!r} is not available")
+        code_dir = got
     llm, chatwoot = StandIn("llm"), StandIn("chatwoot")
     proc = None
     with running_redis(tmp / f"redis-{run_no}") as server:
@@ -119,17 +135,21 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         try:
             env = service_env(server.url, free_port(), EVENT_LOOP=event_loop or "auto",
                               **llm.env, **chatwoot.env,
-                              **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}))
+                              **({"WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}),
+                              **overrides)
             # Started first and idle meanwhile: nothing falls due before the lead has passed.
             log = tmp / f"{kind}-{run_no}.log"
-            proc = spawn_service(["worker"], env, log)
+            spawned = time.monotonic()
+            proc = spawn_service(["worker"], env, log, code_dir)
             ready = time.monotonic() + 60
             while b'"worker_started"' not in log.read_bytes():
                 if time.monotonic() > ready or proc.poll() is not None:
                     raise SystemExit(f"the worker did not start; see {log}")
                 await asyncio.sleep(0.1)
-            # A new worker's first LLM call imports and builds much of the openai client's
-            # models (seconds on a busy machine): the measured bursts find a warm worker.
+            started_s = time.monotonic() - spawned
+            # A worker that did not build the openai client at start (before LLMClient.warm)
+            # builds it on its first LLM call (seconds on a busy machine): the measured bursts
+            # find a warm worker either way, and these first ones show what a fresh one costs.
             await _warm_up(settings, redis)
             lead_ms = 3000 + 2 * n  # loading takes 0.5-1.5 ms a conversation on this machine
             t0 = time.monotonic()
@@ -137,10 +157,15 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                                                        int(spread_s * 1000), timer_keys=False)
             if time.monotonic() - t0 > lead_ms / 1000 - 1:
                 raise SystemExit("loading took longer than the lead; run with a lower --rate or --spread")
+            others = {"redis": server.proc.pid if server.proc else 0, "llm": llm.proc.pid or 0,
+                      "chatwoot": chatwoot.proc.pid or 0}
+            await redis.config_resetstat()
             cpu0 = cpu_seconds(proc.pid)
-            with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 2) if profile
+            others0 = {name: cpu_seconds(pid) for name, pid in others.items()}
+            await asyncio.sleep(max(0.0, t0 + lead_ms / 1000 - time.monotonic()))
+            # Sampled while the bursts fall due (the lead before them is idle).
+            with (profiled(proc.pid, f"reply_latency-{kind}", spread_s + 1) if profile
                   else contextlib.nullcontext()):
-                await asyncio.sleep(max(0.0, t0 + lead_ms / 1000 - time.monotonic()))
                 end = t0 + lead_ms / 1000 + spread_s + 30
                 while time.monotonic() < end:
                     await asyncio.sleep(0.25)
@@ -148,7 +173,11 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
                             and len(await lateness(redis, settings)) >= n + _WARM_UP):
                         break
             cpu = cpu_seconds(proc.pid) - cpu0
+            others_cpu = {name: cpu_seconds(pid) - others0[name] for name, pid in others.items()}
+            scripts = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
             claimed = await _claims(redis, settings)
+            first_due = {r[0]: r[5] + r[6] for r in await completed(redis, settings)
+                         if r[0].startswith(_WARM_UP_CONV)}
         finally:
             if proc is not None:
                 await asyncio.to_thread(stop, proc)
@@ -166,11 +195,18 @@ async def run_once(kind: str, tmp: Path, n: int, spread_s: float, run_no: int, c
         stages["post"].append(posted[conv] - posting_ms)
         stages["total"].append(posted[conv] - deadline)
     row: dict[str, Any] = {"kind": kind, "open": n, "answered": len(stages["total"]),
-                           "worker_cpu_us_per_burst": cpu / max(1, len(posted)) * 1e6}
+                           "worker_cpu_us_per_burst": cpu / max(1, len(posted)) * 1e6,
+                           **{f"{name}_cpu_us_per_burst": used / max(1, len(posted)) * 1e6
+                              for name, used in others_cpu.items()}}
     for stage, values in stages.items():
         row[f"{stage}_p50_ms"] = percentile(values, 50)
         row[f"{stage}_p99_ms"] = percentile(values, 99)
     row["total_max_ms"] = max(stages["total"], default=float("nan"))
+    first = [posted[conv] - due for conv, due in first_due.items() if conv in posted]
+    row["scripts_per_burst"] = scripts / max(1, len(posted))
+    row["start_s"] = started_s
+    row["first_p50_ms"] = percentile(first, 50)
+    row["first_max_ms"] = max(first, default=float("nan"))
     return row
 
 
@@ -203,7 +239,7 @@ def main() -> dict[str, Any]:
     p.add_argument("--rate", type=float, default=1000, help="bursts falling due per second")
     p.add_argument("--spread", type=float, default=0, help="seconds; default 10 (quick 3)")
     p.add_argument("--targets", default="worker@asyncio,worker",
-                   help="comma list of worker, worker@asyncio, worker@uvloop")
+                   help="comma list of worker or a git ref, each optionally @asyncio or @uvloop")
     p.add_argument("--concurrency", type=int, default=0,
                    help="WORKER_CONCURRENCY of the worker (default: the service's default)")
     p.add_argument("--profile", metavar="TARGET", default="",
@@ -223,7 +259,12 @@ def main() -> dict[str, Any]:
                       f"{row['total_max_ms']:.0f} ms (p99s: claim {row['claim_p99_ms']:.0f}, llm "
                       f"{row['llm_p99_ms']:.0f}, answer {row['answer_p99_ms']:.0f}, post "
                       f"{row['post_p99_ms']:.0f}); "
-                      f"{row['worker_cpu_us_per_burst']:.0f} us worker CPU/burst", flush=True)
+                      f"CPU us/burst: worker {row['worker_cpu_us_per_burst']:.0f}, redis "
+                      f"{row['redis_cpu_us_per_burst']:.0f}, llm {row['llm_cpu_us_per_burst']:.0f}, "
+                      f"chatwoot {row['chatwoot_cpu_us_per_burst']:.0f}; "
+                      f"{row['scripts_per_burst']:.1f} script calls/burst; started in "
+                      f"{row['start_s']:.2f} s, its first {_WARM_UP} bursts (due at once) p50 "
+                      f"{row['first_p50_ms']:.0f} max {row['first_max_ms']:.0f} ms", flush=True)
     summary = {}
     out = []
     for kind in args.targets.split(","):
@@ -233,10 +274,14 @@ def main() -> dict[str, Any]:
         out.append([kind, f"{round(s['answered'])} / {n}",
                     *(f"{s[f'{stage}_p50_ms']:.0f} / {s[f'{stage}_p99_ms']:.0f}"
                       for stage in ("claim", "llm", "answer", "post", "total")),
-                    round(s["total_max_ms"]), round(s["worker_cpu_us_per_burst"])])
+                    round(s["total_max_ms"]), f"{s['first_p50_ms']:.0f} / {s['first_max_ms']:.0f}",
+                    *(round(s[f"{name}_cpu_us_per_burst"])
+                      for name in ("worker", "redis", "llm", "chatwoot"))])
     print()
     print(table(["target", "answered", "deadline -> claimed", "-> LLM request", "-> posting",
-                 "-> posted", "total (p50 / p99 ms)", "total max ms", "worker CPU us/burst"], out))
+                 "-> posted", "total (p50 / p99 ms)", "total max ms",
+                 f"a fresh worker's first {_WARM_UP} (p50 / max ms)", "CPU us/burst: worker", "redis",
+                 "LLM stand-in", "Chatwoot stand-in"], out))
     main_kind = "worker" if "worker" in summary else next(iter(summary))
     ok = summary[main_kind]["answered"] >= n and summary[main_kind]["total_p99_ms"] <= 100
     print(f"\n{main_kind}: target p99 deadline -> posted <= 100 ms at {args.rate:.0f} bursts/s: "

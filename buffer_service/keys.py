@@ -49,7 +49,9 @@ modulo BUFFER_SHARDS), so every key one script touches lives in one slot.
     bs:flags                 hash  feature flags (flags.py)
     bs:log:webhooks          stream, capped: one entry per webhook delivery (journal.py)
     bs:log:sweeps            stream, capped: one entry per worker per sweep period (journal.py)
-    bs:wake                  pub/sub channel: "a deadline you do not know yet", and flag changes
+    bs:wake                  pub/sub channel: "a deadline you do not know yet" as "<ms> <a key
+                             of its shard>" (lib.lua wake_up; "<ms>" alone from older versions:
+                             every shard), and flag changes
 
 `conv` is "<account id>:<conversation display id>"; a batch id is "<shard>-<sequence>", so a
 batch's keys are found from its id alone.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
+import httpx2
 import openai
 import structlog
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
@@ -58,6 +59,22 @@ class LLMClient:
             max_retries=settings.llm_max_retries,
             http_client=llm_http_client(settings.llm_timeout_s, settings.worker_concurrency),
         )
+
+    async def warm(self, tools: list[dict[str, Any]] | None = None) -> None:
+        """Build now what the client builds on its first call: its chat resources (imported on
+        first use), the pydantic models of request and answer and the caches of its parameter
+        transform, seconds of CPU on a busy machine (BENCHMARKS.md §8) that a fresh worker's
+        first bursts would otherwise wait for. One call through this very client, with its
+        settings, whose request is answered in this process by a canned completion: no server
+        is asked, nothing is spent. `tools`: those the real calls offer (their transform too)."""
+        def answer(request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(200, json=_WARM_ANSWER, request=request)
+
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        self._client.chat.completions  # noqa: B018 - the resource is built on first access
+        async with httpx2.AsyncClient(transport=httpx2.MockTransport(answer)) as http:
+            await self._client.with_options(http_client=http, max_retries=0).chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": "warm-up"}], **extra)
 
     async def reply(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> LLMReply:
@@ -117,6 +134,15 @@ class LLMClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+# What LLMClient.warm's in-process answer says: a completion of the shape a server sends.
+_WARM_ANSWER = {
+    "id": "warm-up", "object": "chat.completion", "created": 0, "model": "warm-up",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "warm-up"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
 
 
 def _brief(exc: Exception) -> str:

@@ -107,6 +107,14 @@ class Processor:
                 media=_with(self.media, settings=settings))
         return self._inboxes[inbox_id]
 
+    async def warm(self) -> None:
+        """What the first burst would build, built before the first claim (LLMClient.warm). A
+        failure here costs only the head start: the first burst builds it as it always did."""
+        try:
+            await self.llm.warm([TOOL] if self.settings.handoff_tool else None)
+        except Exception as exc:
+            log.warning("warm_up_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def process(self, batch: Batch) -> str:
         """Answer one batch; returns its outcome (completed, skipped, superseded, retrying,
         failed, lost, interrupted). Cancelled (shutdown), it hands the batch back first."""

@@ -8,12 +8,22 @@ deadline of its shard and the loop sleeps exactly until the earliest one. Two ki
 only shorten a sleep: the append script's own wake-up (a new burst, whose deadline the loop
 cannot know yet) and the expiry event of a conversation's TTL key. A periodic sweep
 (`BUFFER_PROCESSING_INTERVAL_MS`) bounds the damage if both are missed.
+
+A sweep claims only from the shards that have work by now: those whose last claim said so
+(its next deadline has come, or it had more due than there were free slots), those a wake-up
+message or an expiry event named, and every shard after a wake-up that names none (an older
+version's, a flag change, a reconnect) and at each periodic sweep. Claiming from all shards
+on every wake-up and every finished batch cost a round trip each (16 by default): 63 claim
+calls for one burst on an idle worker, 1-2 now (BENCHMARKS.md §8).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
+import math
 
 import structlog
 from redis.asyncio import Redis
@@ -30,6 +40,9 @@ log = structlog.get_logger("buffer_service.worker")
 # How often a cluster's primaries are looked at for one the subscriptions do not cover yet (a
 # failed node is noticed at once, by its broken subscription).
 TOPOLOGY_CHECK_S = 5.0
+# Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
+# superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
+_ENDED = frozenset({"completed", "skipped", "superseded", "failed"})
 
 
 class Worker:
@@ -43,18 +56,56 @@ class Worker:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
+        # Shard -> loop time at which its last claim said it has work next (inf: none); a
+        # shard missing is claimed from at the next sweep.
+        self._due: dict[int, float] = {}
+        # Wake-ups per shard and for all, so that a claim's answer that crossed a wake-up for
+        # its shard is not taken for the last word (its shard is claimed from again).
+        self._looks: collections.Counter[int] = collections.Counter()
+        self._looks_all = 0
+        self._full_sweep_at = 0.0
+        # Redis ms minus loop seconds x 1000, as of the last claim's answer: turns a wake-up's
+        # deadline into loop time.
+        self._offset_ms: float | None = None
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
     def wake(self) -> None:
+        self._look()
+
+    def _due_at(self, shard: int | None, at_ms: str) -> None:
+        """A wake-up says `shard` has work at Redis time `at_ms`: a shard whose next deadline
+        is known only moves it earlier (no claim before then), any other is looked at."""
+        known = self._due.get(shard) if shard is not None else None
+        try:
+            at = float(at_ms)
+        except ValueError:
+            at = math.nan
+        if shard is None or known is None or self._offset_ms is None or math.isnan(at):
+            self._look(shard)
+            return
+        self._due[shard] = min(known, (at - self._offset_ms) / 1000)
+        self._looks[shard] += 1  # a claim running now may answer without this deadline
+        self._wake.set()
+
+    def _look(self, shard: int | None = None) -> None:
+        """Claim from `shard` (None: from every shard) at the next sweep."""
+        if shard is None or not 0 <= shard < self.settings.shards:
+            self._due.clear()
+            self._looks_all += 1
+        else:
+            self._due.pop(shard, None)
+            self._looks[shard] += 1
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         closing = asyncio.Event()
         listener = asyncio.create_task(self._listen(closing))
-        log.info("worker_started", shards=self.settings.shards,
-                 concurrency=self.settings.worker_concurrency)
         try:
+            # While the subscriptions connect; before any lease starts running.
+            await self.processor.warm()
+            log.info("worker_started", shards=self.settings.shards,
+                     concurrency=self.settings.worker_concurrency)
             while not stop.is_set():
                 paused = not await self.flags.processing()
                 if paused:  # the processing switch: claim nothing, look at it again soon
@@ -82,33 +133,48 @@ class Worker:
         and a shutdown must not wait for all of them."""
         self._wake.clear()
         s = self.settings
-        delay = s.processing_interval_ms / 1000
+        clock = asyncio.get_running_loop().time
+        interval = s.processing_interval_ms / 1000
+        if clock() >= self._full_sweep_at:  # the safety net: every shard, whatever it said
+            self._due.clear()
+            self._full_sweep_at = clock() + interval
         free = s.worker_concurrency - len(self._tasks)
         if free <= 0:
-            return delay  # a finishing task wakes the loop
+            return self._full_sweep_at - clock()  # a finishing task wakes the loop
         # Start at a different shard each time so one busy shard cannot starve the others.
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
         for i in range(s.shards):
             if stop.is_set():
-                return delay
+                break
             shard = (start + i) % s.shards
+            if self._due.get(shard, -math.inf) > clock():
+                continue
+            looks = (self._looks_all, self._looks[shard])
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
             except (RedisError, RedisClusterException) as exc:
                 # One shard's failure must not keep the others from being served (a slot map
                 # refreshed during a failover raises RedisClusterException, see `_listen`).
                 log.warning("claim_failed", shard=shard, error=str(exc))
-                delay = min(delay, 1.0)
+                self._due[shard] = clock() + 1.0
                 continue
             for batch in batches:
                 self._start(batch)
             free -= len(batches)
-            if next_ms >= 0:
-                delay = min(delay, max(0.0, (next_ms - now) / 1000))
+            self._offset_ms = now - clock() * 1000
+            if looks != (self._looks_all, self._looks[shard]):
+                self._due.pop(shard, None)  # woken for it meanwhile: its answer may be old
+            else:
+                self._due[shard] = clock() + max(0.0, (next_ms - now) / 1000) if next_ms >= 0 \
+                    else math.inf
             if free <= 0:
-                return delay
-        return delay
+                return self._full_sweep_at - clock()  # a finishing task wakes the loop
+        # Until the first shard has work or the next full sweep; a shard not known (woken for
+        # while its claim ran, or not looked at since `stop`) at once.
+        first = min(self._due.values(), default=math.inf) \
+            if len(self._due) == s.shards else -math.inf
+        return max(0.0, min(first, self._full_sweep_at) - clock())
 
     def _start(self, batch: Batch) -> None:
         self.claimed += 1
@@ -116,12 +182,17 @@ class Worker:
         self.sweep_log.claimed(batch)
         task = asyncio.create_task(self.processor.process(batch), name=f"batch-{batch.id}")
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(functools.partial(self._done, batch.shard))
 
-    def _done(self, task: asyncio.Task[str]) -> None:
+    def _done(self, shard: int, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
         metrics.batch_outcome(task)
         self._wake.set()  # a slot is free again
+        # A batch that did not end (retrying, lost, interrupted, shut down) left work in its
+        # shard that its last claim could not know of, and no wake-up says so (a retry time,
+        # a lease that will lapse). An ended one's scripts wake for what they make due.
+        if task.cancelled() or task.exception() is not None or task.result() not in _ENDED:
+            self._look(shard)
 
     async def _sleep(self, delay: float, stop: asyncio.Event) -> None:
         if delay <= 0 or self._wake.is_set():
@@ -162,7 +233,7 @@ class Worker:
                         note="deadlines still flush from the index")
 
     def _reconnected(self, connection: object) -> None:
-        self._wake.set()
+        self._look()
 
     async def _listen(self, closing: asyncio.Event) -> None:
         """Turn wake-up messages and TTL-key expiry events into an early sweep: on the one
@@ -221,7 +292,7 @@ class Worker:
             await pubsub.subscribe(self.store.keys.wake, expired)
             # Events published while we were not subscribed are gone: look now, and after
             # every reconnect, including those the client makes on its own and re-subscribes.
-            self._wake.set()
+            self._look()
             self._backoff = 0.2
             if pubsub.connection is not None:
                 pubsub.connection.register_connect_callback(self._reconnected)
@@ -236,9 +307,13 @@ class Worker:
                 if channel == expired:
                     if not self.store.keys.is_deadline(data):
                         continue
+                    self._look(self._shard_named(data))
                 elif data == FLAGS_CHANGED:
                     self.flags.invalidate()
-                self._wake.set()
+                    self._look()
+                else:  # "<ms> <a key of its shard>" (lib.lua wake_up); older versions: "<ms>"
+                    at_ms, _, key = data.partition(" ")
+                    self._due_at(self._shard_named(key), at_ms)
             # listen() returns once nothing is subscribed any more. The task group outlives
             # this (_raise_when waits for `closing`), so only an error makes it subscribe again.
             raise _SubscriptionEnded("the subscription ended")
@@ -246,6 +321,12 @@ class Worker:
             with contextlib.suppress(Exception):
                 # redis-py leaves PubSub.aclose unannotated; it returns None.
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _shard_named(self, key: str) -> int | None:
+        try:
+            return self.store.keys.shard_of_key(key)
+        except ValueError:
+            return None
 
 
 class _TopologyChanged(Exception):

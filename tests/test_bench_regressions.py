@@ -15,11 +15,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import wait_for
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
 from buffer_service import app as app_module
-from buffer_service import redis_client
+from buffer_service import redis_client, scripts
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import ChatMessage, Decision, from_history
 from buffer_service.store import BufferStore
@@ -217,3 +218,38 @@ async def test_the_history_keeps_id_text_attachments_and_role_and_reads_older_en
                     {"id": 12, "text": "ok", "role": "assistant"},
                     {"id": 13, "text": "an agent"}]
     assert [e["text"] for e in await store.history(msg.conv, 10)] == [e["text"] for e in kept]
+
+
+async def test_a_burst_costs_one_claim_and_a_fixed_number_of_script_calls(settings, make_service, redis,
+                                                                          chatwoot, monkeypatch):
+    """BENCHMARKS.md §8: what a burst costs in Redis, from its message to its reply posted. The
+    claim, before_post, part and finish are the guarantee steps; the sweep claims only from a
+    shard that has work (before: from every one of the 16 shards, a round trip each, on each
+    wake-up and each finished batch: 63 claims for this burst)."""
+    calls: list[str] = []
+    real_call = scripts.Script.__call__
+
+    async def counted(self, **kwargs):
+        calls.append(self.name)
+        return await real_call(self, **kwargs)
+
+    monkeypatch.setattr(scripts.Script, "__call__", counted)
+    s = replace(settings, buffer_duration_ms=300, processing_interval_ms=60_000)
+    await make_service(s, http=False)
+    store = BufferStore(redis, s)
+    for n, conv in enumerate((1, 2), start=1):  # the first warms everything up
+        await asyncio.sleep(0.3)  # the worker settles (wake-ups of the start, the last burst)
+        calls.clear()
+        await redis.config_resetstat()
+        reads0 = (await redis.info("stats"))["total_reads_processed"]
+        await store.append(ChatMessage(1, conv, 10 * conv, "hello there"))
+        await wait_for(lambda n=n: len(chatwoot.posts) == n, timeout=5)
+        await asyncio.sleep(0.3)  # the finish's wake-up and what it sets off
+        reads = (await redis.info("stats"))["total_reads_processed"] - reads0
+    # One claim takes the burst at its deadline; the TTL key's expiry event, which comes
+    # about then, is one more look at that shard unless it arrives before the claim.
+    assert [c for c in calls if c != "claim"] == ["append", "before_post", "part", "finish"], calls
+    assert 1 <= calls.count("claim") <= 2, calls
+    # The script calls, the history read and the INFO call above; the flags' refresh, the sweep
+    # log's entry and a new pool connection's handshake when they come (before: 60 and more).
+    assert reads <= 16, reads

@@ -651,6 +651,39 @@ async def test_the_worker_sweeps_when_its_subscription_reconnects(settings, make
     await wait_for(lambda: len(chatwoot.posts) == 1, timeout=10)
 
 
+async def test_a_wake_up_names_its_shard_and_an_older_versions_wakes_every_shard(
+        settings, make_service, llm, chatwoot, redis, store):
+    """A sweep claims only from shards with work (worker.py): a wake-up names its shard
+    ("<ms> <key of the shard>", lib.lua wake_up), and one that names none, as versions before
+    sent it ("<ms>"), makes the worker look at every shard, so that a rolling upgrade's older
+    processes still wake the newer workers."""
+    await make_service(replace(settings, processing_interval_ms=60_000), http=False)
+
+    async def subscribed() -> bool:
+        return bool(await redis.client_list(_type="pubsub"))
+    await eventually(subscribed)
+    await asyncio.sleep(2.0)  # the worker swept once, found nothing, sleeps for a minute
+    for n, (conv, wake) in enumerate([("1:191", "named"), ("1:192", "older"), ("1:193", "other")],
+                                     start=1):
+        # The sweeps the last wake-up set off are over (on a cluster every primary relays each
+        # message: three wake-ups, each of an older version a look at every shard).
+        await asyncio.sleep(0.5)
+        shard = store.keys.shard_of(conv)
+        now = int(time.time() * 1000)
+        await redis.rpush(store.keys.buffer(conv), ChatMessage(1, int(conv[2:]), n, "hi").to_json())
+        await redis.hset(store.keys.first(shard), conv, now)
+        await redis.zadd(store.keys.due(shard), {conv: now})
+        if wake == "other":  # a wake-up for another shard does not find this one's burst
+            other = store.keys.due((shard + 1) % settings.shards)
+            await redis.publish(store.keys.wake, f"{now} {other}")
+            await asyncio.sleep(0.5)
+            assert len(chatwoot.posts) == n - 1
+            break
+        await redis.publish(store.keys.wake, f"{now} {store.keys.due(shard)}" if wake == "named"
+                            else str(now))
+        await wait_for(lambda n=n: len(chatwoot.posts) == n, timeout=5)
+
+
 class IdlessChatwoot(ChatwootStandIn):
     """Creates the message but answers without its id (a proxy that rewrote the body, say)."""
 

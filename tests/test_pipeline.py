@@ -15,6 +15,8 @@ import pytest
 import structlog.testing
 from helpers import eventually, job_in, user_texts, wait_for
 
+from buffer_service.handoff import TOOL
+from buffer_service.llm import LLMClient
 from devtools.payloads import attachment, message_payload
 
 
@@ -251,3 +253,36 @@ async def test_a_worker_stops_promptly_when_redis_is_gone(settings, make_service
 
 async def _has_claimed(redis) -> bool:
     return "cmdstat_evalsha" in await redis.info("commandstats")
+
+
+async def test_the_llm_client_is_built_before_the_first_call_without_asking_the_llm(settings, llm):
+    # What the first call would import and build (the chat resources, the models, the transform
+    # caches) is built by one call answered in this process: the server is not asked.
+    client = LLMClient(settings)
+    try:
+        await client.warm([TOOL])
+        assert "chat" in vars(client._client)  # openai builds the resource on first access
+        assert llm.calls == []
+        answer = await client.reply([{"role": "user", "content": "hi"}])
+        assert answer.text == "Reply to: hi" and len(llm.calls) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_worker_whose_warm_up_fails_starts_and_answers(settings, make_service, llm, chatwoot,
+                                                               monkeypatch):
+    warmed: list[object] = []
+
+    async def broken(self, tools=None):
+        warmed.append(tools)
+        raise RuntimeError("no warm-up today")
+
+    monkeypatch.setattr(LLMClient, "warm", broken)
+    with structlog.testing.capture_logs() as logs:
+        svc = await make_service(settings)
+        await svc.webhook(message_payload(message_id=1, conversation_id=5, content="still answered?"))
+        await wait_for(lambda: len(chatwoot.posts) == 1, timeout=5)
+    assert warmed == [[TOOL] if settings.handoff_tool else None]
+    assert [e["error"] for e in logs if e["event"] == "warm_up_failed"] == \
+        ["RuntimeError: no warm-up today"]
+    assert len(llm.calls) == 1

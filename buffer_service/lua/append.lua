@@ -107,6 +107,6 @@ slide(KEYS[4], deadline - now)
 -- Workers already know every deadline they saw in a sweep; only a deadline they cannot know
 -- yet (a new burst, or one made due early) is worth a wake-up message.
 if added == 1 or deadline == now then
-  redis.call('PUBLISH', ARGV[7], deadline)
+  wake_up(ARGV[7], deadline, KEYS[1])
 end
 return {1, n, deadline, trigger, now}

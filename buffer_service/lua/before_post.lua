@@ -75,7 +75,7 @@ if (tonumber(redis.call('HGET', KEYS[1], 'parts_out')) or 0) == 0 then
     redis.call('HDEL', KEYS[1], 'reply', 'parts')
     close_batch(P, KEYS[1], ARGV[1], conv, now)
     redis.call('PEXPIRE', KEYS[1], ARGV[10])
-    redis.call('PUBLISH', ARGV[11], deadline)
+    wake_up(ARGV[11], deadline, KEYS[2])
     return {'superseded', n}
   end
 end

@@ -28,6 +28,6 @@ local conv = redis.call('HGET', KEYS[1], 'conv')
 redis.call('HSET', KEYS[1], 'state', 'failed')
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 if close_batch(ARGV[9], KEYS[1], ARGV[1], conv, now) then
-  redis.call('PUBLISH', ARGV[7], now)
+  wake_up(ARGV[7], now, KEYS[1])
 end
 return 'failed'

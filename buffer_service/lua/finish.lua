@@ -17,7 +17,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'reason', ARGV[4], 'reply_id', ARG
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'note', ARGV[13]) end
 redis.call('HDEL', KEYS[1], 'reply', 'parts', 'unsure')
 if close_batch(ARGV[12], KEYS[1], ARGV[1], conv, now) then
-  redis.call('PUBLISH', ARGV[11], now)
+  wake_up(ARGV[11], now, KEYS[1])
 end
 
 -- Known by its id, the reply's echo needs no fingerprint any more: the seen marker ('own')

@@ -9,5 +9,5 @@ if n == 0 then return 0 end
 local now = now_ms()
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], '1')
-redis.call('PUBLISH', ARGV[2], now)
+wake_up(ARGV[2], now, KEYS[1])
 return n

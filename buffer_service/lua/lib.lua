@@ -74,6 +74,14 @@ local function slide(key, ms)
   redis.call('SET', key, 1, 'PX', math.max(1, ms))
 end
 
+-- Tell the workers of a time worth waking up for (a deadline they cannot know yet, or work
+-- handed back) and of its shard: `key` is any key of the shard (or its prefix), whose hash tag
+-- names it (keys.py shard_of_key), so that a worker claims from that shard alone. Versions
+-- before sent the time alone, which makes a worker look at every shard.
+local function wake_up(channel, ms, key)
+  redis.call('PUBLISH', channel, ms .. ' ' .. key)
+end
+
 -- Buffer entries come in two formats (BUFFER_FORMAT, config.py), and every reader takes both:
 -- * json (versions before compact buffers): one JSON object per message,
 --   {"id", "text", "att", "inbox", "name", "ph", "typed"}, with its arrival time "t" (Redis ms)
@@ -518,5 +526,5 @@ local function requeue(P, bkey, id, now, wake)
   end
   redis.call('HSET', active, conv, id)
   redis.call('ZADD', P .. 'inflight', now, id)
-  redis.call('PUBLISH', wake, now)
+  wake_up(wake, now, P)
 end

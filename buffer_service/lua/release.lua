@@ -16,5 +16,5 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'state', 'released', 'token', '', 'released_ms', now)
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
-redis.call('PUBLISH', ARGV[3], now)
+wake_up(ARGV[3], now, KEYS[1])
 return 1
