@@ -7,12 +7,6 @@ own, ends an attempt after `total_s` and after `max_bytes` of body, with the htt
 client already knows (a timeout, a read error), so its bounded retries and the batch's retry
 handle them like any other failure. Compression is declined so that `max_bytes` bounds what
 is decoded, not just what travels.
-
-Under the bounds, the requests travel over aiohttp (the transport of openai's own
-`DefaultAioHttpClient`, the `openai[aiohttp]` extra) rather than httpx's: the openai client's
-calls cost a worker about half its CPU per burst, and its httpx send path a fifth of that
-(BENCHMARKS.md §8, before and after in the same run). The transport is the one openai ships
-for that client (pyproject: `openai[aiohttp]`), imported from where the release keeps it.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx2
-from openai._vendor.httpx_aiohttp import AiohttpTransport
 
 # A chat completion is a few KB; a reply long enough to need more is not a WhatsApp message.
 LLM_MAX_RESPONSE_BYTES = 1024 * 1024
@@ -93,7 +86,7 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
 def llm_http_client(timeout_s: float, concurrency: int) -> httpx2.AsyncClient:
     """The HTTP client for `openai.AsyncOpenAI`: per-step and total timeouts, capped answers."""
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    transport = BoundedTransport(AiohttpTransport(limits=limits), total_s=timeout_s,
+    transport = BoundedTransport(httpx2.AsyncHTTPTransport(limits=limits), total_s=timeout_s,
                                  max_bytes=LLM_MAX_RESPONSE_BYTES)
     # Redirects followed as the openai client's own default client does.
     return httpx2.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=True)
