@@ -13,12 +13,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from . import page
 from .auth import admin_middleware
 from .flags import FlagError
 from .ops import STATS_HOURS, NotFound, Operations, OpsError
+from .redis_client import REDIS_ERRORS
 
 OPS = web.AppKey("ops", Operations)
 
@@ -37,7 +37,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _json({"error": str(exc)}, status=404)
     except (OpsError, FlagError) as exc:
         return _json({"error": str(exc)}, status=400)
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         return _json({"error": f"storage unavailable: {type(exc).__name__}"}, status=503)
 
 

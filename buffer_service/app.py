@@ -30,7 +30,6 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
-from redis.exceptions import RedisClusterException, RedisError
 
 from . import admin, metrics
 from .auth import (
@@ -48,6 +47,7 @@ from .journal import WebhookLog
 from .keywords import keyword_in
 from .limits import RATE_LIMITED
 from .ops import Operations
+from .redis_client import REDIS_ERRORS
 from .store import BufferStore
 from .transcripts import Transcripts
 
@@ -68,6 +68,11 @@ _LINE = web.AppKey("webhook_line", structlog.typing.FilteringBoundLogger)
 _REDIS_BUDGET_S = 3.0
 # Chatwoot sends its body at once; a client that trickles one must not hold a handler forever.
 _BODY_TIMEOUT_S = 10.0
+# What ends a webhook's store without an answer from Redis: Redis away, its slot map in a
+# failover (redis_client.REDIS_ERRORS), or the budget above spent.
+_NOT_STORED_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
+# What a readiness probe's PING can meet besides those: a refused or reset connection.
+_UNREACHABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError, TimeoutError)
 
 
 class _QuietBadRequests(logging.Filter):
@@ -175,9 +180,7 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
                     if decision.action == "note":  # not answered, but kept as history
                         await store.note(decision)
                     body = {"status": "ignored", "reason": decision.reason}
-        # RedisClusterException is not a RedisError: the cluster client raises it when its
-        # slot map, refreshed during a failover, leaves the message's slot without an owner.
-        except (RedisError, RedisClusterException, TimeoutError) as exc:
+        except _NOT_STORED_ERRORS as exc:
             return _unavailable(exc, _NOT_STORED)
         body.update(decision.extra)
         request.app[_LINE].info("webhook", outcome=body["status"], reason=body.get("reason"),
@@ -229,7 +232,7 @@ async def _process_now(request: web.Request) -> web.Response:
     try:
         due = await store.due_count()
         await store.wake_all()
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         return _unavailable(exc)
     return _json({"status": "triggered", "due_buffers": due})
 
@@ -248,7 +251,7 @@ async def _readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(_REDIS_BUDGET_S):
             await request.app[STORE].redis.ping()
-    except (RedisError, OSError, TimeoutError) as exc:
+    except _UNREACHABLE as exc:
         body.update(status="unavailable", redis=str(exc) or type(exc).__name__)
         return _json(body, status=503)
     return _json(body)

@@ -28,13 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from . import eventloop, logs, redis_client
 from .config import ConfigError, Settings
 from .flags import FlagError, Flags
 from .ops import NotFound, Operations, OpsError
+from .redis_client import REDIS_ERRORS
 from .store import BufferStore
+
+# Redis away or in a failover (redis_client.REDIS_ERRORS), or not reachable at all.
+_UNREACHABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _unavailable(exc: Exception) -> int:
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         redis = await redis_client.connect(settings, attempts=1, fallback=False)
-    except (RedisError, OSError) as exc:
+    except _UNREACHABLE as exc:
         return _unavailable(exc)
     store = BufferStore(redis, settings)
     ops = Operations(store, Flags(redis, settings))
@@ -116,7 +119,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     except (OpsError, FlagError) as exc:
         print(f"buffer-service: {exc}", file=sys.stderr)
         return 1
-    except (RedisError, OSError) as exc:
+    except _UNREACHABLE as exc:
         return _unavailable(exc)
     finally:
         await redis.aclose()

@@ -21,11 +21,10 @@ import zlib
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisError
 
 from .config import Settings
 from .keys import Keys
-from .redis_client import AnyRedis
+from .redis_client import REDIS_ERRORS, AnyRedis
 
 log = structlog.get_logger("buffer_service.flags")
 
@@ -168,7 +167,7 @@ class Flags:
             started = time.monotonic()
             try:
                 raw = await self.redis.hgetall(self.key)
-            except RedisError:
+            except REDIS_ERRORS:
                 if self._values is None:
                     raise
                 # Without Redis nothing is buffered or claimed anyway; the last view holds
@@ -181,7 +180,7 @@ class Flags:
         """The worker's switch. Unreadable counts as off: claiming would fail just the same."""
         try:
             return (await self.current()).processing
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("flags_unavailable", error=str(exc))
             return False
 

@@ -24,12 +24,11 @@ import time
 from typing import cast
 
 import structlog
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from .config import Settings
 from .keys import Keys
-from .redis_client import AnyRedis
+from .redis_client import REDIS_ERRORS, AnyRedis
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -77,7 +76,7 @@ class WebhookLog:
                         for entry in batch:
                             pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
                         await pipe.execute()
-                except RedisError as exc:
+                except REDIS_ERRORS as exc:
                     self.dropped += len(batch)
                     log.warning("webhook_log_write_failed", error=str(exc), entries=len(batch))
         finally:
@@ -136,5 +135,5 @@ class SweepLog:
         self._reset()
         try:
             await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("sweep_log_write_failed", error=str(exc))

@@ -32,7 +32,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
+
+from .redis_client import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .ops import Operations
@@ -174,7 +175,7 @@ def handler(ops: Operations) -> Callable[[web.Request], Awaitable[web.Response]]
     async def serve(request: web.Request) -> web.Response:
         try:
             body, content_type = await exposition(ops)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             return web.Response(body=orjson.dumps({"error": f"storage unavailable: {type(exc).__name__}"}),
                                 status=503, content_type="application/json")
         # aiohttp wants the charset apart from the content type.

@@ -33,7 +33,6 @@ import time
 from typing import Any, TypeVar
 
 import structlog
-from redis.exceptions import RedisError
 
 from . import metrics
 from .chatwoot import ChatwootClient, ChatwootError, earlier_post
@@ -45,6 +44,7 @@ from .llm import LLMClient, LLMError, LLMReply
 from .media import Media
 from .parts import pause_s, split_reply
 from .presence import Presence, Typing
+from .redis_client import REDIS_ERRORS
 from .store import Batch, BufferStore, LeaseLost, Progress
 
 log = structlog.get_logger("buffer_service.processor")
@@ -134,7 +134,7 @@ class Processor:
                                       not_posted=not exc.unsure)
         except LLMError as exc:
             return await self._failed(batch, str(exc), exc.retryable, exc.retry_after_s)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             return _interrupted(exc)
         except asyncio.CancelledError:
             await self._release(batch)
@@ -322,7 +322,7 @@ class Processor:
                 finished = await self.store.finish(batch, "completed", reason=reason, reply=reply,
                                                    reply_id=reply_id)
                 break
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if time.monotonic() + delay > give_up:
                     raise
                 log.warning("finish_retry", error=str(exc), retry_in_s=delay)
@@ -340,7 +340,7 @@ class Processor:
         try:
             outcome = await self.store.fail(batch, error, retry_in_ms=delay, permanent=not retryable,
                                             not_posted=not_posted)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             return _interrupted(exc)
         if outcome == "failed":
             log.error("batch_failed", error=error)
@@ -354,7 +354,7 @@ class Processor:
         """Shutdown ran out of grace: hand the batch back so another worker takes it at once."""
         try:
             released = await self.store.release(batch)
-        except RedisError:
+        except REDIS_ERRORS:
             released = False
         # Not released (a post in doubt, or Redis away): the lease lapses and a worker takes it then.
         log.warning("batch_released" if released else "batch_left_to_lease_expiry")
@@ -385,7 +385,7 @@ def _handoff_reason(handoff: str) -> str:
     return "handoff:" + handoff.split(":", 1)[0]
 
 
-def _interrupted(exc: RedisError) -> str:
+def _interrupted(exc: Exception) -> str:
     # Nothing can be recorded while Redis is away. The batch's lease lapses and a worker takes
     # it again, as it would after a crash.
     log.warning("batch_interrupted", error=str(exc))

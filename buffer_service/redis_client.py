@@ -32,11 +32,17 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, RedisError
+from redis.exceptions import DataError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from .config import Settings
+
+# What a Redis call can raise when Redis is away or its topology moves. redis-py's cluster client
+# refreshes its slot map outside its own error handling, so a failover's "All slots are not
+# covered" (RedisClusterException, not a RedisError) reaches any caller: every place that
+# handles Redis being away catches both.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 log = structlog.get_logger("buffer_service.redis_client")
 

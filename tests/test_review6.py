@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from helpers import claim_one, eventually, jobs, wait_for
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
@@ -249,4 +251,53 @@ async def test_a_webhook_whose_append_meets_a_slot_map_without_full_coverage_ans
     async with svc.session.post(svc.url + "/webhooks/chatwoot", json=message_payload(
             message_id=1, conversation_id=604)) as resp:
         assert resp.status == 500 and resp.headers.get("Retry-After") == "1", await resp.text()
+        assert (await resp.json())["status"] == "unavailable"
+
+
+async def test_a_batch_step_that_meets_a_slot_map_without_full_coverage_is_interrupted(
+        settings, store, llm, chatwoot, monkeypatch):
+    """Found while fixing the above: the processor's steps caught RedisError only, so a batch whose
+    step met a failover's slot map ended its task with an unhandled exception: not counted, not
+    logged as interrupted. Expected: the batch is interrupted like any Redis outage (its lease
+    lapses and a worker takes it again), and counted as such."""
+    real = BufferStore.before_post
+    calls = 0
+
+    async def before_post(self: BufferStore, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisClusterException(_UNCOVERED)
+        return await real(self, *args, **kwargs)
+
+    def interrupted() -> float:
+        return REGISTRY.get_sample_value("buffer_service_batches_total",
+                                         {"outcome": "interrupted"}) or 0.0
+
+    before = interrupted()
+    monkeypatch.setattr(BufferStore, "before_post", before_post)
+    await store.append(ChatMessage(1, 605, 1, "is it open today?", inbox_id=1), buffered=False)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(settings, http=False, stop=stop))
+    try:
+        await wait_for(lambda: interrupted() > before or running.done(), timeout=15)
+    finally:
+        stop.set()
+        await asyncio.wait({running}, timeout=20)
+    assert interrupted() == before + 1
+
+
+async def test_readiness_during_a_slot_map_without_full_coverage_answers_503(
+        settings, make_service, monkeypatch):
+    """/readyz caught RedisError and OSError only: during a failover's slot-map refresh it
+    answered aiohttp's plain 500 (a traceback in the log) instead of its own 503 that tells a
+    load balancer to stop routing here for now."""
+    async def ping(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RedisClusterException(_UNCOVERED)
+
+    monkeypatch.setattr(Redis, "ping", ping)
+    monkeypatch.setattr(RedisCluster, "ping", ping)
+    svc = await make_service(settings, worker=False)
+    async with svc.session.get(svc.url + "/readyz") as resp:
+        assert resp.status == 503, await resp.text()
         assert (await resp.json())["status"] == "unavailable"
