@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from . import metrics, redis_client
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
@@ -164,9 +164,8 @@ class Worker:
             sent = clock()
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
-            except (RedisError, RedisClusterException) as exc:
-                # One shard's failure must not keep the others from being served (a slot map
-                # refreshed during a failover raises RedisClusterException, see `_listen`).
+            except redis_client.REDIS_ERRORS as exc:
+                # One shard's failure must not keep the others from being served.
                 log.warning("claim_failed", shard=shard, error=str(exc))
                 self._due[shard] = clock() + 1.0
                 continue
@@ -266,10 +265,7 @@ class Worker:
                     group.create_task(_raise_when(closing))
             except* _Closing:
                 pass
-            # RedisClusterException is not a RedisError: redis-py raises it when a slot-map
-            # refresh finds slots without an owner (a failover under way) or no seed answering.
-            except* (RedisError, RedisClusterException, OSError, _TopologyChanged,
-                     _SubscriptionEnded) as lost:
+            except* _LOST as lost:
                 log.warning("wakeup_subscription_lost", error=str(lost.exceptions[0]),
                             retry_in_s=self._backoff)
                 failed = True
@@ -360,6 +356,12 @@ class _SubscriptionEnded(Exception):
 
 class _Closing(Exception):
     pass
+
+
+# A subscription to make again: Redis away or in a failover (redis_client.REDIS_ERRORS), the
+# connection gone, the cluster's primaries changed, or the subscription ended or fell silent.
+_LOST: tuple[type[Exception], ...] = (*redis_client.REDIS_ERRORS, OSError, _TopologyChanged,
+                                      _SubscriptionEnded)
 
 
 async def _heard(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
