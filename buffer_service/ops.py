@@ -179,7 +179,8 @@ class Operations:
                 "deadline_at": iso(deadline), "due_in_ms": deadline - now if deadline else None,
                 "batch_in_flight": batch or None,
             })
-        rows.sort(key=lambda r: (r["deadline_at"] is None, r["deadline_at"] or ""))
+        # Ties (deadlines in the same millisecond) by conversation, not by the shards' order.
+        rows.sort(key=lambda r: (r["deadline_at"] is None, r["deadline_at"] or "", r["conversation"]))
         return rows[:limit]
 
     async def buffer(self, conversation: str) -> dict[str, Any]:

@@ -524,3 +524,20 @@ async def test_a_job_that_finishes_while_it_is_listed_is_listed_once(settings, r
         "id": done, "conv": "1:98", "state": "posting", "claimed_ms": view["claimed_ms"]})
     listed = await operator.jobs()
     assert [(j["id"], j["status"]) for j in listed] == [(done, "completed")]
+
+
+async def test_buffers_due_at_the_same_millisecond_are_listed_by_conversation(store, operator, redis):
+    """Two bursts whose deadlines fall in the same millisecond (webhooks a millisecond apart,
+    the common case under load) were listed in shard order, which changed from run to run of
+    `buffer-service buffers` as conversations moved between shards; the listing orders them by
+    conversation, so the same state always prints the same way (a CI run caught the flake)."""
+    convs = [(70 + i) for i in range(40)]
+    for c in convs:
+        await store.append(ChatMessage(1, c, 1000 + c, "x"), buffered=False)
+    # Every burst due at the same moment, whatever shard holds it.
+    due_at = int(time.time() * 1000) + 60_000
+    for c in convs:
+        conv = f"1:{c}"
+        await redis.zadd(store.keys.due(store.keys.shard_of(conv)), {conv: due_at})
+    rows = await operator.buffers()
+    assert [r["conversation"] for r in rows] == sorted(f"1:{c}" for c in convs)
