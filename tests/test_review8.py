@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from helpers import wait_for
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -252,3 +253,44 @@ async def test_a_busy_event_loop_is_not_taken_for_a_dead_subscription(
     await wait_for(lambda: not stalls["left"], timeout=5)
     await asyncio.sleep(2)  # several heartbeats after the stall
     assert len(subscribed) == 1, f"subscribed again {len(subscribed) - 1} time(s) after a 1 s stall"
+
+
+# -- 5. the listener's backoff never grows while one primary is down --------------------------------
+async def test_the_wakeup_listener_backs_off_while_one_primary_is_down(
+        settings: Settings, patient_cluster: RedisClusterServers, make_service,
+        chatwoot: ChatwootStandIn, llm: Any) -> None:
+    """Finding (206b578, 457109c: every lost subscription and every unforeseen error is made
+    again "after the backoff"): `_listen_on` resets the backoff to 0.2 s as soon as its own
+    SUBSCRIBE is sent. On a cluster one task per primary does so, and the healthy primaries
+    subscribe before the dead one's connection attempts have failed (about 1.4 s of retries):
+    every round resets the backoff, so it never grows past 0.2 s. While a primary is down and not
+    yet failed over (cluster-node-timeout, 15 s by default; for good without a replica and with
+    cluster-require-full-coverage off), the listener tears down and remakes every subscription
+    about every 1.6 s, each time with two warnings, a slot-map refresh of the shared client
+    (redis-py marks every connection for reconnect), a CONFIG GET per primary and a claim from
+    every shard, the dead primary's each failing after its retries. The same holds for an error
+    that recurs after subscribing (a message that trips a bug): a restart every 0.2 s, each with a
+    traceback. House rule: every retry a bound and backoff.
+    Scenario: one primary is killed (connection refused); the others serve.
+    Expected: the wait before subscribing again grows (0.2, 0.4, 0.8 ... up to 5 s) while the
+    subscriptions keep failing: the fourth lost subscription waits at least 0.8 s.
+    Fix: count a subscription as made only when every primary's is (or once it has lived a
+    heartbeat or so), and reset the backoff only then."""
+    layout = _Layout(settings, patient_cluster, Keys(settings).due(0))
+    probe = layout.healthy(1)[0]
+    s = replace(settings, redis_url=patient_cluster.url, processing_interval_ms=60_000)
+    store = await _cluster_store(s)
+    try:
+        with structlog.testing.capture_logs() as logged:
+            await make_service(s, http=False)
+            await store.append(_msg(probe, 1, "probe"), buffered=False)
+            await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
+            layout.victim.kill()
+
+            def lost() -> list[float]:
+                return [e["retry_in_s"] for e in logged if e["event"] == "wakeup_subscription_lost"]
+
+            await wait_for(lambda: len(lost()) >= 4, timeout=25)
+    finally:
+        await store.redis.aclose()
+    assert lost()[3] >= 0.8, lost()
