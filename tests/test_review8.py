@@ -27,7 +27,7 @@ from helpers import wait_for
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from buffer_service import redis_client, worker
+from buffer_service import redis_client, service, worker
 from buffer_service.chatwoot import ChatMessage
 from buffer_service.config import Settings
 from buffer_service.flags import FLAGS_CHANGED, Flags
@@ -294,3 +294,41 @@ async def test_the_wakeup_listener_backs_off_while_one_primary_is_down(
     finally:
         await store.redis.aclose()
     assert lost()[3] >= 0.8, lost()
+
+
+# -- 6. a stop waits out a claim on a hung primary --------------------------------------------------
+async def test_a_worker_stops_within_docker_s_stop_timeout_while_a_primary_hangs(
+        settings: Settings, patient_cluster: RedisClusterServers, chatwoot: ChatwootStandIn,
+        llm: Any) -> None:
+    """Finding (the sweep of finding 1, on the way out): a stop ends the sweep between two
+    shards only (test_pipeline: "at most the claim already under way finishes"), which costs
+    about 0.7 s when Redis refuses connections, but a claim sent to a primary that hangs takes
+    20 s (4 attempts of the 5 s socket timeout). SIGTERM then finds the worker waiting for it,
+    past `docker stop`'s 10 s (and close to Kubernetes' 30 s grace, with the drain still to
+    come): the process is killed, its batches in flight are not handed back (release.lua) and
+    wait for their leases to lapse (PROCESSING_LEASE_MS), late replies for conversations of
+    every primary.
+    Scenario: the primary holding shard 0 hangs; a periodic sweep reaches it; the service is
+    stopped. Expected: the service has stopped within 8 s of the stop.
+    Fix: a stop does not wait for a claim under way (cancel it: a claim that did run leaves its
+    batches to their leases, as a killed worker does), or claims are bounded well below that."""
+    layout = _Layout(settings, patient_cluster, Keys(settings).due(0))
+    assert layout.victim_port not in {layout.node_of(k) for k in
+                                      (layout.keys.flags, layout.keys.logs["sweeps"])}
+    probe = layout.healthy(1)[0]
+    s = replace(settings, redis_url=patient_cluster.url, processing_interval_ms=1000)
+    store = await _cluster_store(s)
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(s, http=False, stop=stop))
+    try:
+        await store.append(_msg(probe, 1, "probe"), buffered=False)
+        await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
+        with _hung(layout.victim):
+            await asyncio.sleep(2.5)  # periodic sweeps (every second) have reached its shards
+            stop.set()
+            done, _ = await asyncio.wait({running}, timeout=8)
+            assert done, "still stopping 8 s after the stop"
+    finally:
+        stop.set()
+        await asyncio.wait({running}, timeout=30)
+        await store.redis.aclose()
