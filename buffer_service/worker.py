@@ -161,12 +161,12 @@ class Worker:
     def _done(self, shard: int, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
         metrics.batch_outcome(task)
-        self._wake.set()  # a slot is free again
         # A batch that did not end (retrying, lost, interrupted, shut down) left work in its
         # shard that its last claim could not know of, and no wake-up says so (a retry time,
         # a lease that will lapse). An ended one's scripts wake for what they make due.
         if task.cancelled() or task.exception() is not None or task.result() not in _ENDED:
-            self._look(shard)
+            self._schedule.look(shard)
+        self._wake.set()  # a slot is free again
 
     async def _sleep(self, delay: float, stop: asyncio.Event) -> None:
         if delay <= 0 or self._wake.is_set():
