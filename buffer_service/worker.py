@@ -49,6 +49,7 @@ TOPOLOGY_CHECK_S = 5.0
 HEARTBEAT_S = 3.0
 # Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
 # superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
+# tests/test_ended.py runs each outcome's script and keeps this set equal to those.
 _ENDED = frozenset({"completed", "skipped", "superseded", "failed"})
 
 
