@@ -163,8 +163,10 @@ class Worker:
         self._tasks.discard(task)
         metrics.batch_outcome(task)
         # A batch that did not end (retrying, lost, interrupted, shut down) left work in its
-        # shard that its last claim could not know of, and no wake-up says so (a retry time,
-        # a lease that will lapse). An ended one's scripts wake for what they make due.
+        # shard that its last claim could not know of, and for most of these no wake-up says so
+        # (a lease that will lapse); fail.lua publishes a retry time, but a claim now costs one
+        # call and learns it even if that message is lost. An ended one's scripts wake for what
+        # they make due.
         if task.cancelled() or task.exception() is not None or task.result() not in _ENDED:
             self._schedule.look(shard)
         self._wake.set()  # a slot is free again
