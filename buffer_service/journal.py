@@ -8,7 +8,8 @@
 - `bs:log:sweeps`: one entry per worker per `BUFFER_PROCESSING_INTERVAL_MS` (the safety-sweep
   period, the old cron's cadence): how many sweeps ran, what they claimed, what the safety net
   caught (bursts claimed late, batches taken again after a lapsed lease or a retry), and whether
-  processing was switched off.
+  processing was switched off. Written off the worker loop's path the same way: the key lives
+  on one node of a cluster, and the loop must go on claiming from the others while it hangs.
 
 Both are global (untagged) keys, written by their own commands, never inside a shard script.
 Both are capped (`MAXLEN ~`), so they need no cleanup; losing the newest entries when a process
@@ -36,6 +37,7 @@ log = structlog.get_logger("buffer_service.journal")
 LOG_MAXLEN = 10_000
 _GATHER_S = 0.02
 _MAX_PENDING = 5_000
+_CLOSE_WAIT_S = 1.0
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
 
@@ -50,10 +52,16 @@ def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
     return cast("dict[FieldT, EncodableT]", entry)
 
 
-class WebhookLog:
-    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
+class _Appender:
+    """Entries for one capped stream, written off the caller's path: gathered for a few ms and
+    sent in one pipeline, at most _MAX_PENDING held while Redis is away or slow. No caller waits
+    for a write: a node that hangs (it answers neither the write nor with an error) holds up
+    only its own stream's entries."""
+
+    def __init__(self, redis: AnyRedis, key: str, failed_event: str) -> None:
         self.redis = redis
-        self.key = Keys(settings).logs["webhooks"]
+        self.key = key
+        self.failed_event = failed_event
         self.dropped = 0
         self._pending: list[dict[str, str | int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -78,9 +86,24 @@ class WebhookLog:
                         await pipe.execute()
                 except REDIS_ERRORS as exc:
                     self.dropped += len(batch)
-                    log.warning("webhook_log_write_failed", error=str(exc), entries=len(batch))
+                    log.warning(self.failed_event, error=str(exc), entries=len(batch))
         finally:
             self._task = None
+
+    async def aclose(self) -> None:
+        """The last entries, unless their node hangs: a shutdown (docker stop's 10 s) must not
+        wait out its socket timeouts; a log may lose its newest entries."""
+        if self._task is not None:
+            task = self._task
+            _, pending = await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
+            if pending:
+                task.cancel()
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
+
+
+class WebhookLog:
+    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
+        self._stream = _Appender(redis, Keys(settings).logs["webhooks"], "webhook_log_write_failed")
 
     def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
         """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
@@ -92,19 +115,17 @@ class WebhookLog:
             value = body.get(src)
             if isinstance(value, int):
                 entry[dst] = value
-        self.add(entry)
+        self._stream.add(entry)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._stream.aclose()
 
 
 class SweepLog:
     """What one worker's sweeps found and did, one entry per safety-sweep period."""
 
     def __init__(self, redis: AnyRedis, settings: Settings) -> None:
-        self.redis = redis
-        self.key = Keys(settings).logs["sweeps"]
+        self._stream = _Appender(redis, Keys(settings).logs["sweeps"], "sweep_log_write_failed")
         self.period_s = settings.processing_interval_ms / 1000
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._reset()
@@ -122,7 +143,9 @@ class SweepLog:
         else:
             self.retaken += 1
 
-    async def swept(self, *, paused: bool) -> None:
+    def swept(self, *, paused: bool) -> None:
+        """Counts a turn of the worker loop; once a period, queues its entry (never waits for
+        the write: `bs:log:sweeps` lives on one node, whose hang must not stop the loop)."""
         self.sweeps += 1
         self.paused = self.paused or paused
         if time.monotonic() - self._started < self.period_s:
@@ -133,7 +156,7 @@ class SweepLog:
             "paused": int(self.paused), "period_ms": round((time.monotonic() - self._started) * 1000),
         }
         self._reset()
-        try:
-            await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
-        except REDIS_ERRORS as exc:
-            log.warning("sweep_log_write_failed", error=str(exc))
+        self._stream.add(entry)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
