@@ -217,6 +217,18 @@ async def subscription_nodes(redis: AnyRedis, settings: Settings) -> list[Redis]
         for node in redis.get_primaries()]
 
 
+def node_of(redis: AnyRedis, key: str) -> str:
+    """The node that holds `key` ("host:port") as the cluster client's slot map has it; '' on a
+    standalone Redis, and for a slot the map does not cover (its command will say more)."""
+    if not isinstance(redis, RedisCluster):
+        return ""
+    try:
+        node = redis.get_node_from_key(key)
+    except (LookupError, RedisError, RedisClusterException):
+        return ""
+    return node.name if node is not None else ""
+
+
 async def primary_names(redis: AnyRedis) -> frozenset[str]:
     """Which nodes are primaries now ("host:port"), from a refreshed slot map; '' standalone."""
     if not isinstance(redis, RedisCluster):

@@ -15,6 +15,10 @@ message or an expiry event named, and every shard after a wake-up that names non
 version's, a flag change, a reconnect) and at each periodic sweep. Claiming from all shards
 on every wake-up and every finished batch cost a round trip each (16 by default): 63 claim
 calls for one burst on an idle worker, 1-2 now (BENCHMARKS.md §8).
+
+The loop itself never waits on Redis but for the flags (at most flags.RELOAD_WAIT_S): a sweep
+starts the claims, one task per node holding due shards (claims.py), and their ends wake the
+loop; a cluster node that hangs then delays only its own shards.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from . import metrics, redis_client
+from .claims import Claims
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
 from .journal import SweepLog
 from .processor import Processor
@@ -66,6 +71,7 @@ class Worker:
         self._next_shard = 0
         self._schedule = ClaimSchedule(self.settings.shards,
                                        self.settings.processing_interval_ms / 1000)
+        self._claims = Claims(store, self._schedule, start=self._start, ended=self._wake.set)
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
@@ -100,13 +106,16 @@ class Worker:
                     self._wake.clear()
                     delay = MAX_AGE_S
                 else:
-                    delay = await self._sweep(stop)
-                await self.sweep_log.swept(paused=paused)
+                    delay = self._sweep()
+                self.sweep_log.swept(paused=paused)
                 await self._sleep(delay, stop)
         finally:
             closing.set()
             listener.cancel()
             try:
+                # Before the drain: a claim under way would otherwise start batches meanwhile,
+                # and one sent to a node that hangs takes 20 s (claims.py).
+                await self._claims.cancel()
                 # Not `await listener`: a listener that died of an error would raise it here,
                 # and the batches in flight would be neither drained nor released.
                 await asyncio.wait({listener})
@@ -115,41 +124,22 @@ class Worker:
             if not listener.cancelled() and (error := listener.exception()) is not None:
                 raise error
 
-    async def _sweep(self, stop: asyncio.Event) -> float:
-        """Claim as much due work as there are free slots; returns seconds until the next.
-        Ends early on `stop`: with Redis gone each shard's claim takes its retries (about 0.7 s),
-        and a shutdown must not wait for all of them."""
+    def _sweep(self) -> float:
+        """Start claiming as much due work as there are free slots, each node's shards beside
+        the others' (claims.py); returns seconds until the next sweep. The end of a claim, a
+        wake-up and a finished batch wake the loop earlier."""
         self._wake.clear()
         s, schedule = self.settings, self._schedule
         clock = asyncio.get_running_loop().time
         schedule.start_sweep(clock())
-        free = s.worker_concurrency - len(self._tasks)
-        if free <= 0:
-            return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
+        free = s.worker_concurrency - len(self._tasks) - self._claims.reserved
         # Start at a different shard each time so one busy shard cannot starve the others.
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
-        for i in range(s.shards):
-            if stop.is_set():
-                break
-            shard = (start + i) % s.shards
-            if not schedule.is_due(shard, clock()):
-                continue
-            claim = schedule.claiming(shard, clock())
-            try:
-                now, next_ms, batches = await self.store.claim(shard, free)
-            except redis_client.REDIS_ERRORS as exc:
-                # One shard's failure must not keep the others from being served.
-                log.warning("claim_failed", shard=shard, error=str(exc))
-                schedule.failed(shard, clock())
-                continue
-            for batch in batches:
-                self._start(batch)
-            free -= len(batches)
-            schedule.claimed(claim, now, next_ms)
-            if free <= 0:
-                return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
-        return schedule.until_next(clock())
+        order = [(start + i) % s.shards for i in range(s.shards)]
+        if free <= 0 or self._claims.start(order, free, clock()) <= 0:
+            return schedule.until_full_sweep(clock())  # a finishing claim or task wakes the loop
+        return schedule.until_next(clock(), waiting=self._claims.waiting(order))
 
     def _start(self, batch: Batch) -> None:
         self.claimed += 1
