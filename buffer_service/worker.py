@@ -49,8 +49,9 @@ log = structlog.get_logger("buffer_service.worker")
 # failed node is noticed at once, by its broken subscription).
 TOPOLOGY_CHECK_S = 5.0
 # A subscription quiet this long is sent a PING; one whose PING is not answered within as long
-# again is taken for lost (a NAT or load balancer that dropped the idle flow without a reset
-# leaves the read waiting forever) and made again, which also looks at every shard.
+# again (counted from the PING sent) is taken for lost (a NAT or load balancer that dropped the
+# idle flow without a reset leaves the read waiting forever) and made again, which also looks at
+# every shard.
 HEARTBEAT_S = 3.0
 # Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
 # superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
@@ -323,19 +324,22 @@ _LOST: tuple[type[Exception], ...] = (*redis_client.REDIS_ERRORS, OSError, _Topo
 
 
 async def _heard(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
-    """PubSub.listen() with a heartbeat: raises _SubscriptionEnded when nothing, not even the
-    answer to a PING, came for twice HEARTBEAT_S."""
+    """PubSub.listen() with a heartbeat: a PING when nothing came for HEARTBEAT_S, and
+    _SubscriptionEnded when nothing, not even its answer, came for HEARTBEAT_S after the PING
+    went out. Counted from the PING sent, not from the last message: an event loop held up (a
+    GC pause, a slow synchronous call) finds the read's timeout past without any PING sent."""
     clock = asyncio.get_running_loop().time
-    heard = clock()
+    pinged: float | None = None  # when the PING not answered yet went out
     while pubsub.subscribed:
         message = await pubsub.get_message(timeout=HEARTBEAT_S)
         if message is not None:
-            heard = clock()
+            pinged = None
             yield message
-        elif clock() - heard > 1.5 * HEARTBEAT_S:  # a PING went out a HEARTBEAT_S ago
-            raise _SubscriptionEnded(f"no answer to a PING within {HEARTBEAT_S} s")
-        else:
+        elif pinged is None:
             await pubsub.ping()
+            pinged = clock()
+        elif clock() - pinged >= HEARTBEAT_S:
+            raise _SubscriptionEnded(f"no answer to a PING within {HEARTBEAT_S} s")
 
 
 async def _raise_when(closing: asyncio.Event) -> None:
