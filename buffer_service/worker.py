@@ -217,9 +217,11 @@ class Worker:
             try:
                 nodes = await redis_client.subscription_nodes(self.store.redis, self.settings)
                 primaries = await redis_client.primary_names(self.store.redis)
+                subscribed = [asyncio.Event() for _ in nodes]
                 async with asyncio.TaskGroup() as group:
-                    for node in nodes:
-                        group.create_task(self._listen_on(node))
+                    for node, done in zip(nodes, subscribed, strict=True):
+                        group.create_task(self._listen_on(node, done))
+                    group.create_task(self._reset_backoff(subscribed))
                     group.create_task(self._watch_topology(primaries, closing))
                     group.create_task(_raise_when(closing))
             except* _Closing:
@@ -257,7 +259,15 @@ class Worker:
             if now != primaries and not closing.is_set():
                 raise _TopologyChanged("the cluster's primaries changed")
 
-    async def _listen_on(self, node: Redis) -> None:
+    async def _reset_backoff(self, subscribed: list[asyncio.Event]) -> None:
+        """The backoff starts again from its least once every primary's subscription is made
+        and has lived a heartbeat: not at one primary's, while another's keeps failing (the
+        backoff would never grow), nor at once, for an error that recurs soon after."""
+        await asyncio.gather(*(event.wait() for event in subscribed))
+        await asyncio.sleep(HEARTBEAT_S)
+        self._backoff = 0.2
+
+    async def _listen_on(self, node: Redis, subscribed: asyncio.Event) -> None:
         db = node.connection_pool.connection_kwargs.get("db", 0)
         expired = f"__keyevent@{db}__:expired"
         await self._enable_expiry_events(node)
@@ -267,7 +277,7 @@ class Worker:
             # Events published while we were not subscribed are gone: look now, and after
             # every reconnect, including those the client makes on its own and re-subscribes.
             self._look()
-            self._backoff = 0.2
+            subscribed.set()
             if pubsub.connection is not None:
                 pubsub.connection.register_connect_callback(self._reconnected)
             async for message in _heard(pubsub):
