@@ -15,6 +15,7 @@ every node of a cluster, but a keyspace event only those of the node where the k
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 from urllib.parse import urlparse
 
@@ -100,6 +101,22 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     UnixDomainSocketConnection: _FastUnixConnection}
 
 
+def _keepalive_options() -> dict[int, int]:
+    """TCP keepalive probes after 30 s idle, then every 10 s, 3 unanswered: a NAT or load
+    balancer keeps an idle connection's entry (AWS NLB drops it after 350 s), and a peer gone
+    without a word is noticed within about a minute. Set here rather than left to redis-py: only
+    redis-py 8 has such defaults, older ones (pyproject allows redis>=5) leave the OS's 2 hours.
+    Each option only where the platform has it (macOS names the idle time TCP_KEEPALIVE)."""
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    wanted = ((idle, 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
+              (getattr(socket, "TCP_KEEPCNT", None), 3))
+    return {option: value for option, value in wanted if option is not None}
+
+
+_KEEPALIVE: dict[str, Any] = {"socket_keepalive": True,
+                              "socket_keepalive_options": _keepalive_options()}
+
+
 def seed_urls(settings: Settings) -> list[str]:
     return [url.strip() for url in settings.redis_url.split(",") if url.strip()]
 
@@ -112,9 +129,8 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
     """A client that retries a command a few times across a reconnect, with backoff.
 
     `blocking` is for the pub/sub connection, which waits for messages without a read timeout
-    (worker.py sends it a PING when it is quiet). TCP keepalive (not on by default in every
-    redis-py version) keeps a NAT's entry for an idle connection, and lets the kernel notice a
-    peer gone without a word.
+    (worker.py sends it a PING when it is quiet). TCP keepalive (`_keepalive_options`) keeps a
+    NAT's entry for an idle connection, and lets the kernel notice a peer gone without a word.
     """
     # A blocking pool: a burst of concurrent webhooks waits briefly for a connection instead
     # of failing with "Too many connections".
@@ -127,7 +143,7 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=0 if blocking else 30,
-        socket_keepalive=True,
+        **_KEEPALIVE,
     )
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return Redis(connection_pool=pool)
@@ -158,6 +174,7 @@ def cluster(settings: Settings) -> RedisCluster:
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
+        **_KEEPALIVE,
     )
 
 
@@ -212,7 +229,7 @@ async def subscription_nodes(redis: AnyRedis, settings: Settings) -> list[Redis]
     await redis.nodes_manager.initialize()
     return [Redis(connection_pool=BlockingConnectionPool(
         **_node_kwargs(node), max_connections=4, timeout=5, socket_connect_timeout=2,
-        socket_timeout=None, socket_keepalive=True, retry=_retry(),
+        socket_timeout=None, **_KEEPALIVE, retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError]))
         for node in redis.get_primaries()]
 
@@ -240,7 +257,7 @@ async def primary_names(redis: AnyRedis) -> frozenset[str]:
 def _node_kwargs(node: ClusterNode) -> dict[str, Any]:
     kwargs = dict(node.connection_kwargs)
     kwargs["connection_class"] = node.connection_class
-    for unwanted in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry",
-                     "retry_on_error", "max_connections"):
+    for unwanted in ("socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                     "socket_keepalive_options", "retry", "retry_on_error", "max_connections"):
         kwargs.pop(unwanted, None)
     return kwargs
