@@ -32,10 +32,12 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.cluster import get_node_name
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
+from redis.utils import str_if_bytes
 
 from .config import Settings
 
@@ -167,7 +169,7 @@ def cluster(settings: Settings) -> RedisCluster:
         # those other requests are using too: during a slot migration (MOVED after an ASK that
         # went out on another connection than its ASKING) they failed with AttributeError and
         # "Connection closed by server", for many seconds. Each MOVED still patches the slot map,
-        # and the worker refreshes it every few seconds (worker.py).
+        # and the worker refreshes it when it finds it changed (primary_names, every few seconds).
         reinitialize_steps=0,
         socket_connect_timeout=2,
         socket_timeout=5,
@@ -247,10 +249,25 @@ def node_of(redis: AnyRedis, key: str) -> str:
 
 
 async def primary_names(redis: AnyRedis) -> frozenset[str]:
-    """Which nodes are primaries now ("host:port"), from a refreshed slot map; '' standalone."""
+    """Which nodes are primaries now ("host:port"); '' standalone. Read with one CLUSTER SLOTS
+    through the client's default node; the client's slot map is refreshed only when that read
+    differs from it. Not NodesManager.initialize() every time: redis-py 8.1 marks every
+    connection of the client for reconnect on each refresh, and the worker asks every
+    TOPOLOGY_CHECK_S (a new connection and handshake for every connection used after each)."""
     if not isinstance(redis, RedisCluster):
         return frozenset({""})
-    await redis.nodes_manager.initialize()
+    manager, asked = redis.nodes_manager, redis.get_default_node()
+    owners: dict[tuple[int, int], str] = {}
+    for start, end, primary, *_ in await asked.execute_command("CLUSTER SLOTS"):
+        host = str_if_bytes(primary[0]) or asked.host  # '' on a cluster of one node
+        owners[(int(start), int(end))] = get_node_name(*manager.remap_host_port(host, int(primary[1])))
+    cached = manager.slots_cache
+    same = sum(end - start + 1 for start, end in owners) == len(cached) and all(
+        cached.get(slot) and cached[slot][0].name == name
+        for (start, end), name in owners.items() for slot in range(start, end + 1))
+    if same:
+        return frozenset(owners.values())
+    await manager.initialize()
     return frozenset(node.name for node in redis.get_primaries())
 
 
