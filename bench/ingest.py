@@ -19,7 +19,14 @@ maximum for the acknowledgement latency. "Stored" is checked by counting the de-
 markers the append script writes, one per stored message. CPU seconds per message come from
 /proc/<pid>/stat of the service and of redis-server.
 
+--cpu measures what the rate on a shared machine cannot: CPU time of the server process (utime +
+stime, /proc/<pid>/stat) per acknowledged webhook while wrk (another process, 64 connections)
+keeps it saturated, without the latency runs. The targets of a round run one after the other,
+so their ratios (each against `floor` and against `before` of the same round, median over
+rounds) compare processes that saw the same machine; the load average is printed per round.
+
     python bench/ingest.py [--quick] [--repeat N] [--targets bare,service,unbatched]
+    python bench/ingest.py --cpu --targets floor@uvloop,before@uvloop,service@uvloop --before-ref main
 """
 
 from __future__ import annotations
@@ -159,27 +166,77 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
             cpu = cpu_seconds(proc.pid) - cpu0
             rcpu = (cpu_seconds(redis.proc.pid) if redis.proc else 0.0) - rcpu0
             kept = stored(redis.url) - before if base != "bare" else full.requests
-            # Paced: each connection waits `delay` ms before each request, so the rate is about
-            # connections * 1000 / (delay + latency + wrk's timer slack); a short calibration run
-            # measures that, then the measured run aims at half of this target's maximum.
-            delay = 10
-            target = full.rps / 2
-            connections = max(1, round(target * delay / 1000))
-            probe = load(id_base + 300_000_000, 2, connections, delay)
-            connections = max(1, min(2000, round(connections * target / max(1.0, probe.rps))))
-            paced = load(id_base + 400_000_000, seconds, connections, delay)
+            acked = full.requests - full.errors
+            result = {"kind": kind, "rps": full.rps, "errors": full.errors, "acked": acked, "stored": kept,
+                      "cpu_us_per_msg": cpu / max(1, full.requests) * 1e6,
+                      "cpu_us_per_ack": cpu / max(1, acked) * 1e6,
+                      "redis_cpu_us_per_msg": rcpu / max(1, full.requests) * 1e6 if base != "bare" else 0.0,
+                      "full_p50_ms": full.p50_ms, "full_p99_ms": full.p99_ms}
+            if not args.cpu:
+                # Paced: each connection waits `delay` ms before each request, so the rate is about
+                # connections * 1000 / (delay + latency + wrk's timer slack); a short calibration
+                # run measures that, then the measured run aims at half of this target's maximum.
+                delay = 10
+                target = full.rps / 2
+                connections = max(1, round(target * delay / 1000))
+                probe = load(id_base + 300_000_000, 2, connections, delay)
+                connections = max(1, min(2000, round(connections * target / max(1.0, probe.rps))))
+                paced = load(id_base + 400_000_000, seconds, connections, delay)
+                result.update(paced_rps=paced.rps, paced_p50_ms=paced.p50_ms, paced_p99_ms=paced.p99_ms,
+                              paced_max_ms=paced.max_ms, paced_errors=paced.errors)
             if args.profile and kind == args.profile:
                 with profiled(proc.pid, f"ingest-{kind}", seconds - 1):
                     load(id_base + 500_000_000, seconds, 64)
         finally:
             stop(proc)
-    acked = full.requests - full.errors
-    return {"kind": kind, "rps": full.rps, "errors": full.errors, "acked": acked, "stored": kept,
-            "cpu_us_per_msg": cpu / max(1, full.requests) * 1e6,
-            "redis_cpu_us_per_msg": rcpu / max(1, full.requests) * 1e6 if base != "bare" else 0.0,
-            "full_p50_ms": full.p50_ms, "full_p99_ms": full.p99_ms,
-            "paced_rps": paced.rps, "paced_p50_ms": paced.p50_ms, "paced_p99_ms": paced.p99_ms,
-            "paced_max_ms": paced.max_ms, "paced_errors": paced.errors}
+    return result
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _same_loop(name: str, kind: str) -> str:
+    """Target `name` on the event loop of `kind`."""
+    _, at, event_loop = kind.partition("@")
+    return f"{name}{at}{event_loop}"
+
+
+def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[str, Any]:
+    """--cpu: CPU per acknowledged webhook of each target; ratios per round, then the median."""
+    runs: list[dict[str, Any]] = []
+    for i in range(repeats(args)):
+        load_before = _loadavg()
+        for kind, code_dir in kinds.items():
+            r = run_once(kind, code_dir, tmp, args, len(runs))
+            runs.append(dict(r, round=i, loadavg=_loadavg()))
+            print(f"round {i + 1} {kind:16s} {r['rps']:8.0f} req/s | stored {r['stored']} of {r['acked']}"
+                  f" acked | {r['cpu_us_per_ack']:.0f} us CPU/ack | load {_loadavg()}", flush=True)
+            time.sleep(0.5)
+        print(f"round {i + 1}: load average {load_before} -> {_loadavg()}", flush=True)
+    by = {(r["kind"], r["round"]): r for r in runs}
+    rounds = range(repeats(args))
+
+    def ratio(kind: str, other: str) -> float:
+        # against a baseline only: floor and bare are the stack's, before the code before a change
+        if other not in kinds or kind.partition("@")[0] in ("bare", "floor", "before"):
+            return float("nan")
+        return median([by[kind, i]["cpu_us_per_ack"] / by[other, i]["cpu_us_per_ack"] for i in rounds])
+
+    summary: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        mine = [by[kind, i] for i in rounds]
+        summary[kind] = {"cpu_us_per_ack": median([r["cpu_us_per_ack"] for r in mine]),
+                         "rps": median([r["rps"] for r in mine]),
+                         "x_floor": ratio(kind, _same_loop("floor", kind)),
+                         "x_before": ratio(kind, _same_loop("before", kind)),
+                         "all_stored": float(all(r["stored"] >= r["acked"] for r in mine))}
+    print()
+    print(table(["target", "CPU us/ack (median)", "x floor", "x before", "req/s", "all acked stored"],
+                [[kind, f"{s['cpu_us_per_ack']:.0f}", f"{s['x_floor']:.2f}", f"{s['x_before']:.2f}",
+                  round(s["rps"]), "yes" if s["all_stored"] else "NO"] for kind, s in summary.items()]))
+    return save("ingest-cpu", args, {"payload_bytes": size, "conversations": args.conversations,
+                                     "runs": runs, "summary": summary})
 
 
 def _baseline(kind: str) -> str:
@@ -192,12 +249,15 @@ def main() -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--conversations", type=int, default=0, help="default 20000 (quick 10000)")
     p.add_argument("--targets", default="bare,service,unbatched",
-                   help="comma list of bare, floor, service, unbatched, no-limits, signed, before; "
-                        "each may end in @asyncio or @uvloop")
+                   help="comma list of bare, floor, service, unbatched, no-limits, signed, before, "
+                        "git:REF (the service as of git REF); each may end in @asyncio or @uvloop")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="after its measured runs, record a py-spy flame graph of TARGET under full load")
     p.add_argument("--before-ref", default="9cf19f8",
                    help="git ref for the `before` target (default: the commit before batching)")
+    p.add_argument("--cpu", action="store_true",
+                   help="only the server's CPU per acknowledged webhook at full load, against floor "
+                        "and before of the same round (no latency runs)")
     args = p.parse_args()
     # Enough conversations that none passes the default per-conversation rate limit (120/min).
     args.conversations = args.conversations or (10_000 if args.quick else 20_000)
@@ -214,13 +274,16 @@ def main() -> dict[str, Any]:
                 kinds[kind] = ROOT
             elif base == "unbatched":
                 kinds[kind] = unbatched_copy(tmp / "unbatched")
-            elif base == "before":
-                before = checkout(args.before_ref, tmp / "before")
-                if before is None:
-                    raise SystemExit(f"git ref {args.before_ref!r} is not available")
-                kinds[kind] = before
+            elif base == "before" or base.startswith("git:"):
+                ref = args.before_ref if base == "before" else base.removeprefix("git:")
+                code = checkout(ref, tmp / base.replace(":", "-"))
+                if code is None:
+                    raise SystemExit(f"git ref {ref!r} is not available")
+                kinds[kind] = code
             else:
                 raise SystemExit(f"unknown target {kind!r}")
+        if args.cpu:
+            return cpu_only(kinds, tmp, args, size)
         if any(_baseline(kind) not in kinds for kind in kinds):
             raise SystemExit("each target's bare handler (bare, or bare@LOOP for a target on LOOP) "
                              "is the baseline of its ratio: list it too")
