@@ -11,7 +11,7 @@ Targets (--targets), each a real process loaded by wrk (another process) in the 
   no-limits  the service with RATE_LIMIT_PER_CONVERSATION=0 (what the limiter's call costs)
   signed     the service with CHATWOOT_WEBHOOK_SECRET, every request signed as Chatwoot signs
   TARGET@LOOP  TARGET on event loop LOOP (EVENT_LOOP: asyncio or uvloop), its ratios against
-             bare@LOOP
+             bare@LOOP; TARGET@LOOP+NAME=VALUE also sets the service setting NAME
   before     `--before-ref` (default: the commit before batching) as it was then
 Each run gets a fresh redis-server (repo redis.conf, AOF on). Per run: a warm-up, then wrk at
 full speed (64 connections) for the maximum rate, then wrk paced to half of that target's own
@@ -131,7 +131,7 @@ def unbatched_copy(dest: Path) -> Path:
 def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> dict[str, Any]:
     warm, seconds = (1, 4) if args.quick else (2, 10)
     port = free_port()
-    base, _, event_loop = kind.partition("@")
+    base, event_loop, settings = _parts(kind)
     base_kind_signed = base == "signed"
     env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": str(args.conversations)}
     url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
@@ -145,7 +145,7 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             extra = dict(loop_env, **({"RATE_LIMIT_PER_CONVERSATION": "0"} if base == "no-limits" else {}),
-                         **({"CHATWOOT_WEBHOOK_SECRET": _SECRET} if base == "signed" else {}))
+                         **({"CHATWOOT_WEBHOOK_SECRET": _SECRET} if base == "signed" else {}), **settings)
             proc = spawn_service(["serve", "--no-worker"], service_env(redis.url, port, **extra), log,
                                  code_dir)
         try:
@@ -192,14 +192,21 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
     return result
 
 
+def _parts(kind: str) -> tuple[str, str, dict[str, str]]:
+    """TARGET[@LOOP][+NAME=VALUE...]: the target, its event loop, the service settings it adds."""
+    head, *settings = kind.split("+")
+    base, _, event_loop = head.partition("@")
+    return base, event_loop, dict(setting.split("=", 1) for setting in settings)
+
+
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _same_loop(name: str, kind: str) -> str:
     """Target `name` on the event loop of `kind`."""
-    _, at, event_loop = kind.partition("@")
-    return f"{name}{at}{event_loop}"
+    event_loop = _parts(kind)[1]
+    return f"{name}@{event_loop}" if event_loop else name
 
 
 def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[str, Any]:
@@ -219,7 +226,7 @@ def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[st
 
     def ratio(kind: str, other: str) -> float:
         # against a baseline only: floor and bare are the stack's, before the code before a change
-        if other not in kinds or kind.partition("@")[0] in ("bare", "floor", "before"):
+        if other not in kinds or _parts(kind)[0] in ("bare", "floor", "before"):
             return float("nan")
         return median([by[kind, i]["cpu_us_per_ack"] / by[other, i]["cpu_us_per_ack"] for i in rounds])
 
@@ -241,8 +248,7 @@ def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[st
 
 def _baseline(kind: str) -> str:
     """The bare handler a target's ratios are taken against: the one on the same event loop."""
-    _, at, event_loop = kind.partition("@")
-    return f"bare{at}{event_loop}"
+    return _same_loop("bare", kind)
 
 
 def main() -> dict[str, Any]:
@@ -250,7 +256,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--conversations", type=int, default=0, help="default 20000 (quick 10000)")
     p.add_argument("--targets", default="bare,service,unbatched",
                    help="comma list of bare, floor, service, unbatched, no-limits, signed, before, "
-                        "git:REF (the service as of git REF); each may end in @asyncio or @uvloop")
+                        "git:REF (the service as of git REF); each may go on with @asyncio or "
+                        "@uvloop, then +NAME=VALUE settings of the service")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="after its measured runs, record a py-spy flame graph of TARGET under full load")
     p.add_argument("--before-ref", default="9cf19f8",
@@ -267,7 +274,7 @@ def main() -> dict[str, Any]:
         print(f"payload {size} bytes, {args.conversations} conversations")
         kinds: dict[str, Path] = {}
         for kind in args.targets.split(","):
-            base, _, event_loop = kind.partition("@")
+            base, event_loop, _ = _parts(kind)
             if event_loop not in ("", "auto", "uvloop", "asyncio"):
                 raise SystemExit(f"unknown event loop in {kind!r}")
             if base in ("bare", "floor", "service", "no-limits", "signed"):
@@ -305,7 +312,7 @@ def main() -> dict[str, Any]:
         summary[kind]["all_stored"] = float(all(r["stored"] >= r["acked"] for r in mine))
     # Ratios per run pair, then the median: both sides of a ratio saw the same machine state.
     for kind in kinds:
-        if kind.partition("@")[0] != "bare":
+        if _parts(kind)[0] != "bare":
             pairs = list(zip([r for r in runs if r["kind"] == kind],
                              [r for r in runs if r["kind"] == _baseline(kind)], strict=True))
             summary[kind]["ratio_to_bare"] = median([s["rps"] / b["rps"] for s, b in pairs])
@@ -321,8 +328,8 @@ def main() -> dict[str, Any]:
     print()
     print(table(["target", "max req/s", "x bare", "half-rate req/s", "p50 ms", "p99 ms", "p99 x bare",
                  "service CPU us/msg", "redis CPU us/msg", "all acked stored"], rows))
-    main_kind = next((k for k in summary if k.partition("@")[0] == "service"),
-                     next(k for k in summary if k.partition("@")[0] != "bare"))
+    main_kind = next((k for k in summary if _parts(k)[0] == "service"),
+                     next(k for k in summary if _parts(k)[0] != "bare"))
     ok = (summary[main_kind]["ratio_to_bare"] >= 0.5
           and summary[main_kind]["p99_ratio_to_bare"] <= 1.2)
     print(f"\n{main_kind}: target >= 0.5 x bare, and p99 <= 1.2 x bare's at half of each one's rate: "
