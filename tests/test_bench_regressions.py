@@ -7,6 +7,7 @@ here long before anyone runs a benchmark."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import types
@@ -253,3 +254,43 @@ async def test_a_burst_costs_one_claim_and_a_fixed_number_of_script_calls(settin
     # The script calls, the history read and the INFO call above; the flags' refresh, the sweep
     # log's entry and a new pool connection's handshake when they come (before: 60 and more).
     assert reads <= 16, reads
+
+
+async def test_the_log_lines_of_one_loop_turn_take_one_write(monkeypatch):
+    """JSON log lines (logs.py) wait for the end of the event loop's turn and go out together,
+    in order; a line logged outside a running loop is written at once, after any that wait."""
+    import io
+
+    import structlog
+
+    from buffer_service import logs
+
+    class Counted(io.BytesIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            Counted.writes += 1
+            return super().write(data)
+
+    out = Counted()
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(buffer=out, flush=lambda: None,
+                                                             isatty=lambda: False))
+    try:
+        logs.configure("json", "info")
+        log = structlog.get_logger("bench").bind()
+        for i in range(30):
+            log.info("webhook", n=i)
+        assert Counted.writes == 0  # not before the turn ends
+        await asyncio.sleep(0)
+        assert Counted.writes == 1
+        lines = out.getvalue().splitlines()
+        assert [orjson.loads(line)["n"] for line in lines] == list(range(30))
+        assert all(orjson.loads(line)["event"] == "webhook" for line in lines)
+        log.info("second turn")
+        await asyncio.to_thread(lambda: log.info("from a thread, no loop"))
+        assert Counted.writes == 2  # the thread's write took the waiting line with it
+        assert [orjson.loads(line)["event"] for line in out.getvalue().splitlines()[30:]] == [
+            "second turn", "from a thread, no loop"]
+    finally:
+        monkeypatch.undo()  # the real stderr again, then the logging of conftest.py
+        logs.configure("console", os.environ.get("TEST_LOG_LEVEL", "warning"))
