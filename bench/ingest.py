@@ -73,12 +73,16 @@ _MID, _CID = 987654321, 123454321
 _SECRET = "bench-webhook-secret"
 # The code of the "unbatched" target: ScriptBatcher's interface, one round trip per call.
 _UNBATCHED = '''
+import asyncio
+
+
 class ScriptBatcher:
-    def __init__(self, redis, script, max_batch=256):
+    def __init__(self, redis, script, max_batch=256, *, replicas=0):
         self._script = script
 
-    async def __call__(self, keys, args):
-        return await self._script(keys=keys, args=args)
+    async def __call__(self, keys, args, deadline=None):
+        async with asyncio.timeout_at(deadline):
+            return await self._script(keys=keys, args=args)
 '''
 
 

@@ -130,11 +130,16 @@ class Script:
                          if batched or replicas else None)
 
     async def __call__(self, *, keys: Mapping[str, KeyT], args: Mapping[str, EncodableT],
-                       client: Pipeline | ClusterPipeline | None = None) -> Any:
-        """Run the script; with `client`, queue it in that pipeline instead."""
+                       client: Pipeline | ClusterPipeline | None = None,
+                       deadline: float | None = None) -> Any:
+        """Run the script; with `client`, queue it in that pipeline instead. `deadline` (event-loop
+        time), for a batched script only: TimeoutError past it, from the timer of the round trip
+        the call shares (batcher.py)."""
         bound_keys, bound_args = self.signature.bind(self.name, keys, args)
         if self._batcher is not None and client is None:
-            return await self._batcher(bound_keys, bound_args)
+            return await self._batcher(bound_keys, bound_args, deadline)
+        if deadline is not None:
+            raise ScriptCallError(f"{self.name}.lua: a deadline needs a batched call")
         if isinstance(client, ClusterPipeline):
             # A cluster pipeline neither loads scripts nor takes EVALSHA by name; EVAL sends the
             # text, so a node that never saw the script (a promoted replica) runs it too.

@@ -125,16 +125,17 @@ class BufferStore:
 
     # -- webhook side -----------------------------------------------------------------------
     async def append(self, msg: ChatMessage, *, buffered: bool = True,
-                     snapshot: Handoff | None = None) -> AppendResult:
+                     snapshot: Handoff | None = None, deadline: float | None = None) -> AppendResult:
         """Take a customer message in (append.lua). `snapshot`: the conversation as the
         message's webhook showed it (its `updated_at` versions who is in charge).
-        buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
+        buffered=False (flags.py): a window of 0, due at once, answered without waiting.
+        `deadline` (event-loop time): TimeoutError past it (the webhook's Redis budget)."""
         s, k, conv = self.settings.for_inbox(msg.inbox_id), self.keys, msg.conv
         shard = k.shard_of(conv)
         # The global limit's key is in no shard: on one server the append takes it while that
         # limit is set; on a cluster its own call does, before (keys.py, globalrate.lua).
         apart = bool(s.rate_limit_global) and isinstance(self.redis, RedisCluster)
-        taken = apart and not await self._global_rate(s, refund=False)
+        taken = apart and not await self._global_rate(s, refund=False, deadline=deadline)
         raw = await self.scripts.append(
             keys={"due": k.due(shard), "first": k.first(shard), "buffer": k.buffer(conv),
                   "ttl": k.ttl(conv), "seen": k.seen(conv, msg.message_id),
@@ -153,20 +154,21 @@ class BufferStore:
                   "history_cap": self._history_cap, "history_ttl_ms": s.history_ttl_s * 1000,
                   "prefix": k.prefix(shard), "pending": int(bool(snapshot and snapshot.pending)),
                   "global_refused": int(apart and not taken)},
+            deadline=deadline,
         )
         result = AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), decoded(raw[3]), int(raw[4]))
         if taken and not result.buffered:
-            await self._global_rate(s, refund=True)
+            await self._global_rate(s, refund=True, deadline=deadline)
         return result
 
-    async def _global_rate(self, s: Settings, *, refund: bool) -> bool:
+    async def _global_rate(self, s: Settings, *, refund: bool, deadline: float | None) -> bool:
         """Take one message's global allowance (True: refused), or give one back (globalrate.lua).
         If the append fails after a take, the allowance stays used: a retry may take another,
         so the limit errs on refusing, never on letting more through."""
         return bool(await self.scripts.globalrate(
             keys={"rate": self.keys.global_rate},
             args={"limit": s.rate_limit_global, "period_ms": s.rate_limit_window_s * 1000,
-                  "refund": int(refund)}))
+                  "refund": int(refund)}, deadline=deadline))
 
     async def note(self, decision: Decision) -> str:
         """Record what a webhook the bot does not answer tells, in one round trip: who handles

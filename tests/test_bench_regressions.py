@@ -21,6 +21,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
 from buffer_service import app as app_module
+from buffer_service import batcher as batcher_module
 from buffer_service import redis_client, scripts
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import ChatMessage, Decision, from_history
@@ -69,23 +70,41 @@ async def test_a_webhook_costs_one_script_call_and_concurrent_ones_share_round_t
     assert reads1 - reads0 < 200, reads1 - reads0
 
 
-async def test_a_webhook_whose_body_came_with_it_opens_one_timeout_scope(settings, make_service, monkeypatch):
-    """The body timer only runs while a body is still arriving; the Redis budget is the one scope."""
+async def test_buffered_webhooks_share_the_timer_of_their_round_trip(settings, make_service, monkeypatch):
+    """A buffered webhook opens no timeout scope of its own: no body timer when the body came
+    with the headers, and its Redis budget is a deadline its append carries. The round trip that
+    the appends of one loop turn share has one timer, at the earliest of their deadlines."""
     svc = await make_service(settings, worker=False)
-    scopes: list[float] = []
+    in_app: list[float | None] = []
+    per_trip: list[float | None] = []
 
-    def counted(delay: float | None) -> asyncio.Timeout:
-        scopes.append(delay or 0.0)
-        return asyncio.timeout(delay)
+    def counting(into: list[float | None], scope):  # scope: asyncio.timeout or timeout_at
+        def counted(when: float | None) -> asyncio.Timeout:
+            into.append(when)
+            return scope(when)
+        return counted
 
-    # Only the app module's view of asyncio: redis-py and aiohttp keep theirs.
-    view = types.ModuleType("asyncio")
-    view.__dict__.update(vars(asyncio), timeout=counted)
-    monkeypatch.setattr(app_module, "asyncio", view)
+    # Only these modules' view of asyncio: redis-py and aiohttp keep theirs.
+    app_view, batcher_view = types.ModuleType("asyncio"), types.ModuleType("asyncio")
+    app_view.__dict__.update(vars(asyncio), timeout=counting(in_app, asyncio.timeout),
+                             timeout_at=counting(in_app, asyncio.timeout_at))
+    batcher_view.__dict__.update(vars(asyncio), timeout_at=counting(per_trip, asyncio.timeout_at))
+    monkeypatch.setattr(app_module, "asyncio", app_view)
+    monkeypatch.setattr(batcher_module, "asyncio", batcher_view)
+    loop = asyncio.get_running_loop()
     for i in range(5):
+        sent = loop.time()
         body = await svc.webhook(message_payload(message_id=500 + i, conversation_id=9, content=f"m {i}"))
         assert body["status"] == "buffered"
-    assert scopes == [app_module._REDIS_BUDGET_S] * 5
+        assert per_trip[-1] is not None
+        assert sent + app_module._REDIS_BUDGET_S <= per_trip[-1] <= loop.time() + app_module._REDIS_BUDGET_S
+    assert in_app == [] and len(per_trip) == 5
+
+    per_trip.clear()
+    bodies = await asyncio.gather(*(svc.webhook(message_payload(
+        message_id=600 + i, conversation_id=200 + i, content=f"together {i}")) for i in range(200)))
+    assert all(b["status"] == "buffered" for b in bodies)
+    assert in_app == [] and 1 <= len(per_trip) < 200, len(per_trip)
 
 
 def test_the_service_packs_commands_with_hiredis_into_the_same_bytes():
