@@ -21,12 +21,15 @@ markers the append script writes, one per stored message. CPU seconds per messag
 
 --cpu measures what the rate on a shared machine cannot: CPU time of the server process (utime +
 stime, /proc/<pid>/stat) per acknowledged webhook while wrk (another process, 64 connections)
-keeps it saturated, without the latency runs. The targets of a round run one after the other,
-so their ratios (each against `floor` and against `before` of the same round, median over
-rounds) compare processes that saw the same machine; the load average is printed per round.
+keeps it saturated, without the latency runs. Ratios are taken per round (each target against
+`floor` and against `before` of the same round), then the median over rounds; the load average
+is printed per round. The targets of a round run one after the other, or with --together all at
+once (each with its own Redis and wrk), so that other tenants, caches and the clock of a shared
+machine weigh on every side of a ratio alike instead of on whichever ran at the worse moment.
 
     python bench/ingest.py [--quick] [--repeat N] [--targets bare,service,unbatched]
-    python bench/ingest.py --cpu --targets floor@uvloop,before@uvloop,service@uvloop --before-ref main
+    python bench/ingest.py --cpu --together --targets floor@uvloop,before@uvloop,service@uvloop \
+        --before-ref main
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -218,12 +222,22 @@ def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[st
     runs: list[dict[str, Any]] = []
     for i in range(repeats(args)):
         load_before = _loadavg()
-        for kind, code_dir in kinds.items():
-            r = run_once(kind, code_dir, tmp, args, len(runs))
+        numbers = {kind: len(runs) + n for n, kind in enumerate(kinds)}
+        if args.together:
+            # Every target of the round at once, each with its own Redis and wrk: they share the
+            # machine's state (other tenants, caches, clock) instead of following each other.
+            with ThreadPoolExecutor(len(kinds)) as pool:
+                done = list(pool.map(run_once, kinds, kinds.values(), [tmp] * len(kinds),
+                                     [args] * len(kinds), numbers.values()))
+        else:
+            done = []
+            for kind, code_dir in kinds.items():
+                done.append(run_once(kind, code_dir, tmp, args, numbers[kind]))
+                time.sleep(0.5)
+        for r in done:
             runs.append(dict(r, round=i, loadavg=_loadavg()))
-            print(f"round {i + 1} {kind:16s} {r['rps']:8.0f} req/s | stored {r['stored']} of {r['acked']}"
-                  f" acked | {r['cpu_us_per_ack']:.0f} us CPU/ack | load {_loadavg()}", flush=True)
-            time.sleep(0.5)
+            print(f"round {i + 1} {r['kind']:16s} {r['rps']:8.0f} req/s | stored {r['stored']} of "
+                  f"{r['acked']} acked | {r['cpu_us_per_ack']:.0f} us CPU/ack", flush=True)
         print(f"round {i + 1}: load average {load_before} -> {_loadavg()}", flush=True)
     by = {(r["kind"], r["round"]): r for r in runs}
     rounds = range(repeats(args))
@@ -269,6 +283,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--cpu", action="store_true",
                    help="only the server's CPU per acknowledged webhook at full load, against floor "
                         "and before of the same round (no latency runs)")
+    p.add_argument("--together", action="store_true",
+                   help="with --cpu: the targets of a round run at the same time, not one after the other")
     args = p.parse_args()
     # Enough conversations that none passes the default per-conversation rate limit (120/min).
     args.conversations = args.conversations or (10_000 if args.quick else 20_000)

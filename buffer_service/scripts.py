@@ -171,6 +171,7 @@ class Scripts:
     renew: Script
     requeue: Script
     trimdone: Script
+    weblog: Script
 
     def __init__(self, redis: AnyRedis, wait_replicas: int = 0) -> None:
         sources = sources_by_name()

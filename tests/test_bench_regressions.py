@@ -107,6 +107,32 @@ async def test_buffered_webhooks_share_the_timer_of_their_round_trip(settings, m
     assert in_app == [] and 1 <= len(per_trip) < 200, len(per_trip)
 
 
+async def test_the_webhook_log_of_concurrent_webhooks_is_one_script_call(settings, make_service, redis):
+    """The entries gathered while webhooks are answered go to the log stream in one call of
+    lua/weblog.lua (an XADD each inside it), not one pipelined XADD each; every field as before,
+    ids past 2^53 unchanged (the entries travel as strings, not as cjson's floats)."""
+    svc = await make_service(settings, worker=False)
+    await svc.webhook(message_payload(message_id=1, conversation_id=1, content="warm up"))
+    await asyncio.sleep(0.1)
+    await redis.config_resetstat()
+    big = 2**60 + 7
+    bodies = await asyncio.gather(*(svc.webhook(message_payload(
+        message_id=big + i, conversation_id=300 + i, content=f"logged {i}")) for i in range(100)))
+    assert all(b["status"] == "buffered" for b in bodies)
+    await asyncio.sleep(0.2)
+    _, calls = await _stats(redis)
+    assert calls.get("cmdstat_xadd") == 100, calls  # counted inside the script too
+    assert 100 < calls["cmdstat_evalsha"] <= 100 + 3, calls  # the appends, and the log's few calls
+    logged = {int(fields[b"message"]): fields for _, fields in await redis.xrange("bs:log:webhooks")
+              if fields[b"outcome"] == b"buffered"}
+    assert set(logged) >= {big + i for i in range(100)}
+    one = logged[big + 5]
+    assert {k.decode(): v.decode() for k, v in one.items() if k != b"t"} == {
+        "outcome": "buffered", "status": "200", "path": "/webhooks/chatwoot", "conversation": "305",
+        "message": str(big + 5), "buffered": "1", "flush_in_ms": str(settings.buffer_duration_ms)}
+    assert abs(int(one[b"t"]) - time.time() * 1000) < 60_000
+
+
 def test_the_service_packs_commands_with_hiredis_into_the_same_bytes():
     """redis-py's asyncio connection packs every argument in Python (~50 us for a webhook's
     EVALSHA); the service's connections pack in C and must put the same bytes on the wire."""
