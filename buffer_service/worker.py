@@ -20,7 +20,6 @@ calls for one burst on an idle worker, 1-2 now (BENCHMARKS.md §8).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import math
@@ -36,6 +35,7 @@ from . import metrics, redis_client
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
 from .journal import SweepLog
 from .processor import Processor
+from .schedule import ClaimSchedule
 from .store import Batch, BufferStore
 
 log = structlog.get_logger("buffer_service.worker")
@@ -49,6 +49,7 @@ TOPOLOGY_CHECK_S = 5.0
 HEARTBEAT_S = 3.0
 # Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
 # superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
+# tests/test_ended.py runs each outcome's script and keeps this set equal to those.
 _ENDED = frozenset({"completed", "skipped", "superseded", "failed"})
 
 
@@ -63,19 +64,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[str]] = set()
         self._next_shard = 0
-        # Shard -> loop time at which its last claim said it has work next (inf: none); a
-        # shard missing is claimed from at the next sweep.
-        self._due: dict[int, float] = {}
-        # Wake-ups per shard and for all, so that a claim's answer that crossed a wake-up for
-        # its shard is not taken for the last word (its shard is claimed from again).
-        self._looks: collections.Counter[int] = collections.Counter()
-        self._looks_all = 0
-        self._full_sweep_at = 0.0
-        # Shard -> Redis ms minus loop seconds x 1000 as of its last claim (a cluster's nodes
-        # may differ in clock): turns a Redis time into loop time. The loop clock is read before
-        # the claim is sent, so whatever its answer took makes a wake-up early (a spare claim),
-        # never late.
-        self._offset_ms: dict[int, float] = {}
+        self._schedule = ClaimSchedule(self.settings.shards,
+                                       self.settings.processing_interval_ms / 1000)
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
@@ -83,29 +73,17 @@ class Worker:
         self._look()
 
     def _due_at(self, shard: int | None, at_ms: str) -> None:
-        """A wake-up says `shard` has work at Redis time `at_ms`: a shard whose next deadline
-        is known only moves it earlier (no claim before then), any other is looked at."""
-        known = self._due.get(shard) if shard is not None else None
-        offset = self._offset_ms.get(shard) if shard is not None else None
+        """A wake-up message's "<ms> <key>": `shard` has work at Redis time `at_ms`."""
         try:
             at = float(at_ms)
         except ValueError:
             at = math.nan
-        if shard is None or known is None or offset is None or math.isnan(at):
-            self._look(shard)
-            return
-        self._due[shard] = min(known, (at - offset) / 1000)
-        self._looks[shard] += 1  # a claim running now may answer without this deadline
+        self._schedule.due_at(shard, at)
         self._wake.set()
 
     def _look(self, shard: int | None = None) -> None:
-        """Claim from `shard` (None: from every shard) at the next sweep."""
-        if shard is None or not 0 <= shard < self.settings.shards:
-            self._due.clear()
-            self._looks_all += 1
-        else:
-            self._due.pop(shard, None)
-            self._looks[shard] += 1
+        """Claim from `shard` (None: from every shard) at the next sweep, which starts now."""
+        self._schedule.look(shard)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,15 +120,12 @@ class Worker:
         Ends early on `stop`: with Redis gone each shard's claim takes its retries (about 0.7 s),
         and a shutdown must not wait for all of them."""
         self._wake.clear()
-        s = self.settings
+        s, schedule = self.settings, self._schedule
         clock = asyncio.get_running_loop().time
-        interval = s.processing_interval_ms / 1000
-        if clock() >= self._full_sweep_at:  # the safety net: every shard, whatever it said
-            self._due.clear()
-            self._full_sweep_at = clock() + interval
+        schedule.start_sweep(clock())
         free = s.worker_concurrency - len(self._tasks)
         if free <= 0:
-            return self._full_sweep_at - clock()  # a finishing task wakes the loop
+            return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
         # Start at a different shard each time so one busy shard cannot starve the others.
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
@@ -158,32 +133,23 @@ class Worker:
             if stop.is_set():
                 break
             shard = (start + i) % s.shards
-            if self._due.get(shard, -math.inf) > clock():
+            if not schedule.is_due(shard, clock()):
                 continue
-            looks = (self._looks_all, self._looks[shard])
-            sent = clock()
+            claim = schedule.claiming(shard, clock())
             try:
                 now, next_ms, batches = await self.store.claim(shard, free)
             except redis_client.REDIS_ERRORS as exc:
                 # One shard's failure must not keep the others from being served.
                 log.warning("claim_failed", shard=shard, error=str(exc))
-                self._due[shard] = clock() + 1.0
+                schedule.failed(shard, clock())
                 continue
             for batch in batches:
                 self._start(batch)
             free -= len(batches)
-            offset = self._offset_ms[shard] = now - sent * 1000
-            if looks != (self._looks_all, self._looks[shard]):
-                self._due.pop(shard, None)  # woken for it meanwhile: its answer may be old
-            else:
-                self._due[shard] = (next_ms - offset) / 1000 if next_ms >= 0 else math.inf
+            schedule.claimed(claim, now, next_ms)
             if free <= 0:
-                return self._full_sweep_at - clock()  # a finishing task wakes the loop
-        # Until the first shard has work or the next full sweep; a shard not known (woken for
-        # while its claim ran, or not looked at since `stop`) at once.
-        first = min(self._due.values(), default=math.inf) \
-            if len(self._due) == s.shards else -math.inf
-        return max(0.0, min(first, self._full_sweep_at) - clock())
+                return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
+        return schedule.until_next(clock())
 
     def _start(self, batch: Batch) -> None:
         self.claimed += 1
@@ -196,12 +162,14 @@ class Worker:
     def _done(self, shard: int, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
         metrics.batch_outcome(task)
-        self._wake.set()  # a slot is free again
         # A batch that did not end (retrying, lost, interrupted, shut down) left work in its
-        # shard that its last claim could not know of, and no wake-up says so (a retry time,
-        # a lease that will lapse). An ended one's scripts wake for what they make due.
+        # shard that its last claim could not know of, and for most of these no wake-up says so
+        # (a lease that will lapse); fail.lua publishes a retry time, but a claim now costs one
+        # call and learns it even if that message is lost. An ended one's scripts wake for what
+        # they make due.
         if task.cancelled() or task.exception() is not None or task.result() not in _ENDED:
-            self._look(shard)
+            self._schedule.look(shard)
+        self._wake.set()  # a slot is free again
 
     async def _sleep(self, delay: float, stop: asyncio.Event) -> None:
         if delay <= 0 or self._wake.is_set():
