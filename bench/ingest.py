@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -136,7 +137,9 @@ def unbatched_copy(dest: Path) -> Path:
     return dest
 
 
-def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> dict[str, Any]:
+def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int,
+             start: threading.Barrier | None = None) -> dict[str, Any]:
+    """One target's run; `start`: the measured load waits for the other targets of the round."""
     warm, seconds = (1, 4) if args.quick else (2, 10)
     port = free_port()
     base, event_loop, settings = _parts(kind)
@@ -160,14 +163,23 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
             wait_port(port, proc)
             id_base = 1_000_000_000 * (run_no + 1)
 
+            signatures: dict[int, Path] = {}
+
             def load(base: int, seconds: float, connections: int, delay_ms: int = 0) -> Any:
-                signed = ({"WRK_SIGNATURES": str(sign(tmp, base, args.conversations))}
-                          if base_kind_signed else {})
+                if base_kind_signed and base not in signatures:
+                    signatures[base] = sign(tmp, base, args.conversations)
+                signed = {"WRK_SIGNATURES": str(signatures[base])} if base_kind_signed else {}
                 return wrk(url, seconds=seconds, connections=connections,
                            env=dict(env, WRK_ID_BASE=str(base), WRK_DELAY_MS=str(delay_ms), **signed))
 
             load(id_base, warm, 64)
             before = stored(redis.url) if base != "bare" else 0
+            if start is not None:
+                # Signing takes seconds (wrk's Lua has no HMAC): done first, so that the
+                # measured runs of the targets that share a round start together.
+                if base_kind_signed:
+                    signatures[id_base + 200_000_000] = sign(tmp, id_base + 200_000_000, args.conversations)
+                start.wait()
             cpu0 = cpu_seconds(proc.pid)
             rcpu0 = cpu_seconds(redis.proc.pid) if redis.proc else 0.0
             full = load(id_base + 200_000_000, seconds, 64)
@@ -226,9 +238,10 @@ def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[st
         if args.together:
             # Every target of the round at once, each with its own Redis and wrk: they share the
             # machine's state (other tenants, caches, clock) instead of following each other.
+            start = threading.Barrier(len(kinds), timeout=300)
             with ThreadPoolExecutor(len(kinds)) as pool:
                 done = list(pool.map(run_once, kinds, kinds.values(), [tmp] * len(kinds),
-                                     [args] * len(kinds), numbers.values()))
+                                     [args] * len(kinds), numbers.values(), [start] * len(kinds)))
         else:
             done = []
             for kind, code_dir in kinds.items():
