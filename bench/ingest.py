@@ -137,10 +137,20 @@ def unbatched_copy(dest: Path) -> Path:
     return dest
 
 
+_STARTING = threading.Lock()
+
+
 def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int,
              start: threading.Barrier | None = None) -> dict[str, Any]:
     """One target's run; `start`: the measured load waits for the other targets of the round."""
     warm, seconds = (1, 4) if args.quick else (2, 10)
+    # free_port() hands out a port nobody listens on yet: targets starting at once (--together)
+    # could be handed the same one, and wrk would post to another target's Redis. Held until
+    # this target listens (a target that fails to start ends the benchmark, and the others'
+    # wait with it).
+    if not _STARTING.acquire(timeout=120):
+        raise RuntimeError("another target did not start")
+    starting = True
     port = free_port()
     base, event_loop, settings = _parts(kind)
     base_kind_signed = base == "signed"
@@ -161,6 +171,8 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int,
                                  code_dir)
         try:
             wait_port(port, proc)
+            _STARTING.release()
+            starting = False
             id_base = 1_000_000_000 * (run_no + 1)
 
             signatures: dict[int, Path] = {}
@@ -208,6 +220,8 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int,
                 with profiled(proc.pid, f"ingest-{kind}", seconds - 1):
                     load(id_base + 500_000_000, seconds, 64)
         finally:
+            if starting:
+                _STARTING.release()
             stop(proc)
     return result
 
