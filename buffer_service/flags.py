@@ -158,7 +158,9 @@ class Flags:
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
 
-    async def current(self) -> FlagValues:
+    async def current(self, deadline: float | None = None) -> FlagValues:
+        """The flags; a reload gives up at `deadline` (event-loop time) with TimeoutError. Only
+        a reload has a timer: the copy in hand costs a webhook none."""
         if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
             return self._values
         async with self._lock:  # one reload for all the requests that found the copy stale
@@ -166,7 +168,8 @@ class Flags:
                 return self._values
             started = time.monotonic()
             try:
-                raw = await self.redis.hgetall(self.key)
+                async with asyncio.timeout_at(deadline):
+                    raw = await self.redis.hgetall(self.key)
             except REDIS_ERRORS:
                 if self._values is None:
                     raise

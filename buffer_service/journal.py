@@ -3,8 +3,9 @@
 
 - `bs:log:webhooks`: one entry per delivery to a webhook path, with its outcome (buffered,
   duplicate, ignored + reason, rejected + reason, unavailable). Written off the hot path: the
-  handler's answer does not wait for it; entries are gathered for a few ms and written in one
-  pipeline, so a burst of webhooks costs one round trip, not one each.
+  handler's answer does not wait for it; entries are gathered for a few ms and written by one
+  script call (lua/weblog.lua: an XADD each), so a burst of webhooks costs one round trip and
+  one command, not one each.
 - `bs:log:sweeps`: one entry per worker per `BUFFER_PROCESSING_INTERVAL_MS` (the safety-sweep
   period, the old cron's cadence): how many sweeps ran, what they claimed, what the safety net
   caught (bursts claimed late, batches taken again after a lapsed lease or a retry), and whether
@@ -23,12 +24,14 @@ import socket
 import time
 from typing import cast
 
+import orjson
 import structlog
 from redis.typing import EncodableT, FieldT
 
 from .config import Settings
 from .keys import Keys
 from .redis_client import REDIS_ERRORS, AnyRedis
+from .scripts import Scripts
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -36,6 +39,8 @@ log = structlog.get_logger("buffer_service.journal")
 LOG_MAXLEN = 10_000
 _GATHER_S = 0.02
 _MAX_PENDING = 5_000
+# Entries per script call: a script holds Redis while it runs (about a microsecond an XADD).
+_PER_CALL = 500
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
 
@@ -55,10 +60,12 @@ class WebhookLog:
         self.redis = redis
         self.key = Keys(settings).logs["webhooks"]
         self.dropped = 0
-        self._pending: list[dict[str, str | int]] = []
+        self.scripts = Scripts(redis)
+        # Each entry as its fields and values in a row, every value a string (lua/weblog.lua).
+        self._pending: list[list[str]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, entry: dict[str, str | int]) -> None:
+    def add(self, entry: list[str]) -> None:
         if len(self._pending) >= _MAX_PENDING:  # Redis is away; keep memory bounded
             self.dropped += 1
             return
@@ -70,12 +77,10 @@ class WebhookLog:
         try:
             await asyncio.sleep(_GATHER_S)
             while self._pending:
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._pending[:_PER_CALL], self._pending[_PER_CALL:]
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for entry in batch:
-                            pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
-                        await pipe.execute()
+                    await self.scripts.weblog(keys={"log": self.key},
+                                              args={"maxlen": LOG_MAXLEN, "entries": orjson.dumps(batch)})
                 except REDIS_ERRORS as exc:
                     self.dropped += len(batch)
                     log.warning("webhook_log_write_failed", error=str(exc), entries=len(batch))
@@ -84,14 +89,14 @@ class WebhookLog:
 
     def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
         """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
-        entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": status, "path": path}
+        entry = ["t", str(_now_ms()), "outcome", outcome, "status", str(status), "path", path]
         if reason:
-            entry["reason"] = reason
+            entry += ("reason", reason)
         for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
                          ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
             value = body.get(src)
             if isinstance(value, int):
-                entry[dst] = value
+                entry += (dst, str(value))
         self.add(entry)
 
     async def aclose(self) -> None:
