@@ -11,7 +11,7 @@ Targets (--targets), each a real process loaded by wrk (another process) in the 
   no-limits  the service with RATE_LIMIT_PER_CONVERSATION=0 (what the limiter's call costs)
   signed     the service with CHATWOOT_WEBHOOK_SECRET, every request signed as Chatwoot signs
   TARGET@LOOP  TARGET on event loop LOOP (EVENT_LOOP: asyncio or uvloop), its ratios against
-             bare@LOOP
+             bare@LOOP; TARGET@LOOP+NAME=VALUE also sets the service setting NAME
   before     `--before-ref` (default: the commit before batching) as it was then
 Each run gets a fresh redis-server (repo redis.conf, AOF on). Per run: a warm-up, then wrk at
 full speed (64 connections) for the maximum rate, then wrk paced to half of that target's own
@@ -19,7 +19,17 @@ maximum for the acknowledgement latency. "Stored" is checked by counting the de-
 markers the append script writes, one per stored message. CPU seconds per message come from
 /proc/<pid>/stat of the service and of redis-server.
 
+--cpu measures what the rate on a shared machine cannot: CPU time of the server process (utime +
+stime, /proc/<pid>/stat) per acknowledged webhook while wrk (another process, 64 connections)
+keeps it saturated, without the latency runs. Ratios are taken per round (each target against
+`floor` and against `before` of the same round), then the median over rounds; the load average
+is printed per round. The targets of a round run one after the other, or with --together all at
+once (each with its own Redis and wrk), so that other tenants, caches and the clock of a shared
+machine weigh on every side of a ratio alike instead of on whichever ran at the worse moment.
+
     python bench/ingest.py [--quick] [--repeat N] [--targets bare,service,unbatched]
+    python bench/ingest.py --cpu --together --targets floor@uvloop,before@uvloop,service@uvloop \
+        --before-ref main
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,12 +78,16 @@ _MID, _CID = 987654321, 123454321
 _SECRET = "bench-webhook-secret"
 # The code of the "unbatched" target: ScriptBatcher's interface, one round trip per call.
 _UNBATCHED = '''
+import asyncio
+
+
 class ScriptBatcher:
-    def __init__(self, redis, script, max_batch=256):
+    def __init__(self, redis, script, max_batch=256, *, replicas=0):
         self._script = script
 
-    async def __call__(self, keys, args):
-        return await self._script(keys=keys, args=args)
+    async def __call__(self, keys, args, deadline=None):
+        async with asyncio.timeout_at(deadline):
+            return await self._script(keys=keys, args=args)
 '''
 
 
@@ -121,10 +137,22 @@ def unbatched_copy(dest: Path) -> Path:
     return dest
 
 
-def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> dict[str, Any]:
+_STARTING = threading.Lock()
+
+
+def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int,
+             start: threading.Barrier | None = None) -> dict[str, Any]:
+    """One target's run; `start`: the measured load waits for the other targets of the round."""
     warm, seconds = (1, 4) if args.quick else (2, 10)
+    # free_port() hands out a port nobody listens on yet: targets starting at once (--together)
+    # could be handed the same one, and wrk would post to another target's Redis. Held until
+    # this target listens (a target that fails to start ends the benchmark, and the others'
+    # wait with it).
+    if not _STARTING.acquire(timeout=120):
+        raise RuntimeError("another target did not start")
+    starting = True
     port = free_port()
-    base, _, event_loop = kind.partition("@")
+    base, event_loop, settings = _parts(kind)
     base_kind_signed = base == "signed"
     env = {"WRK_TEMPLATE": str(tmp / "template.json"), "WRK_CONVERSATIONS": str(args.conversations)}
     url = f"http://127.0.0.1:{port}/webhooks/chatwoot"
@@ -138,66 +166,152 @@ def run_once(kind: str, code_dir: Path, tmp: Path, args: Any, run_no: int) -> di
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             extra = dict(loop_env, **({"RATE_LIMIT_PER_CONVERSATION": "0"} if base == "no-limits" else {}),
-                         **({"CHATWOOT_WEBHOOK_SECRET": _SECRET} if base == "signed" else {}))
+                         **({"CHATWOOT_WEBHOOK_SECRET": _SECRET} if base == "signed" else {}), **settings)
             proc = spawn_service(["serve", "--no-worker"], service_env(redis.url, port, **extra), log,
                                  code_dir)
         try:
             wait_port(port, proc)
+            _STARTING.release()
+            starting = False
             id_base = 1_000_000_000 * (run_no + 1)
 
+            signatures: dict[int, Path] = {}
+
             def load(base: int, seconds: float, connections: int, delay_ms: int = 0) -> Any:
-                signed = ({"WRK_SIGNATURES": str(sign(tmp, base, args.conversations))}
-                          if base_kind_signed else {})
+                if base_kind_signed and base not in signatures:
+                    signatures[base] = sign(tmp, base, args.conversations)
+                signed = {"WRK_SIGNATURES": str(signatures[base])} if base_kind_signed else {}
                 return wrk(url, seconds=seconds, connections=connections,
                            env=dict(env, WRK_ID_BASE=str(base), WRK_DELAY_MS=str(delay_ms), **signed))
 
             load(id_base, warm, 64)
             before = stored(redis.url) if base != "bare" else 0
+            if start is not None:
+                # Signing takes seconds (wrk's Lua has no HMAC): done first, so that the
+                # measured runs of the targets that share a round start together.
+                if base_kind_signed:
+                    signatures[id_base + 200_000_000] = sign(tmp, id_base + 200_000_000, args.conversations)
+                start.wait()
             cpu0 = cpu_seconds(proc.pid)
             rcpu0 = cpu_seconds(redis.proc.pid) if redis.proc else 0.0
             full = load(id_base + 200_000_000, seconds, 64)
             cpu = cpu_seconds(proc.pid) - cpu0
             rcpu = (cpu_seconds(redis.proc.pid) if redis.proc else 0.0) - rcpu0
             kept = stored(redis.url) - before if base != "bare" else full.requests
-            # Paced: each connection waits `delay` ms before each request, so the rate is about
-            # connections * 1000 / (delay + latency + wrk's timer slack); a short calibration run
-            # measures that, then the measured run aims at half of this target's maximum.
-            delay = 10
-            target = full.rps / 2
-            connections = max(1, round(target * delay / 1000))
-            probe = load(id_base + 300_000_000, 2, connections, delay)
-            connections = max(1, min(2000, round(connections * target / max(1.0, probe.rps))))
-            paced = load(id_base + 400_000_000, seconds, connections, delay)
+            acked = full.requests - full.errors
+            result = {"kind": kind, "rps": full.rps, "errors": full.errors, "acked": acked, "stored": kept,
+                      "cpu_us_per_msg": cpu / max(1, full.requests) * 1e6,
+                      "cpu_us_per_ack": cpu / max(1, acked) * 1e6,
+                      "redis_cpu_us_per_msg": rcpu / max(1, full.requests) * 1e6 if base != "bare" else 0.0,
+                      "full_p50_ms": full.p50_ms, "full_p99_ms": full.p99_ms}
+            if not args.cpu:
+                # Paced: each connection waits `delay` ms before each request, so the rate is about
+                # connections * 1000 / (delay + latency + wrk's timer slack); a short calibration
+                # run measures that, then the measured run aims at half of this target's maximum.
+                delay = 10
+                target = full.rps / 2
+                connections = max(1, round(target * delay / 1000))
+                probe = load(id_base + 300_000_000, 2, connections, delay)
+                connections = max(1, min(2000, round(connections * target / max(1.0, probe.rps))))
+                paced = load(id_base + 400_000_000, seconds, connections, delay)
+                result.update(paced_rps=paced.rps, paced_p50_ms=paced.p50_ms, paced_p99_ms=paced.p99_ms,
+                              paced_max_ms=paced.max_ms, paced_errors=paced.errors)
             if args.profile and kind == args.profile:
                 with profiled(proc.pid, f"ingest-{kind}", seconds - 1):
                     load(id_base + 500_000_000, seconds, 64)
         finally:
+            if starting:
+                _STARTING.release()
             stop(proc)
-    acked = full.requests - full.errors
-    return {"kind": kind, "rps": full.rps, "errors": full.errors, "acked": acked, "stored": kept,
-            "cpu_us_per_msg": cpu / max(1, full.requests) * 1e6,
-            "redis_cpu_us_per_msg": rcpu / max(1, full.requests) * 1e6 if base != "bare" else 0.0,
-            "full_p50_ms": full.p50_ms, "full_p99_ms": full.p99_ms,
-            "paced_rps": paced.rps, "paced_p50_ms": paced.p50_ms, "paced_p99_ms": paced.p99_ms,
-            "paced_max_ms": paced.max_ms, "paced_errors": paced.errors}
+    return result
+
+
+def _parts(kind: str) -> tuple[str, str, dict[str, str]]:
+    """TARGET[@LOOP][+NAME=VALUE...]: the target, its event loop, the service settings it adds."""
+    head, *settings = kind.split("+")
+    base, _, event_loop = head.partition("@")
+    return base, event_loop, dict(setting.split("=", 1) for setting in settings)
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _same_loop(name: str, kind: str) -> str:
+    """Target `name` on the event loop of `kind`."""
+    event_loop = _parts(kind)[1]
+    return f"{name}@{event_loop}" if event_loop else name
+
+
+def cpu_only(kinds: dict[str, Path], tmp: Path, args: Any, size: int) -> dict[str, Any]:
+    """--cpu: CPU per acknowledged webhook of each target; ratios per round, then the median."""
+    runs: list[dict[str, Any]] = []
+    for i in range(repeats(args)):
+        load_before = _loadavg()
+        numbers = {kind: len(runs) + n for n, kind in enumerate(kinds)}
+        if args.together:
+            # Every target of the round at once, each with its own Redis and wrk: they share the
+            # machine's state (other tenants, caches, clock) instead of following each other.
+            start = threading.Barrier(len(kinds), timeout=300)
+            with ThreadPoolExecutor(len(kinds)) as pool:
+                done = list(pool.map(run_once, kinds, kinds.values(), [tmp] * len(kinds),
+                                     [args] * len(kinds), numbers.values(), [start] * len(kinds)))
+        else:
+            done = []
+            for kind, code_dir in kinds.items():
+                done.append(run_once(kind, code_dir, tmp, args, numbers[kind]))
+                time.sleep(0.5)
+        for r in done:
+            runs.append(dict(r, round=i, loadavg=_loadavg()))
+            print(f"round {i + 1} {r['kind']:16s} {r['rps']:8.0f} req/s | stored {r['stored']} of "
+                  f"{r['acked']} acked | {r['cpu_us_per_ack']:.0f} us CPU/ack", flush=True)
+        print(f"round {i + 1}: load average {load_before} -> {_loadavg()}", flush=True)
+    by = {(r["kind"], r["round"]): r for r in runs}
+    rounds = range(repeats(args))
+
+    def ratio(kind: str, other: str) -> float:
+        # against a baseline only: floor and bare are the stack's, before the code before a change
+        if other not in kinds or _parts(kind)[0] in ("bare", "floor", "before"):
+            return float("nan")
+        return median([by[kind, i]["cpu_us_per_ack"] / by[other, i]["cpu_us_per_ack"] for i in rounds])
+
+    summary: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        mine = [by[kind, i] for i in rounds]
+        summary[kind] = {"cpu_us_per_ack": median([r["cpu_us_per_ack"] for r in mine]),
+                         "rps": median([r["rps"] for r in mine]),
+                         "x_floor": ratio(kind, _same_loop("floor", kind)),
+                         "x_before": ratio(kind, _same_loop("before", kind)),
+                         "all_stored": float(all(r["stored"] >= r["acked"] for r in mine))}
+    print()
+    print(table(["target", "CPU us/ack (median)", "x floor", "x before", "req/s", "all acked stored"],
+                [[kind, f"{s['cpu_us_per_ack']:.0f}", f"{s['x_floor']:.2f}", f"{s['x_before']:.2f}",
+                  round(s["rps"]), "yes" if s["all_stored"] else "NO"] for kind, s in summary.items()]))
+    return save("ingest-cpu", args, {"payload_bytes": size, "conversations": args.conversations,
+                                     "runs": runs, "summary": summary})
 
 
 def _baseline(kind: str) -> str:
     """The bare handler a target's ratios are taken against: the one on the same event loop."""
-    _, at, event_loop = kind.partition("@")
-    return f"bare{at}{event_loop}"
+    return _same_loop("bare", kind)
 
 
 def main() -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--conversations", type=int, default=0, help="default 20000 (quick 10000)")
     p.add_argument("--targets", default="bare,service,unbatched",
-                   help="comma list of bare, floor, service, unbatched, no-limits, signed, before; "
-                        "each may end in @asyncio or @uvloop")
+                   help="comma list of bare, floor, service, unbatched, no-limits, signed, before, "
+                        "git:REF (the service as of git REF); each may go on with @asyncio or "
+                        "@uvloop, then +NAME=VALUE settings of the service")
     p.add_argument("--profile", metavar="TARGET", default="",
                    help="after its measured runs, record a py-spy flame graph of TARGET under full load")
     p.add_argument("--before-ref", default="9cf19f8",
                    help="git ref for the `before` target (default: the commit before batching)")
+    p.add_argument("--cpu", action="store_true",
+                   help="only the server's CPU per acknowledged webhook at full load, against floor "
+                        "and before of the same round (no latency runs)")
+    p.add_argument("--together", action="store_true",
+                   help="with --cpu: the targets of a round run at the same time, not one after the other")
     args = p.parse_args()
     # Enough conversations that none passes the default per-conversation rate limit (120/min).
     args.conversations = args.conversations or (10_000 if args.quick else 20_000)
@@ -207,20 +321,23 @@ def main() -> dict[str, Any]:
         print(f"payload {size} bytes, {args.conversations} conversations")
         kinds: dict[str, Path] = {}
         for kind in args.targets.split(","):
-            base, _, event_loop = kind.partition("@")
+            base, event_loop, _ = _parts(kind)
             if event_loop not in ("", "auto", "uvloop", "asyncio"):
                 raise SystemExit(f"unknown event loop in {kind!r}")
             if base in ("bare", "floor", "service", "no-limits", "signed"):
                 kinds[kind] = ROOT
             elif base == "unbatched":
                 kinds[kind] = unbatched_copy(tmp / "unbatched")
-            elif base == "before":
-                before = checkout(args.before_ref, tmp / "before")
-                if before is None:
-                    raise SystemExit(f"git ref {args.before_ref!r} is not available")
-                kinds[kind] = before
+            elif base == "before" or base.startswith("git:"):
+                ref = args.before_ref if base == "before" else base.removeprefix("git:")
+                code = checkout(ref, tmp / base.replace(":", "-"))
+                if code is None:
+                    raise SystemExit(f"git ref {ref!r} is not available")
+                kinds[kind] = code
             else:
                 raise SystemExit(f"unknown target {kind!r}")
+        if args.cpu:
+            return cpu_only(kinds, tmp, args, size)
         if any(_baseline(kind) not in kinds for kind in kinds):
             raise SystemExit("each target's bare handler (bare, or bare@LOOP for a target on LOOP) "
                              "is the baseline of its ratio: list it too")
@@ -242,7 +359,7 @@ def main() -> dict[str, Any]:
         summary[kind]["all_stored"] = float(all(r["stored"] >= r["acked"] for r in mine))
     # Ratios per run pair, then the median: both sides of a ratio saw the same machine state.
     for kind in kinds:
-        if kind.partition("@")[0] != "bare":
+        if _parts(kind)[0] != "bare":
             pairs = list(zip([r for r in runs if r["kind"] == kind],
                              [r for r in runs if r["kind"] == _baseline(kind)], strict=True))
             summary[kind]["ratio_to_bare"] = median([s["rps"] / b["rps"] for s, b in pairs])
@@ -258,8 +375,8 @@ def main() -> dict[str, Any]:
     print()
     print(table(["target", "max req/s", "x bare", "half-rate req/s", "p50 ms", "p99 ms", "p99 x bare",
                  "service CPU us/msg", "redis CPU us/msg", "all acked stored"], rows))
-    main_kind = next((k for k in summary if k.partition("@")[0] == "service"),
-                     next(k for k in summary if k.partition("@")[0] != "bare"))
+    main_kind = next((k for k in summary if _parts(k)[0] == "service"),
+                     next(k for k in summary if _parts(k)[0] != "bare"))
     ok = (summary[main_kind]["ratio_to_bare"] >= 0.5
           and summary[main_kind]["p99_ratio_to_bare"] <= 1.2)
     print(f"\n{main_kind}: target >= 0.5 x bare, and p99 <= 1.2 x bare's at half of each one's rate: "

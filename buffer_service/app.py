@@ -64,7 +64,9 @@ _LINE = web.AppKey("webhook_line", structlog.typing.FilteringBoundLogger)
 
 # Chatwoot gives up after 5 s and hands the conversation to humans; a Redis that hangs (rather
 # than refusing connections) would otherwise hold a webhook for the client's retries of 5 s
-# socket timeouts. Past this budget the answer is 500, well before Chatwoot's 5 s.
+# socket timeouts. Past this budget the answer is 500, well before Chatwoot's 5 s. A buffered
+# webhook's budget is a deadline its append carries: the round trip that the appends of one
+# loop turn share has one timer for all of them (batcher.py); other answers open a scope.
 _REDIS_BUDGET_S = 3.0
 # Chatwoot sends its body at once; a client that trickles one must not hold a handler forever.
 _BODY_TIMEOUT_S = 10.0
@@ -170,16 +172,17 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
         msg = decision.message
         body: dict[str, object]
         try:
-            async with asyncio.timeout(_REDIS_BUDGET_S):
-                if decision.action == "buffer" and msg is not None:
-                    body = await _buffer(store, msg, request.app[FLAGS], decision.handoff)
-                    if body["status"] == "buffered":
-                        # Voice notes are transcribed while the window runs (transcripts.py).
-                        request.app[TRANSCRIPTS].start(msg)
-                else:
-                    if decision.action == "note":  # not answered, but kept as history
+            if decision.action == "buffer" and msg is not None:
+                deadline = asyncio.get_running_loop().time() + _REDIS_BUDGET_S
+                body = await _buffer(store, msg, request.app[FLAGS], decision.handoff, deadline)
+                if body["status"] == "buffered":
+                    # Voice notes are transcribed while the window runs (transcripts.py).
+                    request.app[TRANSCRIPTS].start(msg)
+            else:
+                if decision.action == "note":  # not answered, but kept as history
+                    async with asyncio.timeout(_REDIS_BUDGET_S):
                         await store.note(decision)
-                    body = {"status": "ignored", "reason": decision.reason}
+                body = {"status": "ignored", "reason": decision.reason}
         except _NOT_STORED_ERRORS as exc:
             return _unavailable(exc, _NOT_STORED)
         body.update(decision.extra)
@@ -192,11 +195,11 @@ def _webhook(default_event: str | None) -> Callable[[web.Request], Awaitable[web
 
 
 async def _buffer(store: BufferStore, msg: ChatMessage, flags: Flags,
-                  snapshot: Handoff | None) -> dict[str, object]:
+                  snapshot: Handoff | None, deadline: float) -> dict[str, object]:
     # A customer asking for a human (HANDOFF_KEYWORDS) is handed over at once, not after the window.
     asks_human = bool(keyword_in(msg.typed, store.settings.for_inbox(msg.inbox_id).handoff_keywords))
-    buffered = (await flags.current()).buffers(msg.conv, msg.inbox_id) and not asks_human
-    result = await store.append(msg, buffered=buffered, snapshot=snapshot)
+    buffered = (await flags.current(deadline)).buffers(msg.conv, msg.inbox_id) and not asks_human
+    result = await store.append(msg, buffered=buffered, snapshot=snapshot, deadline=deadline)
     if not result.buffered and not result.duplicate:
         reason, _, scope = result.trigger.partition(":")
         if reason != "rate_limited":

@@ -8,7 +8,9 @@ iteration) are queued and sent together at the start of the next iteration. Ther
 a lone call waits for nothing, and the batch grows only when calls really overlap.
 
 Each caller gets its own result or its own error; a failed round trip fails every caller in
-it, so the webhook still answers 500 when Redis is down. Calls that did not run (NOSCRIPT, a
+it, so the webhook still answers 500 when Redis is down. A caller may give a deadline (event-loop
+time): a round trip ends with TimeoutError at the earliest deadline of its calls, so a webhook's
+Redis budget costs one timer per round trip instead of one per webhook. Calls that did not run (NOSCRIPT, a
 redirect) go again in a further round trip, a bounded number of times.
 
 With `replicas` (REDIS_WAIT_REPLICAS) each node's calls are followed on the same connection by
@@ -36,7 +38,7 @@ from redis.typing import EncodableT, KeyT
 from .redis_client import AnyRedis
 
 # The futures hold the script's reply, whatever Redis made of what the Lua returned.
-_Call = tuple[Sequence[KeyT], Sequence[EncodableT], asyncio.Future[Any]]
+_Call = tuple[Sequence[KeyT], Sequence[EncodableT], asyncio.Future[Any], float | None]
 # Bounded like every Redis call; a replica that lags longer than this fails the call instead.
 WAIT_TIMEOUT_MS = 2000
 # Round trips per batch: a NOSCRIPT or a redirect sends its calls again, a bounded number of times.
@@ -60,10 +62,11 @@ class ScriptBatcher:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: Sequence[KeyT], args: Sequence[EncodableT]) -> Any:
+    async def __call__(self, keys: Sequence[KeyT], args: Sequence[EncodableT],
+                       deadline: float | None = None) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((keys, args, future))
+        self._queue.append((keys, args, future, deadline))
         if len(self._queue) >= self._max_batch:
             self._flush()
         elif not self._flush_scheduled:
@@ -80,18 +83,20 @@ class ScriptBatcher:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[_Call]) -> None:
+        deadlines = [deadline for *_, deadline in batch if deadline is not None]
         try:
-            results = await self._execute(batch)
+            async with asyncio.timeout_at(min(deadlines) if deadlines else None):
+                results = await self._execute(batch)
         except asyncio.CancelledError:
-            for _, _, future in batch:
+            for _, _, future, _ in batch:
                 future.cancel()
             raise
-        except Exception as exc:  # a failed round trip fails every caller in it
-            for _, _, future in batch:
+        except Exception as exc:  # a failed or timed-out round trip fails every caller in it
+            for _, _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (_, _, future, _), result in zip(batch, results, strict=True):
             if future.done():  # the caller gave up (e.g. its request was cancelled)
                 continue
             if isinstance(result, Exception):
@@ -149,7 +154,7 @@ class ScriptBatcher:
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
+            for keys, args, _, _ in batch:
                 # By command name: the cluster pipeline refuses its evalsha() method outright.
                 pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
             waits = self._queue_waits(pipe, batch) if self._replicas else []
@@ -175,7 +180,7 @@ class ScriptBatcher:
             return [0] * len(batch)
         nodes: dict[str, int] = {}
         waits: list[int | None] = []
-        for keys, _, _ in batch:
+        for keys, *_ in batch:
             node = self._node(self._redis, keys)
             if node is None:
                 waits.append(None)

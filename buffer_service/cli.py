@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     http = args.command == "serve"
     worker = args.command == "worker" or not args.no_worker
+    eventloop.settle_heap()
     try:
         eventloop.run(service.run(settings, http=http, worker=worker), loop_factory)
     except OSError as exc:  # e.g. the port is taken

@@ -10,6 +10,7 @@ loop runs it.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -20,6 +21,13 @@ from .config import ConfigError
 log = structlog.get_logger("buffer_service.eventloop")
 
 T = TypeVar("T")
+
+# The collector's first threshold (CPython's default: 700 container objects allocated net of
+# those freed). Under load the live objects of the requests in flight alone cross 700 again and
+# again, and every young collection walks all of them, then promotes them, which brings on the
+# full collections: measured (BENCHMARKS.md §1), ~40 us of collector time a webhook at the
+# defaults. Garbage in cycles waits a few thousand allocations longer to be freed.
+_GC_YOUNG_THRESHOLD = 10_000
 
 
 def factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -34,6 +42,16 @@ def factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
             raise ConfigError("EVENT_LOOP=uvloop but uvloop is not installed") from None
         return None
     return uvloop.new_event_loop
+
+
+def settle_heap() -> None:
+    """Once the modules are imported: what exists by now lives as long as the process, so it is
+    frozen out of the full collections (~120k objects they would walk each time), and the young
+    generation collected less often (_GC_YOUNG_THRESHOLD)."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def run(main: Coroutine[Any, Any, T], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> T:

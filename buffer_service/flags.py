@@ -173,43 +173,42 @@ class Flags:
         self._reload: asyncio.Task[FlagValues] | None = None
         self._reload_started = 0.0
 
-    async def current(self) -> FlagValues:
+    async def current(self, deadline: float | None = None) -> FlagValues:
         """The flags as last loaded, reloaded first if the copy is stale and the reload answers
         within RELOAD_WAIT_S of its start. With no copy at all (start, or dropped by
-        `invalidate`), waits for the reload: its errors (and the caller's budget) bound it."""
-        return await self._fresh(None)
-
-    async def processing(self) -> bool:
-        """The worker's switch. Unreadable, or without a copy and not loaded within
-        RELOAD_WAIT_S, counts as off: claiming would fail just the same, or the loop would wait
-        on a node that holds none of its work (it asks again MAX_AGE_S later)."""
-        try:
-            return (await self._fresh(RELOAD_WAIT_S)).processing
-        except _SLOW_OR_FAILED as exc:
-            log.warning("flags_unavailable", error=str(exc) or f"no answer within {RELOAD_WAIT_S} s")
-            return False
-
-    async def _fresh(self, uncached_wait_s: float | None) -> FlagValues:
-        """The copy, reloaded first if stale; `uncached_wait_s` bounds the wait when there is no
-        copy to fall back on (None: the reload's own timeouts do)."""
+        `invalidate`), waits for the reload until `deadline` (event-loop time; None: its own
+        timeouts), then TimeoutError. Only a reload has a timer: the copy in hand costs none."""
         if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
             return self._values
+        now = asyncio.get_running_loop().time()
         reload = self._reload
         if reload is None:  # one reload for all the callers that found the copy stale
-            self._reload_started = time.monotonic()
+            self._reload_started = now
             reload = self._reload = asyncio.create_task(self._load())
             reload.add_done_callback(self._reloaded)
-        wait = uncached_wait_s if self._values is None else \
-            max(self._reload_started + RELOAD_WAIT_S - time.monotonic(), 0.0)
+        if self._values is not None:
+            deadline = self._reload_started + RELOAD_WAIT_S
         try:
             # Shielded: a caller that gives up (its budget spent) leaves the reload to the others.
-            return await asyncio.wait_for(asyncio.shield(reload), wait)
+            return await asyncio.wait_for(asyncio.shield(reload),
+                                          None if deadline is None else max(deadline - now, 0.0))
         except _SLOW_OR_FAILED:
             if self._values is None:
                 raise
             # Slow or failed: the last view holds until a reload succeeds. (Without Redis
             # nothing is buffered or claimed anyway.)
             return self._values
+
+    async def processing(self) -> bool:
+        """The worker's switch. Unreadable, or without a copy and not loaded within
+        RELOAD_WAIT_S, counts as off: claiming would fail just the same, or the loop would wait
+        on a node that holds none of its work (it asks again MAX_AGE_S later)."""
+        try:
+            deadline = asyncio.get_running_loop().time() + RELOAD_WAIT_S
+            return (await self.current(deadline)).processing
+        except _SLOW_OR_FAILED as exc:
+            log.warning("flags_unavailable", error=str(exc) or f"no answer within {RELOAD_WAIT_S} s")
+            return False
 
     async def _load(self) -> FlagValues:
         started = time.monotonic()

@@ -3,8 +3,9 @@
 
 - `bs:log:webhooks`: one entry per delivery to a webhook path, with its outcome (buffered,
   duplicate, ignored + reason, rejected + reason, unavailable). Written off the hot path: the
-  handler's answer does not wait for it; entries are gathered for a few ms and written in one
-  pipeline, so a burst of webhooks costs one round trip, not one each.
+  handler's answer does not wait for it; entries are gathered for a few ms and written by one
+  script call (lua/weblog.lua: an XADD each), so a burst of webhooks costs one round trip and
+  one command, not one each.
 - `bs:log:sweeps`: one entry per worker per `BUFFER_PROCESSING_INTERVAL_MS` (the safety-sweep
   period, the old cron's cadence): how many sweeps ran, what they claimed, what the safety net
   caught (bursts claimed late, batches taken again after a lapsed lease or a retry), and whether
@@ -22,14 +23,14 @@ import asyncio
 import os
 import socket
 import time
-from typing import cast
 
+import orjson
 import structlog
-from redis.typing import EncodableT, FieldT
 
 from .config import Settings
 from .keys import Keys
 from .redis_client import REDIS_ERRORS, AnyRedis
+from .scripts import Scripts
 from .store import Batch
 
 log = structlog.get_logger("buffer_service.journal")
@@ -37,6 +38,8 @@ log = structlog.get_logger("buffer_service.journal")
 LOG_MAXLEN = 10_000
 _GATHER_S = 0.02
 _MAX_PENDING = 5_000
+# Entries per script call: a script holds Redis while it runs (about a microsecond an XADD).
+_PER_CALL = 500
 _CLOSE_WAIT_S = 1.0
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
@@ -46,27 +49,22 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
-    # redis-py types XADD's fields as a dict of its widest key and value types, and dict is
-    # invariant: a dict of str to str | int is one at run time, only not to the type checker.
-    return cast("dict[FieldT, EncodableT]", entry)
-
-
 class _Appender:
     """Entries for one capped stream, written off the caller's path: gathered for a few ms and
-    sent in one pipeline, at most _MAX_PENDING held while Redis is away or slow. No caller waits
-    for a write: a node that hangs (it answers neither the write nor with an error) holds up
-    only its own stream's entries."""
+    written by one script call (lua/weblog.lua), at most _MAX_PENDING held while Redis is away or
+    slow. No caller waits for a write: a node that hangs (it answers neither the write nor with
+    an error) holds up only its own stream's entries."""
 
     def __init__(self, redis: AnyRedis, key: str, failed_event: str) -> None:
-        self.redis = redis
         self.key = key
         self.failed_event = failed_event
         self.dropped = 0
-        self._pending: list[dict[str, str | int]] = []
+        self.scripts = Scripts(redis)
+        # Each entry as its fields and values in a row, every value a string (lua/weblog.lua).
+        self._pending: list[list[str]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, entry: dict[str, str | int]) -> None:
+    def add(self, entry: list[str]) -> None:
         if len(self._pending) >= _MAX_PENDING:  # Redis is away; keep memory bounded
             self.dropped += 1
             return
@@ -78,12 +76,10 @@ class _Appender:
         try:
             await asyncio.sleep(_GATHER_S)
             while self._pending:
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._pending[:_PER_CALL], self._pending[_PER_CALL:]
                 try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for entry in batch:
-                            pipe.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
-                        await pipe.execute()
+                    await self.scripts.weblog(keys={"log": self.key},
+                                              args={"maxlen": LOG_MAXLEN, "entries": orjson.dumps(batch)})
                 except REDIS_ERRORS as exc:
                     self.dropped += len(batch)
                     log.warning(self.failed_event, error=str(exc), entries=len(batch))
@@ -107,14 +103,14 @@ class WebhookLog:
 
     def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
         """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
-        entry: dict[str, str | int] = {"t": _now_ms(), "outcome": outcome, "status": status, "path": path}
+        entry = ["t", str(_now_ms()), "outcome", outcome, "status", str(status), "path", path]
         if reason:
-            entry["reason"] = reason
+            entry += ("reason", reason)
         for src, dst in (("conversation_id", "conversation"), ("message_id", "message"),
                          ("buffered_messages", "buffered"), ("flush_in_ms", "flush_in_ms")):
             value = body.get(src)
             if isinstance(value, int):
-                entry[dst] = value
+                entry += (dst, str(value))
         self._stream.add(entry)
 
     async def aclose(self) -> None:
@@ -150,11 +146,10 @@ class SweepLog:
         self.paused = self.paused or paused
         if time.monotonic() - self._started < self.period_s:
             return
-        entry: dict[str, str | int] = {
-            "t": _now_ms(), "worker": self.worker, "sweeps": self.sweeps,
-            "claimed": self.claimed_new, "retaken": self.retaken, "late": self.late,
-            "paused": int(self.paused), "period_ms": round((time.monotonic() - self._started) * 1000),
-        }
+        period_ms = round((time.monotonic() - self._started) * 1000)
+        entry = ["t", str(_now_ms()), "worker", self.worker, "sweeps", str(self.sweeps),
+                 "claimed", str(self.claimed_new), "retaken", str(self.retaken),
+                 "late", str(self.late), "paused", str(int(self.paused)), "period_ms", str(period_ms)]
         self._reset()
         self._stream.add(entry)
 

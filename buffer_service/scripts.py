@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -54,6 +54,9 @@ class Signature:
     keys: tuple[str, ...]
     args: tuple[str, ...]
     optional_keys: frozenset[str] = frozenset()
+    _all_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+    _required_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+    _arg_names: frozenset[str] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, name: str, source: str) -> Signature:
@@ -85,9 +88,22 @@ class Signature:
             raise ScriptCallError(f"{name}.lua: ARGV names must be plain words")
         return cls(tuple(keys), tuple(found["ARGV"]), frozenset(optional))
 
+    def __post_init__(self) -> None:
+        # The names a well-formed call passes, compared as sets in one step (bind's usual case).
+        object.__setattr__(self, "_all_keys", frozenset(self.keys))
+        object.__setattr__(self, "_required_keys", frozenset(self.keys) - self.optional_keys)
+        object.__setattr__(self, "_arg_names", frozenset(self.args))
+
     def bind(self, name: str, keys: Mapping[str, KeyT],
              args: Mapping[str, EncodableT]) -> tuple[list[KeyT], list[EncodableT]]:
         """The positional KEYS and ARGV for a call by name; ScriptCallError on any mismatch."""
+        given = keys.keys()
+        if args.keys() == self._arg_names:
+            # Every webhook's append comes here: no name missing or unknown, so no lists of them.
+            if given == self._all_keys:
+                return [keys[k] for k in self.keys], [args[a] for a in self.args]
+            if given == self._required_keys:
+                return [keys[k] for k in self.keys if k in given], [args[a] for a in self.args]
         missing = [k for k in self.keys if k not in keys and k not in self.optional_keys]
         missing += [a for a in self.args if a not in args]
         unknown = [k for k in keys if k not in self.keys] + [a for a in args if a not in self.args]
@@ -116,11 +132,16 @@ class Script:
                          if batched or replicas else None)
 
     async def __call__(self, *, keys: Mapping[str, KeyT], args: Mapping[str, EncodableT],
-                       client: Pipeline | ClusterPipeline | None = None) -> Any:
-        """Run the script; with `client`, queue it in that pipeline instead."""
+                       client: Pipeline | ClusterPipeline | None = None,
+                       deadline: float | None = None) -> Any:
+        """Run the script; with `client`, queue it in that pipeline instead. `deadline` (event-loop
+        time), for a batched script only: TimeoutError past it, from the timer of the round trip
+        the call shares (batcher.py)."""
         bound_keys, bound_args = self.signature.bind(self.name, keys, args)
         if self._batcher is not None and client is None:
-            return await self._batcher(bound_keys, bound_args)
+            return await self._batcher(bound_keys, bound_args, deadline)
+        if deadline is not None:
+            raise ScriptCallError(f"{self.name}.lua: a deadline needs a batched call")
         if isinstance(client, ClusterPipeline):
             # A cluster pipeline neither loads scripts nor takes EVALSHA by name; EVAL sends the
             # text, so a node that never saw the script (a promoted replica) runs it too.
@@ -163,6 +184,7 @@ class Scripts:
     renew: Script
     requeue: Script
     trimdone: Script
+    weblog: Script
 
     def __init__(self, redis: AnyRedis, wait_replicas: int = 0) -> None:
         sources = sources_by_name()

@@ -118,19 +118,24 @@ class BufferStore:
             settings.buffer_duration_ms, settings.max_buffer_size, settings.max_buffer_age_ms]}
         self._inbox_limits = orjson.dumps(own_limits) if own_limits else b""
         self.compact = settings.buffer_format == "compact"
+        # Room for a whole burst on top of the history a prompt uses, so that one long burst
+        # does not push out every earlier turn (of any inbox: one cap for every conversation).
+        largest = max(own.max_buffer_size for own in (settings, *settings.inboxes.values()))
+        self._history_cap = settings.history_messages + largest if settings.history_messages else 0
 
     # -- webhook side -----------------------------------------------------------------------
     async def append(self, msg: ChatMessage, *, buffered: bool = True,
-                     snapshot: Handoff | None = None) -> AppendResult:
+                     snapshot: Handoff | None = None, deadline: float | None = None) -> AppendResult:
         """Take a customer message in (append.lua). `snapshot`: the conversation as the
         message's webhook showed it (its `updated_at` versions who is in charge).
-        buffered=False (flags.py): a window of 0, due at once, answered without waiting."""
+        buffered=False (flags.py): a window of 0, due at once, answered without waiting.
+        `deadline` (event-loop time): TimeoutError past it (the webhook's Redis budget)."""
         s, k, conv = self.settings.for_inbox(msg.inbox_id), self.keys, msg.conv
         shard = k.shard_of(conv)
         # The global limit's key is in no shard: on one server the append takes it while that
         # limit is set; on a cluster its own call does, before (keys.py, globalrate.lua).
         apart = bool(s.rate_limit_global) and isinstance(self.redis, RedisCluster)
-        taken = apart and not await self._global_rate(s, refund=False)
+        taken = apart and not await self._global_rate(s, refund=False, deadline=deadline)
         raw = await self.scripts.append(
             keys={"due": k.due(shard), "first": k.first(shard), "buffer": k.buffer(conv),
                   "ttl": k.ttl(conv), "seen": k.seen(conv, msg.message_id),
@@ -146,23 +151,24 @@ class BufferStore:
                   "rate_limit": s.rate_limit_per_conversation,
                   "rate_period_ms": s.rate_limit_window_s * 1000,
                   "global_limit": 0 if apart else s.rate_limit_global,
-                  "history_cap": self._history_cap(), "history_ttl_ms": s.history_ttl_s * 1000,
+                  "history_cap": self._history_cap, "history_ttl_ms": s.history_ttl_s * 1000,
                   "prefix": k.prefix(shard), "pending": int(bool(snapshot and snapshot.pending)),
                   "global_refused": int(apart and not taken)},
+            deadline=deadline,
         )
         result = AppendResult(int(raw[0]) == 1, int(raw[1]), int(raw[2]), decoded(raw[3]), int(raw[4]))
         if taken and not result.buffered:
-            await self._global_rate(s, refund=True)
+            await self._global_rate(s, refund=True, deadline=deadline)
         return result
 
-    async def _global_rate(self, s: Settings, *, refund: bool) -> bool:
+    async def _global_rate(self, s: Settings, *, refund: bool, deadline: float | None) -> bool:
         """Take one message's global allowance (True: refused), or give one back (globalrate.lua).
         If the append fails after a take, the allowance stays used: a retry may take another,
         so the limit errs on refusing, never on letting more through."""
         return bool(await self.scripts.globalrate(
             keys={"rate": self.keys.global_rate},
             args={"limit": s.rate_limit_global, "period_ms": s.rate_limit_window_s * 1000,
-                  "refund": int(refund)}))
+                  "refund": int(refund)}, deadline=deadline))
 
     async def note(self, decision: Decision) -> str:
         """Record what a webhook the bot does not answer tells, in one round trip: who handles
@@ -186,7 +192,7 @@ class BufferStore:
                 await self.scripts.note(
                     keys={"seen": k.seen(conv, msg.message_id), "history": k.history(conv),
                           "pause": k.pause(conv), "sent": k.sent(conv), "handoff": k.handoff(conv)},
-                    args={"entry": self._for_history(msg), "history_cap": self._history_cap(),
+                    args={"entry": self._for_history(msg), "history_cap": self._history_cap,
                           "history_ttl_ms": s.history_ttl_s * 1000, "dedup_ms": s.dedup_ttl_s * 1000,
                           "message_id": msg.message_id, "outgoing_text": msg.text if outgoing else "",
                           "prefix": k.prefix(k.shard_of(conv)),
@@ -318,7 +324,7 @@ class BufferStore:
                   "history": k.history(batch.conv), "seen": k.seen(batch.conv, reply_id),
                   "jobs": k.jobs(batch.shard, state)},
             args={"batch_id": batch.id, "token": batch.token, "state": state, "reason": reason,
-                  "reply_id": reply_id, "entry": entry, "history_cap": self._history_cap(),
+                  "reply_id": reply_id, "entry": entry, "history_cap": self._history_cap,
                   "history_ttl_ms": s.history_ttl_s * 1000,
                   "retention_ms": s.job_retention_days * 86_400_000, "dedup_ms": s.dedup_ttl_s * 1000,
                   "wake": k.wake, "prefix": k.prefix(batch.shard), "note": note},
@@ -401,13 +407,6 @@ class BufferStore:
     def _for_history(self, msg: ChatMessage) -> bytes:
         # The history follows BUFFER_FORMAT: versions before it read json entries only.
         return msg.to_history() if self.compact else msg.to_json()
-
-    def _history_cap(self) -> int:
-        # Room for a whole burst on top of the history a prompt uses, so that one long burst
-        # does not push out every earlier turn (of any inbox: one cap for every conversation).
-        s = self.settings
-        largest = max(own.max_buffer_size for own in (s, *s.inboxes.values()))
-        return s.history_messages + largest if s.history_messages else 0
 
 
 def _version(version: float | None) -> str:

@@ -7,6 +7,7 @@ here long before anyone runs a benchmark."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import types
@@ -20,6 +21,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
 from buffer_service import app as app_module
+from buffer_service import batcher as batcher_module
 from buffer_service import redis_client, scripts
 from buffer_service.attachments import Attachment
 from buffer_service.chatwoot import ChatMessage, Decision, from_history
@@ -38,10 +40,18 @@ async def _stats(redis) -> tuple[int, dict[str, int]]:
 
 
 async def test_a_webhook_costs_one_script_call_and_concurrent_ones_share_round_trips(
-        settings, make_service, redis):
+        settings, make_service, redis, monkeypatch):
     svc = await make_service(settings, worker=False)
     await svc.webhook(message_payload(message_id=1, conversation_id=1, content="warm up"))
     await asyncio.sleep(0.1)  # the webhook log is written a moment after the answer
+    called: dict[str, int] = {}
+    call = scripts.Script.__call__
+
+    async def counted(self: scripts.Script, **kwargs: object) -> object:
+        called[self.name] = called.get(self.name, 0) + 1
+        return await call(self, **kwargs)
+
+    monkeypatch.setattr(scripts.Script, "__call__", counted)
 
     await redis.config_resetstat()
     for i in range(20):
@@ -52,39 +62,87 @@ async def test_a_webhook_costs_one_script_call_and_concurrent_ones_share_round_t
     _, calls = await _stats(redis)
     # Per buffered webhook one EVALSHA: the append script de-duplicates, checks the
     # conversation's rate limit and appends; the script cache holds it, so no SCRIPT LOAD/EXISTS.
-    assert calls.get("cmdstat_evalsha") == 20, calls
+    # The other EVALSHAs are the webhook log's, one per batch of entries (weblog.lua).
+    assert called["append"] == 20 and set(called) == {"append", "weblog"}, called
+    assert calls.get("cmdstat_evalsha") == 20 + called["weblog"], (calls, called)
     assert "cmdstat_script|exists" not in calls and "cmdstat_script|load" not in calls, calls
 
     await redis.config_resetstat()
+    called.clear()
     reads0, _ = await _stats(redis)
     bodies = await asyncio.gather(*(svc.webhook(message_payload(
         message_id=1000 + i, conversation_id=100 + i, content=f"all at once {i}")) for i in range(200)))
     assert all(b["status"] == "buffered" for b in bodies)
     await asyncio.sleep(0.1)
     reads1, calls = await _stats(redis)
-    assert calls.get("cmdstat_evalsha") == 200, calls
+    assert called["append"] == 200 and called["weblog"] <= 3, called
+    assert calls.get("cmdstat_evalsha") == 200 + called["weblog"], (calls, called)
     # Unbatched, every script call would be a request of its own: 200 reads and more. Batched,
     # concurrent calls arrive together (the INFO calls above and the webhook log add a few).
     assert reads1 - reads0 < 200, reads1 - reads0
 
 
-async def test_a_webhook_whose_body_came_with_it_opens_one_timeout_scope(settings, make_service, monkeypatch):
-    """The body timer only runs while a body is still arriving; the Redis budget is the one scope."""
+async def test_buffered_webhooks_share_the_timer_of_their_round_trip(settings, make_service, monkeypatch):
+    """A buffered webhook opens no timeout scope of its own: no body timer when the body came
+    with the headers, and its Redis budget is a deadline its append carries. The round trip that
+    the appends of one loop turn share has one timer, at the earliest of their deadlines."""
     svc = await make_service(settings, worker=False)
-    scopes: list[float] = []
+    in_app: list[float | None] = []
+    per_trip: list[float | None] = []
 
-    def counted(delay: float | None) -> asyncio.Timeout:
-        scopes.append(delay or 0.0)
-        return asyncio.timeout(delay)
+    def counting(into: list[float | None], scope):  # scope: asyncio.timeout or timeout_at
+        def counted(when: float | None) -> asyncio.Timeout:
+            into.append(when)
+            return scope(when)
+        return counted
 
-    # Only the app module's view of asyncio: redis-py and aiohttp keep theirs.
-    view = types.ModuleType("asyncio")
-    view.__dict__.update(vars(asyncio), timeout=counted)
-    monkeypatch.setattr(app_module, "asyncio", view)
+    # Only these modules' view of asyncio: redis-py and aiohttp keep theirs.
+    app_view, batcher_view = types.ModuleType("asyncio"), types.ModuleType("asyncio")
+    app_view.__dict__.update(vars(asyncio), timeout=counting(in_app, asyncio.timeout),
+                             timeout_at=counting(in_app, asyncio.timeout_at))
+    batcher_view.__dict__.update(vars(asyncio), timeout_at=counting(per_trip, asyncio.timeout_at))
+    monkeypatch.setattr(app_module, "asyncio", app_view)
+    monkeypatch.setattr(batcher_module, "asyncio", batcher_view)
+    loop = asyncio.get_running_loop()
     for i in range(5):
+        sent = loop.time()
         body = await svc.webhook(message_payload(message_id=500 + i, conversation_id=9, content=f"m {i}"))
         assert body["status"] == "buffered"
-    assert scopes == [app_module._REDIS_BUDGET_S] * 5
+        assert per_trip[-1] is not None
+        assert sent + app_module._REDIS_BUDGET_S <= per_trip[-1] <= loop.time() + app_module._REDIS_BUDGET_S
+    assert in_app == [] and len(per_trip) == 5
+
+    per_trip.clear()
+    bodies = await asyncio.gather(*(svc.webhook(message_payload(
+        message_id=600 + i, conversation_id=200 + i, content=f"together {i}")) for i in range(200)))
+    assert all(b["status"] == "buffered" for b in bodies)
+    assert in_app == [] and 1 <= len(per_trip) < 200, len(per_trip)
+
+
+async def test_the_webhook_log_of_concurrent_webhooks_is_one_script_call(settings, make_service, redis):
+    """The entries gathered while webhooks are answered go to the log stream in one call of
+    lua/weblog.lua (an XADD each inside it), not one pipelined XADD each; every field as before,
+    ids past 2^53 unchanged (the entries travel as strings, not as cjson's floats)."""
+    svc = await make_service(settings, worker=False)
+    await svc.webhook(message_payload(message_id=1, conversation_id=1, content="warm up"))
+    await asyncio.sleep(0.1)
+    await redis.config_resetstat()
+    big = 2**60 + 7
+    bodies = await asyncio.gather(*(svc.webhook(message_payload(
+        message_id=big + i, conversation_id=300 + i, content=f"logged {i}")) for i in range(100)))
+    assert all(b["status"] == "buffered" for b in bodies)
+    await asyncio.sleep(0.2)
+    _, calls = await _stats(redis)
+    assert calls.get("cmdstat_xadd") == 100, calls  # counted inside the script too
+    assert 100 < calls["cmdstat_evalsha"] <= 100 + 3, calls  # the appends, and the log's few calls
+    logged = {int(fields[b"message"]): fields for _, fields in await redis.xrange("bs:log:webhooks")
+              if fields[b"outcome"] == b"buffered"}
+    assert set(logged) >= {big + i for i in range(100)}
+    one = logged[big + 5]
+    assert {k.decode(): v.decode() for k, v in one.items() if k != b"t"} == {
+        "outcome": "buffered", "status": "200", "path": "/webhooks/chatwoot", "conversation": "305",
+        "message": str(big + 5), "buffered": "1", "flush_in_ms": str(settings.buffer_duration_ms)}
+    assert abs(int(one[b"t"]) - time.time() * 1000) < 60_000
 
 
 def test_the_service_packs_commands_with_hiredis_into_the_same_bytes():
@@ -253,3 +311,43 @@ async def test_a_burst_costs_one_claim_and_a_fixed_number_of_script_calls(settin
     # The script calls, the history read and the INFO call above; the flags' refresh, the sweep
     # log's entry and a new pool connection's handshake when they come (before: 60 and more).
     assert reads <= 16, reads
+
+
+async def test_the_log_lines_of_one_loop_turn_take_one_write(monkeypatch):
+    """JSON log lines (logs.py) wait for the end of the event loop's turn and go out together,
+    in order; a line logged outside a running loop is written at once, after any that wait."""
+    import io
+
+    import structlog
+
+    from buffer_service import logs
+
+    class Counted(io.BytesIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            Counted.writes += 1
+            return super().write(data)
+
+    out = Counted()
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(buffer=out, flush=lambda: None,
+                                                             isatty=lambda: False))
+    try:
+        logs.configure("json", "info")
+        log = structlog.get_logger("bench").bind()
+        for i in range(30):
+            log.info("webhook", n=i)
+        assert Counted.writes == 0  # not before the turn ends
+        await asyncio.sleep(0)
+        assert Counted.writes == 1
+        lines = out.getvalue().splitlines()
+        assert [orjson.loads(line)["n"] for line in lines] == list(range(30))
+        assert all(orjson.loads(line)["event"] == "webhook" for line in lines)
+        log.info("second turn")
+        await asyncio.to_thread(lambda: log.info("from a thread, no loop"))
+        assert Counted.writes == 2  # the thread's write took the waiting line with it
+        assert [orjson.loads(line)["event"] for line in out.getvalue().splitlines()[30:]] == [
+            "second turn", "from a thread, no loop"]
+    finally:
+        monkeypatch.undo()  # the real stderr again, then the logging of conftest.py
+        logs.configure("console", os.environ.get("TEST_LOG_LEVEL", "warning"))
