@@ -29,6 +29,9 @@ from .redis_client import REDIS_ERRORS, AnyRedis
 log = structlog.get_logger("buffer_service.flags")
 
 MAX_AGE_S = 0.5
+# How long a caller waits for a reload of a stale copy before it is served that copy (Flags).
+RELOAD_WAIT_S = 0.2
+_SLOW_OR_FAILED: tuple[type[Exception], ...] = (TimeoutError, *REDIS_ERRORS)
 # The wake-up message that says "the flags changed" rather than "a deadline is due".
 FLAGS_CHANGED = "flags"
 
@@ -146,7 +149,18 @@ def _parse(raw: dict[bytes | str, bytes | str]) -> FlagValues:
 
 
 class Flags:
-    """This process's view of the flags: reloaded from Redis when older than MAX_AGE_S."""
+    """This process's view of the flags: reloaded from Redis when older than MAX_AGE_S.
+
+    `bs:flags` lives in one slot, on one node of a cluster. A reload that node does not answer
+    (a hang waits out the client's socket timeouts, 5 s an attempt) must not hold up a webhook
+    or the worker loop, whose own keys may all be on healthy nodes: a caller waits for a reload
+    at most RELOAD_WAIT_S and is then served the last loaded copy, while the reload goes on in
+    the background (one at a time). Staleness: while the flags' node answers, a copy is at most
+    MAX_AGE_S + RELOAD_WAIT_S old; while it does not, the last copy holds until it answers
+    again. A change cannot be written to a node that does not answer, so what the copy can miss
+    is a change made just before the hang; a worker told of it (FLAGS_CHANGED) drops its copy,
+    and `processing` then counts as off until a reload succeeds (the rollback switch is never
+    missed by a worker that heard of it)."""
 
     def __init__(self, redis: AnyRedis, settings: Settings, max_age_s: float = MAX_AGE_S) -> None:
         self.redis = redis
@@ -156,36 +170,56 @@ class Flags:
         self.max_age_s = max_age_s
         self._values: FlagValues | None = None
         self._loaded_at = 0.0
-        self._lock = asyncio.Lock()
+        self._reload: asyncio.Task[FlagValues] | None = None
+        self._reload_started = 0.0
 
     async def current(self, deadline: float | None = None) -> FlagValues:
-        """The flags; a reload gives up at `deadline` (event-loop time) with TimeoutError. Only
-        a reload has a timer: the copy in hand costs a webhook none."""
+        """The flags as last loaded, reloaded first if the copy is stale and the reload answers
+        within RELOAD_WAIT_S of its start. With no copy at all (start, or dropped by
+        `invalidate`), waits for the reload until `deadline` (event-loop time; None: its own
+        timeouts), then TimeoutError. Only a reload has a timer: the copy in hand costs none."""
         if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
             return self._values
-        async with self._lock:  # one reload for all the requests that found the copy stale
-            if self._values is not None and time.monotonic() - self._loaded_at < self.max_age_s:
-                return self._values
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    raw = await self.redis.hgetall(self.key)
-            except REDIS_ERRORS:
-                if self._values is None:
-                    raise
-                # Without Redis nothing is buffered or claimed anyway; the last view holds
-                # until a reload succeeds.
-                return self._values
-            self._values, self._loaded_at = _parse(raw), started
+        now = asyncio.get_running_loop().time()
+        reload = self._reload
+        if reload is None:  # one reload for all the callers that found the copy stale
+            self._reload_started = now
+            reload = self._reload = asyncio.create_task(self._load())
+            reload.add_done_callback(self._reloaded)
+        if self._values is not None:
+            deadline = self._reload_started + RELOAD_WAIT_S
+        try:
+            # Shielded: a caller that gives up (its budget spent) leaves the reload to the others.
+            return await asyncio.wait_for(asyncio.shield(reload),
+                                          None if deadline is None else max(deadline - now, 0.0))
+        except _SLOW_OR_FAILED:
+            if self._values is None:
+                raise
+            # Slow or failed: the last view holds until a reload succeeds. (Without Redis
+            # nothing is buffered or claimed anyway.)
             return self._values
 
     async def processing(self) -> bool:
-        """The worker's switch. Unreadable counts as off: claiming would fail just the same."""
+        """The worker's switch. Unreadable, or without a copy and not loaded within
+        RELOAD_WAIT_S, counts as off: claiming would fail just the same, or the loop would wait
+        on a node that holds none of its work (it asks again MAX_AGE_S later)."""
         try:
-            return (await self.current()).processing
-        except REDIS_ERRORS as exc:
-            log.warning("flags_unavailable", error=str(exc))
+            deadline = asyncio.get_running_loop().time() + RELOAD_WAIT_S
+            return (await self.current(deadline)).processing
+        except _SLOW_OR_FAILED as exc:
+            log.warning("flags_unavailable", error=str(exc) or f"no answer within {RELOAD_WAIT_S} s")
             return False
+
+    async def _load(self) -> FlagValues:
+        started = time.monotonic()
+        raw = await self.redis.hgetall(self.key)
+        self._values, self._loaded_at = _parse(raw), started
+        return self._values
+
+    def _reloaded(self, reload: asyncio.Task[FlagValues]) -> None:
+        self._reload = None
+        if not reload.cancelled():
+            reload.exception()  # retrieved: a caller that waited for it has seen it
 
     async def set(self, name: str, value: str) -> str:
         stored = normalize(name, value)

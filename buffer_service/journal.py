@@ -9,7 +9,8 @@
 - `bs:log:sweeps`: one entry per worker per `BUFFER_PROCESSING_INTERVAL_MS` (the safety-sweep
   period, the old cron's cadence): how many sweeps ran, what they claimed, what the safety net
   caught (bursts claimed late, batches taken again after a lapsed lease or a retry), and whether
-  processing was switched off.
+  processing was switched off. Written off the worker loop's path the same way: the key lives
+  on one node of a cluster, and the loop must go on claiming from the others while it hangs.
 
 Both are global (untagged) keys, written by their own commands, never inside a shard script.
 Both are capped (`MAXLEN ~`), so they need no cleanup; losing the newest entries when a process
@@ -22,11 +23,9 @@ import asyncio
 import os
 import socket
 import time
-from typing import cast
 
 import orjson
 import structlog
-from redis.typing import EncodableT, FieldT
 
 from .config import Settings
 from .keys import Keys
@@ -41,6 +40,7 @@ _GATHER_S = 0.02
 _MAX_PENDING = 5_000
 # Entries per script call: a script holds Redis while it runs (about a microsecond an XADD).
 _PER_CALL = 500
+_CLOSE_WAIT_S = 1.0
 # A burst claimed this long after its deadline was found by a sweep, not by its wake-up.
 _LATE_MS = 1_000
 
@@ -49,16 +49,15 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _fields(entry: dict[str, str | int]) -> dict[FieldT, EncodableT]:
-    # redis-py types XADD's fields as a dict of its widest key and value types, and dict is
-    # invariant: a dict of str to str | int is one at run time, only not to the type checker.
-    return cast("dict[FieldT, EncodableT]", entry)
+class _Appender:
+    """Entries for one capped stream, written off the caller's path: gathered for a few ms and
+    written by one script call (lua/weblog.lua), at most _MAX_PENDING held while Redis is away or
+    slow. No caller waits for a write: a node that hangs (it answers neither the write nor with
+    an error) holds up only its own stream's entries."""
 
-
-class WebhookLog:
-    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
-        self.redis = redis
-        self.key = Keys(settings).logs["webhooks"]
+    def __init__(self, redis: AnyRedis, key: str, failed_event: str) -> None:
+        self.key = key
+        self.failed_event = failed_event
         self.dropped = 0
         self.scripts = Scripts(redis)
         # Each entry as its fields and values in a row, every value a string (lua/weblog.lua).
@@ -83,9 +82,24 @@ class WebhookLog:
                                               args={"maxlen": LOG_MAXLEN, "entries": orjson.dumps(batch)})
                 except REDIS_ERRORS as exc:
                     self.dropped += len(batch)
-                    log.warning("webhook_log_write_failed", error=str(exc), entries=len(batch))
+                    log.warning(self.failed_event, error=str(exc), entries=len(batch))
         finally:
             self._task = None
+
+    async def aclose(self) -> None:
+        """The last entries, unless their node hangs: a shutdown (docker stop's 10 s) must not
+        wait out its socket timeouts; a log may lose its newest entries."""
+        if self._task is not None:
+            task = self._task
+            _, pending = await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
+            if pending:
+                task.cancel()
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
+
+
+class WebhookLog:
+    def __init__(self, redis: AnyRedis, settings: Settings) -> None:
+        self._stream = _Appender(redis, Keys(settings).logs["webhooks"], "webhook_log_write_failed")
 
     def record(self, path: str, outcome: str, status: int, reason: str, body: dict[str, object]) -> None:
         """One delivery's entry: its answer, and the ids and figures the answer's body gave."""
@@ -97,19 +111,17 @@ class WebhookLog:
             value = body.get(src)
             if isinstance(value, int):
                 entry += (dst, str(value))
-        self.add(entry)
+        self._stream.add(entry)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._stream.aclose()
 
 
 class SweepLog:
     """What one worker's sweeps found and did, one entry per safety-sweep period."""
 
     def __init__(self, redis: AnyRedis, settings: Settings) -> None:
-        self.redis = redis
-        self.key = Keys(settings).logs["sweeps"]
+        self._stream = _Appender(redis, Keys(settings).logs["sweeps"], "sweep_log_write_failed")
         self.period_s = settings.processing_interval_ms / 1000
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._reset()
@@ -127,18 +139,19 @@ class SweepLog:
         else:
             self.retaken += 1
 
-    async def swept(self, *, paused: bool) -> None:
+    def swept(self, *, paused: bool) -> None:
+        """Counts a turn of the worker loop; once a period, queues its entry (never waits for
+        the write: `bs:log:sweeps` lives on one node, whose hang must not stop the loop)."""
         self.sweeps += 1
         self.paused = self.paused or paused
         if time.monotonic() - self._started < self.period_s:
             return
-        entry: dict[str, str | int] = {
-            "t": _now_ms(), "worker": self.worker, "sweeps": self.sweeps,
-            "claimed": self.claimed_new, "retaken": self.retaken, "late": self.late,
-            "paused": int(self.paused), "period_ms": round((time.monotonic() - self._started) * 1000),
-        }
+        period_ms = round((time.monotonic() - self._started) * 1000)
+        entry = ["t", str(_now_ms()), "worker", self.worker, "sweeps", str(self.sweeps),
+                 "claimed", str(self.claimed_new), "retaken", str(self.retaken),
+                 "late", str(self.late), "paused", str(int(self.paused)), "period_ms", str(period_ms)]
         self._reset()
-        try:
-            await self.redis.xadd(self.key, _fields(entry), maxlen=LOG_MAXLEN, approximate=True)
-        except REDIS_ERRORS as exc:
-            log.warning("sweep_log_write_failed", error=str(exc))
+        self._stream.add(entry)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

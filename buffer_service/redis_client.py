@@ -15,6 +15,7 @@ every node of a cluster, but a keyspace event only those of the node where the k
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,10 +32,12 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.cluster import get_node_name
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
+from redis.utils import str_if_bytes
 
 from .config import Settings
 
@@ -100,6 +103,22 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     UnixDomainSocketConnection: _FastUnixConnection}
 
 
+def _keepalive_options() -> dict[int, int]:
+    """TCP keepalive probes after 30 s idle, then every 10 s, 3 unanswered: a NAT or load
+    balancer keeps an idle connection's entry (AWS NLB drops it after 350 s), and a peer gone
+    without a word is noticed within about a minute. Set here rather than left to redis-py: only
+    redis-py 8 has such defaults, older ones (pyproject allows redis>=5) leave the OS's 2 hours.
+    Each option only where the platform has it (macOS names the idle time TCP_KEEPALIVE)."""
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    wanted = ((idle, 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
+              (getattr(socket, "TCP_KEEPCNT", None), 3))
+    return {option: value for option, value in wanted if option is not None}
+
+
+_KEEPALIVE: dict[str, Any] = {"socket_keepalive": True,
+                              "socket_keepalive_options": _keepalive_options()}
+
+
 def seed_urls(settings: Settings) -> list[str]:
     return [url.strip() for url in settings.redis_url.split(",") if url.strip()]
 
@@ -112,9 +131,8 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
     """A client that retries a command a few times across a reconnect, with backoff.
 
     `blocking` is for the pub/sub connection, which waits for messages without a read timeout
-    (worker.py sends it a PING when it is quiet). TCP keepalive (not on by default in every
-    redis-py version) keeps a NAT's entry for an idle connection, and lets the kernel notice a
-    peer gone without a word.
+    (worker.py sends it a PING when it is quiet). TCP keepalive (`_keepalive_options`) keeps a
+    NAT's entry for an idle connection, and lets the kernel notice a peer gone without a word.
     """
     # A blocking pool: a burst of concurrent webhooks waits briefly for a connection instead
     # of failing with "Too many connections".
@@ -127,7 +145,7 @@ def standalone(url: str, *, blocking: bool = False) -> Redis:
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=0 if blocking else 30,
-        socket_keepalive=True,
+        **_KEEPALIVE,
     )
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return Redis(connection_pool=pool)
@@ -151,13 +169,14 @@ def cluster(settings: Settings) -> RedisCluster:
         # those other requests are using too: during a slot migration (MOVED after an ASK that
         # went out on another connection than its ASKING) they failed with AttributeError and
         # "Connection closed by server", for many seconds. Each MOVED still patches the slot map,
-        # and the worker refreshes it every few seconds (worker.py).
+        # and the worker refreshes it when it finds it changed (primary_names, every few seconds).
         reinitialize_steps=0,
         socket_connect_timeout=2,
         socket_timeout=5,
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
+        **_KEEPALIVE,
     )
 
 
@@ -212,23 +231,50 @@ async def subscription_nodes(redis: AnyRedis, settings: Settings) -> list[Redis]
     await redis.nodes_manager.initialize()
     return [Redis(connection_pool=BlockingConnectionPool(
         **_node_kwargs(node), max_connections=4, timeout=5, socket_connect_timeout=2,
-        socket_timeout=None, socket_keepalive=True, retry=_retry(),
+        socket_timeout=None, **_KEEPALIVE, retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError]))
         for node in redis.get_primaries()]
 
 
+def node_of(redis: AnyRedis, key: str) -> str:
+    """The node that holds `key` ("host:port") as the cluster client's slot map has it; '' on a
+    standalone Redis, and for a slot the map does not cover (its command will say more)."""
+    if not isinstance(redis, RedisCluster):
+        return ""
+    try:
+        node = redis.get_node_from_key(key)
+    except (LookupError, RedisError, RedisClusterException):
+        return ""
+    return node.name if node is not None else ""
+
+
 async def primary_names(redis: AnyRedis) -> frozenset[str]:
-    """Which nodes are primaries now ("host:port"), from a refreshed slot map; '' standalone."""
+    """Which nodes are primaries now ("host:port"); '' standalone. Read with one CLUSTER SLOTS
+    through the client's default node; the client's slot map is refreshed only when that read
+    differs from it. Not NodesManager.initialize() every time: redis-py 8.1 marks every
+    connection of the client for reconnect on each refresh, and the worker asks every
+    TOPOLOGY_CHECK_S (a new connection and handshake for every connection used after each)."""
     if not isinstance(redis, RedisCluster):
         return frozenset({""})
-    await redis.nodes_manager.initialize()
+    manager, asked = redis.nodes_manager, redis.get_default_node()
+    owners: dict[tuple[int, int], str] = {}
+    for start, end, primary, *_ in await asked.execute_command("CLUSTER SLOTS"):
+        host = str_if_bytes(primary[0]) or asked.host  # '' on a cluster of one node
+        owners[(int(start), int(end))] = get_node_name(*manager.remap_host_port(host, int(primary[1])))
+    cached = manager.slots_cache
+    same = sum(end - start + 1 for start, end in owners) == len(cached) and all(
+        cached.get(slot) and cached[slot][0].name == name
+        for (start, end), name in owners.items() for slot in range(start, end + 1))
+    if same:
+        return frozenset(owners.values())
+    await manager.initialize()
     return frozenset(node.name for node in redis.get_primaries())
 
 
 def _node_kwargs(node: ClusterNode) -> dict[str, Any]:
     kwargs = dict(node.connection_kwargs)
     kwargs["connection_class"] = node.connection_class
-    for unwanted in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry",
-                     "retry_on_error", "max_connections"):
+    for unwanted in ("socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                     "socket_keepalive_options", "retry", "retry_on_error", "max_connections"):
         kwargs.pop(unwanted, None)
     return kwargs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 # After a failed claim a shard is tried again this much later, not on every wake-up meanwhile:
@@ -99,9 +100,13 @@ class ClaimSchedule:
         finishing batch wakes it)."""
         return self._full_sweep_at - now
 
-    def until_next(self, now: float) -> float:
+    def until_next(self, now: float, waiting: Collection[int] = ()) -> float:
         """Seconds until the first shard has work or the next full sweep; 0 while any shard's
-        time is not known (woken for while its claim ran, or not claimed from this sweep)."""
-        first = min(self._due.values(), default=math.inf) \
-            if len(self._due) == self.shards else -math.inf
+        time is not known (woken for while its claim ran, or not claimed from this sweep).
+        `waiting`: shards left out, whose claims are under way or queued behind one (the end
+        of those claims wakes the worker)."""
+        ours = [shard for shard in range(self.shards) if shard not in waiting]
+        if any(shard not in self._due for shard in ours):
+            return 0.0
+        first = min((self._due[shard] for shard in ours), default=math.inf)
         return max(0.0, min(first, self._full_sweep_at) - now)

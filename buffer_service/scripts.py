@@ -26,6 +26,7 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, KeyT
 
 from .batcher import ScriptBatcher
@@ -125,6 +126,7 @@ class Script:
         # names from its shard's prefix first makes sure its slot is not being moved (lib.lua).
         if "prefix" in self.signature.args:
             lib += f"whole_slot(ARGV[{self.signature.args.index('prefix') + 1}])\n"
+        self._redis = redis
         self._script: AsyncScript = redis.register_script(lib + source)
         self._batcher = (ScriptBatcher(redis, self._script, replicas=replicas)
                          if batched or replicas else None)
@@ -145,7 +147,18 @@ class Script:
             # text, so a node that never saw the script (a promoted replica) runs it too.
             return client.execute_command("EVAL", self._script.script, len(bound_keys),
                                           *bound_keys, *bound_args)
-        return await self._script(keys=bound_keys, args=bound_args, client=client)
+        if client is not None:
+            return await self._script(keys=bound_keys, args=bound_args, client=client)
+        try:
+            return await self._redis.evalsha(self._script.sha, len(bound_keys), *bound_keys,
+                                             *bound_args)
+        except NoScriptError:
+            # Not redis-py's Script, which answers NOSCRIPT with a SCRIPT LOAD that a cluster
+            # client sends to every primary: one that hangs would hold this call up for 20 s
+            # though its keys are elsewhere. EVAL goes to the keys' node alone, which keeps the
+            # script for the next EVALSHA.
+            return await self._redis.execute_command("EVAL", self._script.script, len(bound_keys),
+                                                     *bound_keys, *bound_args)
 
 
 class Scripts:

@@ -108,7 +108,9 @@ def _start_worker(settings: Settings, stack: contextlib.AsyncExitStack, stop: as
     processor = Processor(settings, store, flags=flags, limits=limits, llm=llm, chatwoot=chatwoot,
                           media=Media(settings, store, downloader, transcripts), presence=presence,
                           handover=Handover(settings, store, chatwoot))
-    loop = Worker(store, processor, flags=flags, sweep_log=SweepLog(store.redis, settings))
+    sweep_log = SweepLog(store.redis, settings)
+    stack.push_async_callback(sweep_log.aclose)
+    loop = Worker(store, processor, flags=flags, sweep_log=sweep_log)
     task = asyncio.create_task(loop.run(stop))
 
     async def finish() -> None:

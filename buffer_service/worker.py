@@ -15,6 +15,10 @@ message or an expiry event named, and every shard after a wake-up that names non
 version's, a flag change, a reconnect) and at each periodic sweep. Claiming from all shards
 on every wake-up and every finished batch cost a round trip each (16 by default): 63 claim
 calls for one burst on an idle worker, 1-2 now (BENCHMARKS.md §8).
+
+The loop itself never waits on Redis but for the flags (at most flags.RELOAD_WAIT_S): a sweep
+starts the claims, one task per node holding due shards (claims.py), and their ends wake the
+loop; a cluster node that hangs then delays only its own shards.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from . import metrics, redis_client
+from .claims import Claims
 from .flags import FLAGS_CHANGED, MAX_AGE_S, Flags
 from .journal import SweepLog
 from .processor import Processor
@@ -44,8 +49,9 @@ log = structlog.get_logger("buffer_service.worker")
 # failed node is noticed at once, by its broken subscription).
 TOPOLOGY_CHECK_S = 5.0
 # A subscription quiet this long is sent a PING; one whose PING is not answered within as long
-# again is taken for lost (a NAT or load balancer that dropped the idle flow without a reset
-# leaves the read waiting forever) and made again, which also looks at every shard.
+# again (counted from the PING sent) is taken for lost (a NAT or load balancer that dropped the
+# idle flow without a reset leaves the read waiting forever) and made again, which also looks at
+# every shard.
 HEARTBEAT_S = 3.0
 # Outcomes (Processor.process) whose scripts publish a wake-up for whatever they make due (a
 # superseded batch's new deadline, a batch queued behind this one): lib.lua close_batch.
@@ -66,6 +72,7 @@ class Worker:
         self._next_shard = 0
         self._schedule = ClaimSchedule(self.settings.shards,
                                        self.settings.processing_interval_ms / 1000)
+        self._claims = Claims(store, self._schedule, start=self._start, ended=self._wake.set)
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
@@ -100,13 +107,16 @@ class Worker:
                     self._wake.clear()
                     delay = MAX_AGE_S
                 else:
-                    delay = await self._sweep(stop)
-                await self.sweep_log.swept(paused=paused)
+                    delay = self._sweep()
+                self.sweep_log.swept(paused=paused)
                 await self._sleep(delay, stop)
         finally:
             closing.set()
             listener.cancel()
             try:
+                # Before the drain: a claim under way would otherwise start batches meanwhile,
+                # and one sent to a node that hangs takes 20 s (claims.py).
+                await self._claims.cancel()
                 # Not `await listener`: a listener that died of an error would raise it here,
                 # and the batches in flight would be neither drained nor released.
                 await asyncio.wait({listener})
@@ -115,41 +125,22 @@ class Worker:
             if not listener.cancelled() and (error := listener.exception()) is not None:
                 raise error
 
-    async def _sweep(self, stop: asyncio.Event) -> float:
-        """Claim as much due work as there are free slots; returns seconds until the next.
-        Ends early on `stop`: with Redis gone each shard's claim takes its retries (about 0.7 s),
-        and a shutdown must not wait for all of them."""
+    def _sweep(self) -> float:
+        """Start claiming as much due work as there are free slots, each node's shards beside
+        the others' (claims.py); returns seconds until the next sweep. The end of a claim, a
+        wake-up and a finished batch wake the loop earlier."""
         self._wake.clear()
         s, schedule = self.settings, self._schedule
         clock = asyncio.get_running_loop().time
         schedule.start_sweep(clock())
-        free = s.worker_concurrency - len(self._tasks)
-        if free <= 0:
-            return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
+        free = s.worker_concurrency - len(self._tasks) - self._claims.reserved
         # Start at a different shard each time so one busy shard cannot starve the others.
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
-        for i in range(s.shards):
-            if stop.is_set():
-                break
-            shard = (start + i) % s.shards
-            if not schedule.is_due(shard, clock()):
-                continue
-            claim = schedule.claiming(shard, clock())
-            try:
-                now, next_ms, batches = await self.store.claim(shard, free)
-            except redis_client.REDIS_ERRORS as exc:
-                # One shard's failure must not keep the others from being served.
-                log.warning("claim_failed", shard=shard, error=str(exc))
-                schedule.failed(shard, clock())
-                continue
-            for batch in batches:
-                self._start(batch)
-            free -= len(batches)
-            schedule.claimed(claim, now, next_ms)
-            if free <= 0:
-                return schedule.until_full_sweep(clock())  # a finishing task wakes the loop
-        return schedule.until_next(clock())
+        order = [(start + i) % s.shards for i in range(s.shards)]
+        if free <= 0 or self._claims.start(order, free, clock()) <= 0:
+            return schedule.until_full_sweep(clock())  # a finishing claim or task wakes the loop
+        return schedule.until_next(clock(), waiting=self._claims.waiting(order))
 
     def _start(self, batch: Batch) -> None:
         self.claimed += 1
@@ -226,9 +217,11 @@ class Worker:
             try:
                 nodes = await redis_client.subscription_nodes(self.store.redis, self.settings)
                 primaries = await redis_client.primary_names(self.store.redis)
+                subscribed = [asyncio.Event() for _ in nodes]
                 async with asyncio.TaskGroup() as group:
-                    for node in nodes:
-                        group.create_task(self._listen_on(node))
+                    for node, done in zip(nodes, subscribed, strict=True):
+                        group.create_task(self._listen_on(node, done))
+                    group.create_task(self._reset_backoff(subscribed))
                     group.create_task(self._watch_topology(primaries, closing))
                     group.create_task(_raise_when(closing))
             except* _Closing:
@@ -266,7 +259,15 @@ class Worker:
             if now != primaries and not closing.is_set():
                 raise _TopologyChanged("the cluster's primaries changed")
 
-    async def _listen_on(self, node: Redis) -> None:
+    async def _reset_backoff(self, subscribed: list[asyncio.Event]) -> None:
+        """The backoff starts again from its least once every primary's subscription is made
+        and has lived a heartbeat: not at one primary's, while another's keeps failing (the
+        backoff would never grow), nor at once, for an error that recurs soon after."""
+        await asyncio.gather(*(event.wait() for event in subscribed))
+        await asyncio.sleep(HEARTBEAT_S)
+        self._backoff = 0.2
+
+    async def _listen_on(self, node: Redis, subscribed: asyncio.Event) -> None:
         db = node.connection_pool.connection_kwargs.get("db", 0)
         expired = f"__keyevent@{db}__:expired"
         await self._enable_expiry_events(node)
@@ -276,7 +277,7 @@ class Worker:
             # Events published while we were not subscribed are gone: look now, and after
             # every reconnect, including those the client makes on its own and re-subscribes.
             self._look()
-            self._backoff = 0.2
+            subscribed.set()
             if pubsub.connection is not None:
                 pubsub.connection.register_connect_callback(self._reconnected)
             async for message in _heard(pubsub):
@@ -333,19 +334,22 @@ _LOST: tuple[type[Exception], ...] = (*redis_client.REDIS_ERRORS, OSError, _Topo
 
 
 async def _heard(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
-    """PubSub.listen() with a heartbeat: raises _SubscriptionEnded when nothing, not even the
-    answer to a PING, came for twice HEARTBEAT_S."""
+    """PubSub.listen() with a heartbeat: a PING when nothing came for HEARTBEAT_S, and
+    _SubscriptionEnded when nothing, not even its answer, came for HEARTBEAT_S after the PING
+    went out. Counted from the PING sent, not from the last message: an event loop held up (a
+    GC pause, a slow synchronous call) finds the read's timeout past without any PING sent."""
     clock = asyncio.get_running_loop().time
-    heard = clock()
+    pinged: float | None = None  # when the PING not answered yet went out
     while pubsub.subscribed:
         message = await pubsub.get_message(timeout=HEARTBEAT_S)
         if message is not None:
-            heard = clock()
+            pinged = None
             yield message
-        elif clock() - heard > 1.5 * HEARTBEAT_S:  # a PING went out a HEARTBEAT_S ago
-            raise _SubscriptionEnded(f"no answer to a PING within {HEARTBEAT_S} s")
-        else:
+        elif pinged is None:
             await pubsub.ping()
+            pinged = clock()
+        elif clock() - pinged >= HEARTBEAT_S:
+            raise _SubscriptionEnded(f"no answer to a PING within {HEARTBEAT_S} s")
 
 
 async def _raise_when(closing: asyncio.Event) -> None:

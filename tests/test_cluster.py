@@ -462,3 +462,31 @@ async def test_a_shard_migrated_while_webhooks_arrive_and_bursts_flush(
     assert expected - set(answered()) == set()
     await asyncio.sleep(1.5)  # a second answer would come now
     assert sorted(answered()) == sorted(expected), collections.Counter(answered()).most_common(3)
+
+
+def _connections_received(cluster: RedisClusterServers) -> int:
+    total = 0
+    for node in cluster.nodes:
+        out = subprocess.run(["redis-cli", "-p", str(node.port), "INFO", "stats"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+        total += int(next(line for line in out.splitlines()
+                          if line.startswith("total_connections_received:")).split(":")[1])
+    return total
+
+
+async def test_an_idle_worker_does_not_reconnect_on_every_topology_check(
+        settings: Settings, cluster: RedisClusterServers, make_service, llm: LLMStandIn,
+        chatwoot: ChatwootStandIn) -> None:
+    """The worker looks for a change of the cluster's primaries every TOPOLOGY_CHECK_S (5 s).
+    Done with redis-py's NodesManager.initialize(), that marked every connection of the shared
+    client for reconnect (redis-py 8.1 recycles every node's connections on each refresh): each
+    check cost a new TCP connection and handshake for every connection in use afterwards, the
+    webhooks' included. Expected: an idle worker on an unchanged cluster opens no new
+    connection across two checks."""
+    s = replace(settings, redis_url=cluster.url)
+    await make_service(s, http=False)
+    await asyncio.sleep(6)  # subscribed, its pools grown to what an idle worker uses
+    before = _connections_received(cluster)
+    await asyncio.sleep(11)  # two topology checks, five periodic sweeps
+    # The count's own redis-cli connections (one a node) are all that is new.
+    assert _connections_received(cluster) - before - len(cluster.nodes) == 0

@@ -127,7 +127,9 @@ async def test_a_failing_shard_does_not_keep_the_others_from_being_served(redis,
     worker = Worker(store, _Holder(), flags=Flags(redis, s),  # type: ignore[arg-type]
                     sweep_log=SweepLog(redis, s))
     worker._next_shard = broken
-    await worker._sweep(asyncio.Event())
+    worker._sweep()  # claims run beside the loop (claims.py): the broken shard's first here
+    await wait_for(lambda: worker.claimed == 1, timeout=5)
+    await asyncio.sleep(0.2)
     assert worker.claimed == 1
     for task in list(worker._tasks):
         task.cancel()
