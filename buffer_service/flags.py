@@ -172,6 +172,9 @@ class Flags:
         self._loaded_at = 0.0
         self._reload: asyncio.Task[FlagValues] | None = None
         self._reload_started = 0.0
+        # Counts invalidations: a reload that was sent before one may have read the hash before
+        # the change it announces, so its answer must not become the copy.
+        self._generation = 0
 
     async def current(self, deadline: float | None = None) -> FlagValues:
         """The flags as last loaded, reloaded first if the copy is stale and the reload answers
@@ -211,13 +214,15 @@ class Flags:
             return False
 
     async def _load(self) -> FlagValues:
-        started = time.monotonic()
-        raw = await self.redis.hgetall(self.key)
-        self._values, self._loaded_at = _parse(raw), started
-        return self._values
+        started, generation = time.monotonic(), self._generation
+        values = _parse(await self.redis.hgetall(self.key))
+        if generation == self._generation:
+            self._values, self._loaded_at = values, started
+        return values
 
     def _reloaded(self, reload: asyncio.Task[FlagValues]) -> None:
-        self._reload = None
+        if self._reload is reload:  # not one that an invalidation left behind
+            self._reload = None
         if not reload.cancelled():
             reload.exception()  # retrieved: a caller that waited for it has seen it
 
@@ -227,15 +232,19 @@ class Flags:
         # Workers drop their cached copy and look again at once (worker.py, Worker._listen) instead of
         # at their next reload, so `processing off` followed by a flush does not race.
         await self.redis.publish(self.wake_channel, FLAGS_CHANGED)
-        self._values = None
+        self.invalidate()
         return stored
 
     def invalidate(self) -> None:
+        """The flags changed: drop the copy, and the reload under way (its answer may predate
+        the change; the next look starts one that does not)."""
         self._values = None
+        self._generation += 1
+        self._reload = None
 
     async def table(self) -> list[dict[str, str]]:
         """Every flag with its value, its default and what it does (for `flags` listings)."""
-        self._values = None
+        self.invalidate()
         values = await self.current()
         return [
             {"name": name, "kind": spec.kind, "value": values.value(name), "default": spec.default,
