@@ -8,6 +8,7 @@ neither answers nor resets its connections (a frozen VM, a partition that drops 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterator
 from dataclasses import replace
@@ -97,7 +98,7 @@ async def test_the_topology_check_is_no_unforeseen_error_while_the_cluster_is_do
     no reply is lost or late for it: the impact is an alarm that reads like a bug (and would
     hide a real one) whenever a node fails, and the subscriptions torn down with it.
     Scenario: a cluster whose node timeout is a second; the primary holding shard 0 stopped
-    (SIGSTOP) for 19 s: flagged FAIL, claims to it fail ("Connection closed by server").
+    (SIGSTOP) for up to 24 s: flagged FAIL, claims to it fail ("Connection closed by server").
     Expected: no wakeup_listener_failed (a lost subscription, if any, is a Redis error:
     wakeup_subscription_lost). On main: wakeup_listener_failed with that AttributeError.
     Fix: with no default node (or one that does not answer), refresh the slot map
@@ -106,16 +107,20 @@ async def test_the_topology_check_is_no_unforeseen_error_while_the_cluster_is_do
     probe = layout.healthy(1)[0]
     s = replace(settings, redis_url=quick_cluster.url)
     store = await _cluster_store(s)
+
+    def failed() -> list[dict[str, Any]]:
+        return [e for e in logged if e["event"] == "wakeup_listener_failed"]
+
     try:
         with structlog.testing.capture_logs() as logged:
             await make_service(s, http=False)
             await store.append(_msg(probe, 1, "probe"), buffered=False)
             await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
             with _hung(layout.victim):
-                # Flagged FAIL within a few seconds; then three topology checks and sweeps,
-                # each answered CLUSTERDOWN.
-                await asyncio.sleep(3 * worker.TOPOLOGY_CHECK_S + 4)
+                # Flagged FAIL within a few seconds; then topology checks and sweeps. Not every
+                # check finds the client without a default node: until one does, or four.
+                with contextlib.suppress(AssertionError):
+                    await wait_for(lambda: bool(failed()), timeout=4 * worker.TOPOLOGY_CHECK_S + 4)
     finally:
         await store.redis.aclose()
-    failed = [e for e in logged if e["event"] == "wakeup_listener_failed"]
-    assert not failed, [repr(e.get("exc_info")) for e in failed]
+    assert not failed(), [repr(e.get("exc_info")) for e in failed()]
