@@ -257,6 +257,9 @@ async def primary_names(redis: AnyRedis) -> frozenset[str]:
     if not isinstance(redis, RedisCluster):
         return frozenset({""})
     manager, asked = redis.nodes_manager, redis.get_default_node()
+    if asked is None:  # redis-py drops it when a refresh fails or a node says CLUSTERDOWN
+        await manager.initialize()
+        return frozenset(node.name for node in redis.get_primaries())
     owners: dict[tuple[int, int], str] = {}
     for start, end, primary, *_ in await asked.execute_command("CLUSTER SLOTS"):
         host = str_if_bytes(primary[0]) or asked.host  # '' on a cluster of one node
