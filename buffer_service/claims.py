@@ -10,9 +10,10 @@ in turn by a task of their own: a node that does not answer delays only its own 
 Free slots (WORKER_CONCURRENCY less the batches running and the slots held by chains) are
 shared out per node, a node's share at most the free slots over the number of nodes, and a
 chain holds its share until it ends: claims that run side by side can never start more batches
-than there are free slots. A node that hangs holds only its share until its claims fail; the
-other nodes' chains get theirs at the next sweep. (A standalone Redis is one node: its chain
-gets every free slot, as the sweep did before.) One busy node on an otherwise idle cluster
+than there are free slots. A claim not answered within _HOLD_S gives its slots back (a late
+answer's batches start only where slots are free then, the rest are handed back), and a chain
+ends at its node's first failed claim: a node that hangs holds no slot for long. (A standalone
+Redis is one node: its chain gets every free slot, as the sweep did before.) One busy node on an otherwise idle cluster
 fills the free slots in a few claims instead of one: each chain end frees what it did not use
 and the next sweep gives that node a share of what is left.
 
@@ -28,6 +29,9 @@ import functools
 from collections.abc import Callable, Iterable
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import redis_client
 from .schedule import ClaimSchedule
@@ -38,14 +42,26 @@ log = structlog.get_logger("buffer_service.claims")
 # How long a stop waits for cancelled chains: redis-py's cluster client can hold a cancellation
 # while it refreshes its slot map (worker.py, Worker._listen).
 _CANCEL_WAIT_S = 1.0
+# How long a claim keeps its slots without an answer. A node that hangs answers nothing for the
+# client's socket timeouts (about 20 s): a claim that held its slots all along would keep a
+# worker with one free slot (WORKER_CONCURRENCY=1, or all others busy) from every other node.
+# Past this the slots go back to the pool; a late answer's batches start only where slots are
+# free then, the rest are handed back (release, their attempt not counted) for any worker.
+_HOLD_S = 1.0
+# What a node that does not answer (or is gone) raises: its chain ends at the first one, since
+# each further claim would wait as long (a script error, say a slot moving, concerns one shard).
+# The cluster client's "TTL exhausted." after its retries at a hung node is RedisClusterException.
+_NODE_DOWN = (RedisConnectionError, RedisTimeoutError, RedisClusterException)
 
 
 class Claims:
     def __init__(self, store: BufferStore, schedule: ClaimSchedule, *,
-                 start: Callable[[Batch], None], ended: Callable[[], None]) -> None:
+                 start: Callable[[Batch], None], ended: Callable[[], None],
+                 free: Callable[[], int]) -> None:
         self.store = store
         self.schedule = schedule
         self._start = start  # takes a claimed batch on
+        self._free = free  # slots neither running a batch nor held by a chain
         self._ended = ended  # a chain ended: its unused slots are free, its node may have more
         self._chains: dict[str, asyncio.Task[None]] = {}  # node -> its chain under way
         self._slots: dict[str, int] = {}  # node -> slots its chain may still fill
@@ -104,18 +120,43 @@ class Claims:
                 continue
             claim = schedule.claiming(shard, clock())
             try:
-                now, next_ms, batches = await self.store.claim(shard, self._slots[node])
+                now, next_ms, batches = await self._claim(node, shard)
             except redis_client.REDIS_ERRORS as exc:
-                # One shard's failure must not keep the others from being served.
                 log.warning("claim_failed", shard=shard, error=str(exc))
-                schedule.failed(shard, clock())
+                if isinstance(exc, _NODE_DOWN):
+                    for rest in shards[shards.index(shard):]:
+                        schedule.failed(rest, clock())
+                    return
+                schedule.failed(shard, clock())  # one shard's failure: the others are served
                 continue
-            self._slots[node] -= len(batches)
-            for batch in batches:
+            held = self._slots[node]
+            started = batches if held else batches[:max(self._free(), 0)]
+            self._slots[node] = max(held - len(started), 0)
+            for batch in started:
                 self._start(batch)
+            for batch in batches[len(started):]:
+                await self._hand_back(batch)
             schedule.claimed(claim, now, next_ms)
             if self._slots[node] <= 0:
                 return
+
+    async def _claim(self, node: str, shard: int) -> tuple[int, int, list[Batch]]:
+        """The claim, its slots given back to the pool if it has not answered within _HOLD_S."""
+        claim = asyncio.ensure_future(self.store.claim(shard, self._slots[node]))
+        try:
+            await asyncio.wait({claim}, timeout=_HOLD_S)
+            if not claim.done():
+                self._slots[node] = 0
+                self._ended()  # the sweep may share them out among the other nodes
+            return await claim
+        finally:
+            claim.cancel()  # a stop cancelled the chain: a no-op once the claim is done
+
+    async def _hand_back(self, batch: Batch) -> None:
+        try:
+            await self.store.release(batch)
+        except redis_client.REDIS_ERRORS as exc:
+            log.warning("claim_hand_back_failed", batch=batch.id, error=str(exc))  # its lease ends it
 
     def _chain_ended(self, node: str, chain: asyncio.Task[None]) -> None:
         # Also for a chain cancelled before it ran a line (a stop right after the sweep).

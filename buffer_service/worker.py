@@ -72,7 +72,8 @@ class Worker:
         self._next_shard = 0
         self._schedule = ClaimSchedule(self.settings.shards,
                                        self.settings.processing_interval_ms / 1000)
-        self._claims = Claims(store, self._schedule, start=self._start, ended=self._wake.set)
+        self._claims = Claims(store, self._schedule, start=self._start, ended=self._wake.set,
+                             free=self._free)
         self._backoff = 0.2  # before subscribing again after a lost subscription
         self.claimed = 0
 
@@ -92,6 +93,10 @@ class Worker:
         """Claim from `shard` (None: from every shard) at the next sweep, which starts now."""
         self._schedule.look(shard)
         self._wake.set()
+
+    def _free(self) -> int:
+        """Slots neither running a batch nor held by a claim under way."""
+        return self.settings.worker_concurrency - len(self._tasks) - self._claims.reserved
 
     async def run(self, stop: asyncio.Event) -> None:
         closing = asyncio.Event()
@@ -133,7 +138,7 @@ class Worker:
         s, schedule = self.settings, self._schedule
         clock = asyncio.get_running_loop().time
         schedule.start_sweep(clock())
-        free = s.worker_concurrency - len(self._tasks) - self._claims.reserved
+        free = self._free()
         # Start at a different shard each time so one busy shard cannot starve the others.
         start = self._next_shard
         self._next_shard = (start + 1) % s.shards
