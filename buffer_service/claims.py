@@ -9,13 +9,14 @@ in turn by a task of their own: a node that does not answer delays only its own 
 
 Free slots (WORKER_CONCURRENCY less the batches running and the slots held by chains) are
 shared out per node, a node's share at most the free slots over the number of nodes, and a
-chain holds its share until it ends: claims that run side by side can never start more batches
-than there are free slots. A claim not answered within _HOLD_S gives its slots back (a late
-answer's batches start only where slots are free then, the rest are handed back), and a chain
-ends at its node's first failed claim: a node that hangs holds no slot for long. (A standalone
-Redis is one node: its chain gets every free slot, as the sweep did before.) One busy node on an otherwise idle cluster
-fills the free slots in a few claims instead of one: each chain end frees what it did not use
-and the next sweep gives that node a share of what is left.
+chain holds its share while its claims answer: claims that run side by side can never start
+more batches than there are free slots. A claim not answered within _HOLD_S gives its slots
+back (a late answer's batches start only where slots are free then, the rest are handed back),
+and a chain ends at its node's first failed claim: a node that hangs holds no slot for long.
+(A standalone Redis is one node: its chain gets every free slot, as the sweep did before.) One
+busy node on an otherwise idle cluster fills the free slots in a few claims instead of one:
+each chain end frees what it did not use and the next sweep gives that node a share of what
+is left.
 
 A stop cancels the chains (`cancel`): a claim that already ran on Redis leaves its batches to
 their leases, as a killed worker does; waiting for the claim instead could outlast the
