@@ -51,7 +51,8 @@ _CANCEL_WAIT_S = 1.0
 _HOLD_S = 1.0
 # What a node that does not answer (or is gone) raises: its chain ends at the first one, since
 # each further claim would wait as long (a script error, say a slot moving, concerns one shard).
-# The cluster client's "TTL exhausted." after its retries at a hung node is RedisClusterException.
+# (A hung node ends in ConnectionError or TimeoutError after the client's retries; the cluster
+# client's "TTL exhausted." follows redirects of one slot that is moving, so it is a shard's.)
 _NODE_DOWN = (RedisConnectionError, RedisTimeoutError, RedisClusterException)
 
 
