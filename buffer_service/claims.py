@@ -152,7 +152,9 @@ class Claims:
                 self._ended()  # the sweep may share them out among the other nodes
             return await claim
         finally:
-            claim.cancel()  # a stop cancelled the chain: a no-op once the claim is done
+            if not claim.done():  # a stop cancelled the chain: the claim ends with it
+                claim.cancel()
+                await asyncio.wait({claim})
 
     async def _hand_back(self, batch: Batch) -> None:
         try:

@@ -52,3 +52,29 @@ async def test_a_late_claim_answer_starts_no_more_batches_than_there_are_free_sl
     assert started == []
     _, _, again = await claim(shard, 10)
     assert [(b.conv, b.attempts) for b in again] == [("1:7", 1)]
+
+
+async def test_a_stop_during_a_claim_leaves_no_task_behind(
+        redis: redis_client.AnyRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cancel` (the worker's stop) returns once the claim under way has ended too, not only its
+    chain: a process that stops must not leave a claim running behind it (CI caught one left
+    `cancelling` by test_guarantees' test of a port that cannot be taken)."""
+    store = BufferStore(redis, settings)
+    never = asyncio.Event()
+
+    async def hung_claim(shard: int, limit: int) -> tuple[int, int, list[Batch]]:
+        try:
+            await never.wait()
+        finally:  # as redis-py does on a cancel: closes its connection, which takes a turn or two
+            await asyncio.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(store, "claim", hung_claim)
+    before = asyncio.all_tasks()
+    schedule = ClaimSchedule(settings.shards, settings.processing_interval_ms / 1000)
+    under_way = Claims(store, schedule, start=lambda batch: None, ended=lambda: None,
+                       free=lambda: 1)
+    under_way.start([0], 1, asyncio.get_running_loop().time())
+    await asyncio.sleep(0.01)  # the claim is sent
+    await under_way.cancel()
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
