@@ -102,6 +102,27 @@ async def _cluster_store(settings: Settings) -> BufferStore:
 def _msg(conversation_id: int, message_id: int, text: str) -> ChatMessage:
     return ChatMessage(1, conversation_id, message_id, text, inbox_id=1)
 
+async def _answered_while_hung(s: Settings, layout: _Layout, make_service: Any,
+                               chatwoot: ChatwootStandIn, *, conversations: int,
+                               hung_for_s: float) -> None:
+    """The service answers a probe; then `layout.victim` hangs, and `hung_for_s` later a burst
+    due at once in each of `conversations` conversations of the healthy primaries must be
+    answered within 8 s."""
+    probe, *convs = layout.healthy(conversations + 1)
+    store = await _cluster_store(s)
+    try:
+        await make_service(s, http=False)
+        await store.append(_msg(probe, 1, "probe"), buffered=False)
+        await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
+        with _hung(layout.victim):
+            await asyncio.sleep(hung_for_s)
+            for conv in convs:
+                await store.append(_msg(conv, 100 + conv, "anyone there?"), buffered=False)
+            await wait_for(lambda: all(chatwoot.posts_for(c) for c in convs), timeout=8)
+    finally:
+        await store.redis.aclose()
+
+
 
 # -- 1. a hung primary holds up every shard's claims ------------------------------------------------
 async def test_a_hung_primary_does_not_hold_up_the_bursts_of_the_other_primaries(
@@ -125,20 +146,9 @@ async def test_a_hung_primary_does_not_hold_up_the_bursts_of_the_other_primaries
     layout = _Layout(settings, patient_cluster, Keys(settings).due(0))
     assert layout.victim_port not in {layout.node_of(k) for k in
                                       (layout.keys.flags, layout.keys.logs["sweeps"])}
-    probe, *convs = layout.healthy(4)
     s = replace(settings, redis_url=patient_cluster.url)  # a periodic sweep every 2 s
-    store = await _cluster_store(s)
-    try:
-        await make_service(s, http=False)
-        await store.append(_msg(probe, 1, "probe"), buffered=False)
-        await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
-        with _hung(layout.victim):
-            await asyncio.sleep(4)  # two periodic sweeps have reached the hung primary's shards
-            for conv in convs:
-                await store.append(_msg(conv, 100 + conv, "anyone there?"), buffered=False)
-            await wait_for(lambda: all(chatwoot.posts_for(c) for c in convs), timeout=8)
-    finally:
-        await store.redis.aclose()
+    # Four seconds: two periodic sweeps have reached the hung primary's shards.
+    await _answered_while_hung(s, layout, make_service, chatwoot, conversations=3, hung_for_s=4)
 
 
 # -- 2./3. a hung primary that holds the flags (or the sweep log) stops the whole service -----------
@@ -191,19 +201,9 @@ async def test_bursts_are_answered_while_the_primary_holding_the_flags_and_sweep
     holding up the sweep (in the background, or with a short bound)."""
     layout = _Layout(settings, patient_cluster, Keys(settings).flags)
     assert layout.node_of(layout.keys.logs["sweeps"]) == layout.victim_port
-    probe, conv = layout.healthy(2)
     s = replace(settings, redis_url=patient_cluster.url, processing_interval_ms=1000)
-    store = await _cluster_store(s)
-    try:
-        await make_service(s, http=False)
-        await store.append(_msg(probe, 1, "probe"), buffered=False)
-        await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
-        with _hung(layout.victim):
-            await asyncio.sleep(1.5)  # the flags' copy is stale and a sweep period is over
-            await store.append(_msg(conv, 2, "anyone there?"), buffered=False)
-            await wait_for(lambda: bool(chatwoot.posts_for(conv)), timeout=8)
-    finally:
-        await store.redis.aclose()
+    # 1.5 s: the flags' copy is stale and a sweep period is over.
+    await _answered_while_hung(s, layout, make_service, chatwoot, conversations=1, hung_for_s=1.5)
 
 
 # -- 4. the heartbeat takes a busy event loop for a dead connection --------------------------------

@@ -7,7 +7,6 @@ neither answers nor resets its connections (a frozen VM, a partition that drops 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
@@ -18,7 +17,15 @@ from typing import Any
 import pytest
 import structlog
 from helpers import wait_for
-from test_review8 import _cluster_store, _hung, _Layout, _msg, _slot_owners, patient_cluster  # noqa: F401
+from test_review8 import (  # noqa: F401
+    _answered_while_hung,
+    _cluster_store,
+    _hung,
+    _Layout,
+    _msg,
+    _slot_owners,
+    patient_cluster,
+)
 
 from buffer_service import worker
 from buffer_service.config import Settings
@@ -52,20 +59,9 @@ async def test_a_hung_primary_does_not_hold_the_only_slot_for_minutes(
     layout = _Layout(settings, patient_cluster, Keys(settings).due(0))
     assert layout.victim_port not in {layout.node_of(k) for k in
                                       (layout.keys.flags, layout.keys.logs["sweeps"])}
-    probe, *convs = layout.healthy(4)
     s = replace(settings, redis_url=patient_cluster.url, worker_concurrency=1)
-    store = await _cluster_store(s)
-    try:
-        await make_service(s, http=False)
-        await store.append(_msg(probe, 1, "probe"), buffered=False)
-        await wait_for(lambda: bool(chatwoot.posts_for(probe)), timeout=15)
-        with _hung(layout.victim):
-            await asyncio.sleep(4)  # two periodic sweeps have reached the hung primary's shards
-            for conv in convs:
-                await store.append(_msg(conv, 100 + conv, "anyone there?"), buffered=False)
-            await wait_for(lambda: all(chatwoot.posts_for(c) for c in convs), timeout=8)
-    finally:
-        await store.redis.aclose()
+    # Four seconds: two periodic sweeps have reached the hung primary's shards.
+    await _answered_while_hung(s, layout, make_service, chatwoot, conversations=3, hung_for_s=4)
 
 
 
